@@ -1,0 +1,115 @@
+"""Pair scoring and exact non-overlapping pair selection (spec section 3).
+
+Pair ``i`` is the adjacent slot pair ``(i, i + 1)`` of the mergeable region. Two pairs overlap
+exactly when their left indices are adjacent, so choosing ``k`` non-overlapping pairs of minimal
+total score is choosing ``k`` pairwise non-adjacent elements of the score sequence with minimal sum.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import torch
+
+__all__ = ["pair_scores", "select_pairs"]
+
+
+def pair_scores(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Score every adjacent pair of the mergeable region; lower scores are merged first.
+
+    Args:
+        mass: ``[M, Hkv]`` un-normalised observation mass ``A`` of the region's slots.
+        gamma: position decay constant (KVSlimmer uses ``4096 / ln(512)``).
+
+    Returns:
+        ``[M - 1]`` float64 scores; entry ``i`` (pair ``(i, i + 1)``, ``t = i + 1``) is
+        ``sum_h (A_{i,h} + A_{i+1,h}) / exp(t / gamma)``. The decay makes pairs later in the region
+        cheaper. Computed in float64 (as ``* exp(-t / gamma)``) so long regions do not overflow.
+    """
+    if gamma <= 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    per_slot = mass.to(torch.float64).sum(dim=1)
+    t = torch.arange(1, mass.shape[0], dtype=torch.float64, device=mass.device)
+    return (per_slot[:-1] + per_slot[1:]) * torch.exp(-t / gamma)
+
+
+def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Choose exactly ``k`` non-overlapping adjacent pairs with the smallest total score.
+
+    Exact greedy with regret ("undo") nodes on a doubly linked list, ``O(M log M)``: repeatedly
+    take the cheapest live node ``x``; if it has live neighbours ``l`` and ``r``, replace the three
+    by one node of value ``l + r - x``, whose later choice means "drop ``x``, take ``l`` and
+    ``r``" instead. A node at either end of the list cannot be undone and is settled together with
+    its only neighbour. Each node covers an odd-length run of original elements; an unchosen
+    node's run has its inner alternate elements (second, fourth, ...) selected, a chosen one its
+    outer alternate elements (first, third, ...). Equal values are taken lower node index first
+    (a replacement node keeps the index of the node it undoes), so results are deterministic.
+
+    Args:
+        scores: ``[M - 1]`` pair scores (:func:`pair_scores`); score ``i`` belongs to pair
+            ``(i, i + 1)``. Must be finite.
+        k: number of pairs, ``0 <= 2k <= M``.
+
+    Returns:
+        ``[k]`` int64 left indices ``i``, sorted ascending, on ``scores``' device.
+
+    Raises:
+        ValueError: if ``k < 0``, ``2k > M`` or a score is not finite.
+    """
+    values = scores.detach().to("cpu", torch.float64).tolist()
+    num_slots = len(values) + 1
+    if k < 0 or 2 * k > num_slots:
+        raise ValueError(
+            f"cannot choose k={k} non-overlapping pairs among M={num_slots} slots "
+            "(need 0 <= 2k <= M)"
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("pair scores must be finite")
+
+    n = len(values)
+    left = list(range(-1, n - 1))  # -1: no live left neighbour
+    right = list(range(1, n + 1))  # n: no live right neighbour
+    run_lo = list(range(n))
+    run_hi = list(range(n))
+    alive = [True] * n
+    heap = [(v, i) for i, v in enumerate(values)]
+    heapq.heapify(heap)
+    chosen: list[int] = []
+
+    def unlink(node: int) -> None:
+        """Remove ``node`` from the list; its heap entries become stale."""
+        alive[node] = False
+        if left[node] >= 0:
+            right[left[node]] = right[node]
+        if right[node] < n:
+            left[right[node]] = left[node]
+
+    def settle(node: int, taken: bool) -> None:
+        """Finalise ``node``: record its run's outer (taken) or inner alternate elements."""
+        first = run_lo[node] if taken else run_lo[node] + 1
+        chosen.extend(range(first, run_hi[node] + 1, 2))
+        unlink(node)
+
+    for _ in range(k):
+        while True:
+            value, node = heapq.heappop(heap)
+            if alive[node]:
+                break
+        prev, nxt = left[node], right[node]
+        if prev >= 0 and nxt < n:
+            values[node] = values[prev] + values[nxt] - value
+            run_lo[node], run_hi[node] = run_lo[prev], run_hi[nxt]
+            unlink(prev)
+            unlink(nxt)
+            heapq.heappush(heap, (values[node], node))
+        else:
+            for neighbour in (prev, nxt):
+                if 0 <= neighbour < n:
+                    settle(neighbour, taken=False)
+            settle(node, taken=True)
+
+    for node in range(n):
+        if alive[node]:
+            settle(node, taken=False)
+    return torch.tensor(sorted(chosen), dtype=torch.int64, device=scores.device)
