@@ -1,0 +1,234 @@
+"""KV-merge metrics on vLLM's ``/metrics``.
+
+Merge rounds are planned in the EngineCore process and carried out in the worker
+processes, while ``/metrics`` is served by the API-server process. The processes share
+one small memory-mapped file of float64 slots (its path travels in
+``additional_config``); each slot has exactly one writing process, so no locking is
+needed. A Prometheus collector in the API-server process reads the file at scrape time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import tempfile
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+from kvslimmer_vllm.engine.settings import METRICS_KEY
+
+#: Upper bounds of the per-request physical/logical KV ratio histogram.
+RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: Upper bounds (seconds) of the merge-time-per-step histogram.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _Layout:
+    """Slot offsets in the shared file."""
+
+    ROUNDS, TOKENS_MERGED, BLOCKS_FREED, PHYSICAL, LOGICAL, UPDATED = range(6)
+    RATIO_COUNT, RATIO_SUM = 6, 7
+    RATIO_BUCKETS_AT = 8  # cumulative counts, one per bound of RATIO_BUCKETS
+    LAT_COUNT = RATIO_BUCKETS_AT + len(RATIO_BUCKETS)
+    LAT_SUM = LAT_COUNT + 1
+    LAT_BUCKETS_AT = LAT_SUM + 1
+    EXECUTE_SECONDS = LAT_BUCKETS_AT + len(LATENCY_BUCKETS)
+    SIZE = EXECUTE_SECONDS + 1
+
+
+class SharedSlots:
+    """float64 slots in a memory-mapped file shared by vLLM's processes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, _Layout.SIZE * 8)
+        finally:
+            os.close(fd)
+        self.values = memoryview(self._map).cast("d")
+
+    @classmethod
+    def create(cls) -> SharedSlots:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="kvslimmer-metrics-", dir=base)
+        os.ftruncate(fd, _Layout.SIZE * 8)
+        os.close(fd)
+        atexit.register(_unlink_quietly, path)
+        return cls(path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _observe(values, count_at: int, sum_at: int, buckets_at: int, bounds, x: float):
+    values[count_at] += 1
+    values[sum_at] += x
+    for i in range(bisect_left(bounds, x), len(bounds)):
+        values[buckets_at + i] += 1
+
+
+@dataclass
+class Totals:
+    """Scheduler-side running totals (plain numbers, published every step)."""
+
+    rounds: int = 0
+    tokens_merged: int = 0
+    blocks_freed: int = 0
+    finished_ratios: list[float] = field(default_factory=list)
+
+    def record_round(self, num_merged: int, num_blocks_freed: int) -> None:
+        self.rounds += 1
+        self.tokens_merged += num_merged
+        self.blocks_freed += num_blocks_freed
+
+    def record_finished_request(self, ratio: float) -> None:
+        self.finished_ratios.append(ratio)
+
+
+def _attach(vllm_config) -> SharedSlots | None:
+    path = (vllm_config.additional_config or {}).get(METRICS_KEY)
+    if not path or not os.path.exists(path):
+        return None
+    return SharedSlots(path)
+
+
+class SchedulerMetricsWriter:
+    """Writes the scheduler's slots (EngineCore process)."""
+
+    def __init__(self, slots: SharedSlots) -> None:
+        self.values = slots.values
+
+    @classmethod
+    def attach(cls, vllm_config) -> SchedulerMetricsWriter | None:
+        slots = _attach(vllm_config)
+        return cls(slots) if slots else None
+
+    def publish(self, totals: Totals, physical: int, logical: int, now: float) -> None:
+        v, L = self.values, _Layout
+        v[L.ROUNDS] = totals.rounds
+        v[L.TOKENS_MERGED] = totals.tokens_merged
+        v[L.BLOCKS_FREED] = totals.blocks_freed
+        v[L.PHYSICAL] = physical
+        v[L.LOGICAL] = logical
+        for ratio in totals.finished_ratios:
+            _observe(v, L.RATIO_COUNT, L.RATIO_SUM, L.RATIO_BUCKETS_AT, RATIO_BUCKETS, ratio)
+        totals.finished_ratios.clear()
+        v[L.UPDATED] = now
+
+
+class WorkerMetricsWriter:
+    """Writes the worker's slots (rank 0 of the worker processes)."""
+
+    def __init__(self, slots: SharedSlots) -> None:
+        self.values = slots.values
+
+    @classmethod
+    def attach(cls, vllm_config) -> WorkerMetricsWriter | None:
+        slots = _attach(vllm_config)
+        return cls(slots) if slots else None
+
+    def record_step(self, merge_seconds: float | None, execute_seconds: float) -> None:
+        v, L = self.values, _Layout
+        if merge_seconds is not None:
+            _observe(v, L.LAT_COUNT, L.LAT_SUM, L.LAT_BUCKETS_AT, LATENCY_BUCKETS, merge_seconds)
+        v[L.EXECUTE_SECONDS] += execute_seconds
+
+
+class KVMergeCollector:
+    """Prometheus collector reading the shared slots at scrape time (API server)."""
+
+    def __init__(self, slots: SharedSlots, model_name: str) -> None:
+        self.slots = slots
+        self.model_name = model_name
+
+    def collect(self):
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        v, L, labels = self.slots.values, _Layout, ["model_name"]
+        lv = [self.model_name]
+
+        def counter(name, doc, value):
+            m = CounterMetricFamily(name, doc, labels=labels)
+            m.add_metric(lv, value)
+            return m
+
+        def gauge(name, doc, value):
+            m = GaugeMetricFamily(name, doc, labels=labels)
+            m.add_metric(lv, value)
+            return m
+
+        def histogram(name, doc, bounds, count_at, sum_at, buckets_at):
+            m = HistogramMetricFamily(name, doc, labels=labels)
+            buckets = [(str(b), v[buckets_at + i]) for i, b in enumerate(bounds)]
+            buckets.append(("+Inf", v[count_at]))
+            m.add_metric(lv, buckets, v[sum_at])
+            return m
+
+        yield counter("vllm:kv_merge_rounds", "KV merge rounds carried out.", v[L.ROUNDS])
+        yield counter(
+            "vllm:kv_merge_tokens_merged",
+            "KV slots removed by merging adjacent pairs.",
+            v[L.TOKENS_MERGED],
+        )
+        yield counter(
+            "vllm:kv_merge_blocks_freed",
+            "KV blocks handed back to the block pool by merge rounds.",
+            v[L.BLOCKS_FREED],
+        )
+        yield gauge(
+            "vllm:kv_merge_physical_tokens",
+            "KV slots held by running requests.",
+            v[L.PHYSICAL],
+        )
+        yield gauge(
+            "vllm:kv_merge_logical_tokens",
+            "Tokens that running requests have processed.",
+            v[L.LOGICAL],
+        )
+        ratio = v[L.PHYSICAL] / v[L.LOGICAL] if v[L.LOGICAL] else 1.0
+        yield gauge(
+            "vllm:kv_merge_physical_logical_ratio",
+            "KV slots held per processed token, over running requests (1 = no savings).",
+            ratio,
+        )
+        yield histogram(
+            "vllm:kv_merge_request_kv_ratio",
+            "Physical/logical KV ratio of each finished request.",
+            RATIO_BUCKETS, L.RATIO_COUNT, L.RATIO_SUM, L.RATIO_BUCKETS_AT,
+        )
+        yield histogram(
+            "vllm:kv_merge_step_seconds",
+            "Worker time spent applying one step's merge rounds.",
+            LATENCY_BUCKETS, L.LAT_COUNT, L.LAT_SUM, L.LAT_BUCKETS_AT,
+        )
+        yield counter(
+            "vllm:kv_merge_model_execute_seconds",
+            "Worker time spent in execute_model (merge rounds included).",
+            v[L.EXECUTE_SECONDS],
+        )
+
+
+_collector: KVMergeCollector | None = None
+
+
+def setup_frontend_metrics(additional_config: dict, model_name: str) -> None:
+    """Create the shared slots and expose them on this process's Prometheus registry."""
+    global _collector
+    from prometheus_client import REGISTRY
+
+    slots = SharedSlots.create()
+    additional_config[METRICS_KEY] = slots.path
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    _collector = KVMergeCollector(slots, model_name)
+    REGISTRY.register(_collector)

@@ -1,0 +1,41 @@
+"""What the scheduler tells the workers each step (plain data, pickled with the
+``SchedulerOutput`` it rides on as the attribute ``kv_merge``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: Attribute of ``SchedulerOutput`` that carries the :class:`StepPlan`.
+PLAN_ATTR = "kv_merge"
+
+
+@dataclass(frozen=True)
+class MergeRound:
+    """Merge ``num_merge`` disjoint pairs of one request's slots, then compact them.
+
+    ``block_ids`` are the request's KV blocks *before* the round; the scheduler has
+    already returned the blocks past ``ceil((num_slots - num_merge) / block_size)`` to
+    the pool, so the worker must compact before this step's forward pass writes KV.
+    """
+
+    req_id: str
+    block_ids: tuple[int, ...]
+    num_slots: int
+    num_merge: int
+    round_index: int
+
+    @property
+    def num_slots_after(self) -> int:
+        return self.num_slots - self.num_merge
+
+
+@dataclass
+class StepPlan:
+    """Merge rounds to run before this step's forward, and, for every scheduled request
+    that has merged, how many tokens it has merged away (logical minus physical length)."""
+
+    rounds: list[MergeRound] = field(default_factory=list)
+    num_merged: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.rounds or self.num_merged)

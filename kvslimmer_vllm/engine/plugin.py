@@ -1,0 +1,296 @@
+"""The ``vllm.general_plugins`` entry point: ``--kv-merge*`` flags and start-up checks.
+
+vLLM calls :func:`register` once in each of its processes. It wraps three
+``EngineArgs`` methods:
+
+* ``add_cli_args`` adds the ``--kv-merge*`` flags to ``vllm serve`` (and ``--help``);
+* ``from_cli_args`` turns those flags into ``additional_config["kv_merge"]``, the one
+  place the settings live (``vllm.LLM(additional_config={"kv_merge": {...}})`` offline);
+* ``create_engine_config`` validates the settings against the whole engine
+  configuration before any model is loaded, switches vLLM to this package's scheduler
+  and worker, and fails closed on every combination merging does not support.
+
+With ``--kv-merge none`` (the default) nothing of vLLM's behaviour changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from kvslimmer_vllm.core.config import (
+    METHODS,
+    KVMergeConfig,
+    KVMergeConfigError,
+    option_name,
+)
+from kvslimmer_vllm.engine.settings import (
+    CONFIG_KEY,
+    SUPPORTED_VLLM_SERIES,
+    supported_vllm_version,
+)
+
+logger = logging.getLogger("vllm.kvslimmer.plugin")
+
+SCHEDULER_CLS = "kvslimmer_vllm.engine.scheduler.KVMergeScheduler"
+CPU_WORKER_CLS = "kvslimmer_vllm.engine.worker.KVMergeCPUWorker"
+GPU_WORKER_CLS = "kvslimmer_vllm.engine.worker.KVMergeGPUWorker"
+_PATCHED = "_kvslimmer_patched"
+
+#: (dest, flag, config field, help)
+_INT_FLAGS = (
+    ("kv_merge_budget", "--kv-merge-budget", "budget",
+     "KV slots a request keeps after a merge round (default: min(2080, "
+     "max_model_len // 4))."),
+    ("kv_merge_sink", "--kv-merge-sink", "sink",
+     "Leading slots of each request that are never merged (default: 32)."),
+    ("kv_merge_recent", "--kv-merge-recent", "recent",
+     "Newest slots that are never merged (default: the prefill chunk)."),
+    ("kv_merge_interval", "--kv-merge-interval", "interval",
+     "A round runs once a request holds more than budget + interval slots "
+     "(default: min(512, budget // 4))."),
+)
+
+
+def register() -> None:
+    """Entry point: install the hooks (idempotent, cheap, no vLLM behaviour change)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, _PATCHED, False):
+        return
+    _wrap_add_cli_args(EngineArgs)
+    _wrap_from_cli_args(EngineArgs)
+    _wrap_create_engine_config(EngineArgs)
+    setattr(EngineArgs, _PATCHED, True)
+
+
+# ---------------------------------------------------------------------------- flags
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum} (got {text!r})"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum} (got {value})")
+        return value
+
+    return parse
+
+
+_MINIMUM = {
+    name: (KVMergeConfig.model_fields[name].metadata[0].ge)
+    for name in ("budget", "sink", "recent", "interval")
+}
+
+
+def add_kv_merge_arguments(parser) -> None:
+    group = parser.add_argument_group(
+        "KVMerge",
+        "kvslimmer-vllm: merge adjacent KV-cache slots of long requests (KVSlimmer) and "
+        "hand the freed blocks back to vLLM's block pool.",
+    )
+    group.add_argument(
+        "--kv-merge", dest="kv_merge", choices=METHODS, default=None,
+        help="KV merging method; 'none' (default) runs unmodified vLLM.",
+    )
+    for dest, flag, field, text in _INT_FLAGS:
+        group.add_argument(
+            flag, dest=dest, type=_int_at_least(_MINIMUM[field]), default=None,
+            metavar="TOKENS", help=text,
+        )
+    group.add_argument(
+        "--kv-merge-config", dest="kv_merge_config", default=None,
+        metavar="PATH_OR_JSON",
+        help="YAML/JSON file or inline JSON with any KV-merge setting (method, budget, "
+        "sink, recent, interval, prefill_chunk, gamma, eps, rope_aware); flags win.",
+    )
+
+
+def _wrap_add_cli_args(engine_args_cls) -> None:
+    original = engine_args_cls.add_cli_args
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        if not any(a.dest == "kv_merge" for a in parser._actions):
+            add_kv_merge_arguments(parser)
+        return parser
+
+    engine_args_cls.add_cli_args = staticmethod(add_cli_args)
+
+
+def _wrap_from_cli_args(engine_args_cls) -> None:
+    original = engine_args_cls.from_cli_args.__func__
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original(cls, args)
+        overrides = {"method": getattr(args, "kv_merge", None)}
+        for dest, _flag, field, _text in _INT_FLAGS:
+            overrides[field] = getattr(args, dest, None)
+        source = getattr(args, "kv_merge_config", None)
+        if source is None and all(v is None for v in overrides.values()):
+            return engine_args
+        try:
+            config = KVMergeConfig.from_source(source, overrides)
+        except KVMergeConfigError as exc:
+            _cli_error(str(exc))
+        extra = dict(engine_args.additional_config or {})
+        extra[CONFIG_KEY] = config.model_dump()
+        engine_args.additional_config = extra
+        engine_args._kv_merge_from_cli = True
+        return engine_args
+
+    engine_args_cls.from_cli_args = classmethod(from_cli_args)
+
+
+def _cli_error(message: str):
+    print(f"kvslimmer-vllm: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------- start-up checks
+def _wrap_create_engine_config(engine_args_cls) -> None:
+    original = engine_args_cls.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        raw = (self.additional_config or {}).get(CONFIG_KEY)
+        if not raw:
+            return original(self, *args, **kwargs)
+        try:
+            config = KVMergeConfig.from_mapping(raw)
+            if not config.enabled:
+                return original(self, *args, **kwargs)
+            _prepare_engine_args(self)
+            vllm_config = original(self, *args, **kwargs)
+            resolved = _check_engine_config(vllm_config, config)
+        except KVMergeConfigError as exc:
+            if getattr(self, "_kv_merge_from_cli", False):
+                _cli_error(str(exc))
+            raise
+        vllm_config.additional_config[CONFIG_KEY] = resolved.model_dump()
+        from kvslimmer_vllm.engine import metrics
+
+        metrics.setup_frontend_metrics(
+            vllm_config.additional_config, vllm_config.model_config.served_model_name
+        )
+        logger.info("kv-merge enabled: %s", resolved.model_dump())
+        return vllm_config
+
+    engine_args_cls.create_engine_config = create_engine_config
+
+
+def _reject(option: str, why: str):
+    raise KVMergeConfigError(f"{option} {why}; it cannot be combined with --kv-merge")
+
+
+def _prepare_engine_args(ea) -> None:
+    """Checks on the engine arguments, and the settings merging needs, before vLLM
+    builds its configuration."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    if not supported_vllm_version(vllm.__version__):
+        raise KVMergeConfigError(
+            f"--kv-merge supports vLLM {SUPPORTED_VLLM_SERIES}.x; this is vLLM "
+            f"{vllm.__version__}"
+        )
+    if ea.enable_prefix_caching:
+        _reject("--enable-prefix-caching", "hashes blocks by token ids, which merged "
+                "blocks no longer match")
+    if ea.enable_prefix_caching is None:
+        logger.info("kv-merge: prefix caching turned off (merged blocks cannot be shared)")
+    ea.enable_prefix_caching = False
+    if ea.speculative_config:
+        _reject("--speculative-config", "is not supported")
+    if ea.kv_transfer_config is not None:
+        _reject("--kv-transfer-config", "(KV connectors) is not supported")
+    if ea.ec_transfer_config is not None:
+        _reject("--ec-transfer-config", "is not supported")
+    if ea.kv_offloading_size:
+        _reject("--kv-offloading-size", "(KV offloading) is not supported")
+    if ea.tensor_parallel_size != 1:
+        _reject("--tensor-parallel-size", "must be 1 (merging each rank's heads under "
+                "one plan is not implemented yet)")
+    if ea.pipeline_parallel_size != 1:
+        _reject("--pipeline-parallel-size", "must be 1")
+    if ea.data_parallel_size != 1:
+        _reject("--data-parallel-size", "must be 1")
+    if ea.decode_context_parallel_size != 1 or ea.prefill_context_parallel_size != 1:
+        _reject("--decode/prefill-context-parallel-size", "must be 1")
+    if ea.kv_cache_dtype not in ("auto", None):
+        _reject("--kv-cache-dtype", f"'{ea.kv_cache_dtype}' is not supported (use auto)")
+    if ea.kv_sharing_fast_prefill:
+        _reject("--kv-sharing-fast-prefill", "is not supported")
+    if ea.enable_chunked_prefill is False:
+        _reject("--no-enable-chunked-prefill", "is not supported (merging caps chunks)")
+    if ea.async_scheduling:
+        _reject("--async-scheduling", "is not supported (rounds need the previous "
+                "step's KV written)")
+    ea.async_scheduling = False
+    if ea.scheduler_cls not in (None, SCHEDULER_CLS):
+        _reject("--scheduler-cls", f"'{ea.scheduler_cls}' is set")
+    worker = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
+    if ea.worker_cls not in ("auto", worker):
+        _reject("--worker-cls", f"'{ea.worker_cls}' is set")
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        raise KVMergeConfigError(
+            f"--kv-merge supports CPU and CUDA platforms, not {current_platform.device_name}"
+        )
+    if current_platform.is_cuda():
+        if not ea.enforce_eager:
+            # Full CUDA graphs would skip the attention backend's Python side effects.
+            logger.info("kv-merge: CUDA graphs turned off (--enforce-eager)")
+        ea.enforce_eager = True
+        # The adapter hooks the V1 model runner.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        if ea.attention_backend not in (None, AttentionBackendEnum.CUSTOM):
+            _reject("--attention-backend", f"'{ea.attention_backend}' is set")
+        # The KV-merge worker registers its backend under CUSTOM.
+        ea.attention_backend = AttentionBackendEnum.CUSTOM
+    ea.scheduler_cls = SCHEDULER_CLS
+    ea.worker_cls = worker
+
+
+def _check_engine_config(vllm_config, config: KVMergeConfig) -> KVMergeConfig:
+    """Checks that need the model's facts; returns the resolved settings."""
+    model = vllm_config.model_config
+    checks: list[tuple[bool, str, str]] = [
+        (model.is_encoder_decoder, "model", "is an encoder-decoder model"),
+        (model.use_mla, "model", "uses multi-head latent attention (MLA)"),
+        (model.is_hybrid or model.has_inner_state, "model",
+         "is a hybrid/recurrent model"),
+        (model.is_attention_free, "model", "has no attention"),
+        (model.uses_mrope, "model", "uses multimodal RoPE (M-RoPE)"),
+        (model.get_sliding_window() is not None, "model",
+         "uses sliding-window attention"),
+        (model.runner_type != "generate", "--runner", "must be 'generate'"),
+    ]
+    for failed, option, why in checks:
+        if failed:
+            _reject(f"{option} {model.model}" if option == "model" else option, why)
+    if vllm_config.scheduler_config.async_scheduling:
+        _reject("--async-scheduling", "is not supported")
+    resolved = config.resolve(model.max_model_len)
+    block_size = vllm_config.cache_config.block_size
+    num_blocks = vllm_config.cache_config.num_gpu_blocks_override
+    if num_blocks is not None and num_blocks * block_size < resolved.max_physical_slots:
+        raise KVMergeConfigError(
+            f"the KV cache ({num_blocks} blocks of {block_size}) cannot hold one merging "
+            f"request ({resolved.max_physical_slots} slots); lower "
+            f"{option_name('budget')} or enlarge the cache"
+        )
+    return resolved
+
+
+def engine_kwargs(**settings: Any) -> dict[str, Any]:
+    """``vllm.LLM`` keyword arguments that turn merging on, e.g.
+    ``LLM(model, **engine_kwargs(method="kvslimmer", budget=256))``."""
+    config = KVMergeConfig.from_mapping({"method": "kvslimmer", **settings})
+    return {"additional_config": {CONFIG_KEY: config.model_dump()}}

@@ -1,0 +1,252 @@
+"""Scheduler side of paged KV merging (runs in vLLM's EngineCore process).
+
+vLLM counts a request's KV slots as ``num_computed_tokens``. With merging the request
+holds fewer *physical* slots than it has *logical* tokens; :class:`MergeBook` keeps the
+difference per request. The KV cache manager is switched to
+:class:`MergingKVCacheManager`, which
+
+* plans a merge round when a request about to be scheduled holds more than
+  ``budget + interval`` slots, and hands the blocks past the post-round length back to
+  the block pool at once (the worker compacts the request before this step's forward
+  pass writes any KV, so a block reused by another request in the same step is only
+  written after the data was moved out of it);
+* sizes allocations and the admission check by physical slots;
+* forgets a request's merge state when its blocks are freed (finish, abort,
+  preemption: a preempted request is recomputed from scratch).
+
+:class:`KVMergeScheduler` caps prefill chunks so a request never holds more than
+``budget + interval + prefill_chunk`` slots, and attaches the step's
+:class:`~kvslimmer_vllm.engine.plan.StepPlan` to the ``SchedulerOutput``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from kvslimmer_vllm.core.config import KVMergeConfig
+from kvslimmer_vllm.engine import metrics
+from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, StepPlan
+from kvslimmer_vllm.engine.settings import merge_config_from_vllm
+
+logger = logging.getLogger("vllm.kvslimmer.scheduler")
+
+
+@dataclass
+class RequestMergeState:
+    num_merged: int = 0  # logical tokens minus physical slots
+    rounds: int = 0
+
+
+class MergeBook:
+    """Per-request merge bookkeeping and the rounds planned during one step."""
+
+    def __init__(self, config: KVMergeConfig, block_size: int) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.states: dict[str, RequestMergeState] = {}
+        self.pending: list[MergeRound] = []
+        self.totals = metrics.Totals()
+
+    def num_merged(self, req_id: str) -> int:
+        state = self.states.get(req_id)
+        return state.num_merged if state else 0
+
+    def physical(self, request: Request) -> int:
+        return request.num_computed_tokens - self.num_merged(request.request_id)
+
+    def round_due(self, request: Request) -> bool:
+        cfg = self.config
+        return self.physical(request) > cfg.budget + cfg.interval
+
+    def max_chunk(self, request: Request) -> int:
+        """Largest chunk that keeps the request within budget + interval + chunk slots
+        (counting the round that is due before the chunk is appended)."""
+        cfg = self.config
+        slots = cfg.budget if self.round_due(request) else self.physical(request)
+        return cfg.max_physical_slots - slots
+
+    def plan_round(self, request: Request, block_ids: list[int]) -> MergeRound | None:
+        cfg = self.config
+        n = self.physical(request)
+        k = n - cfg.budget
+        mergeable = n - cfg.sink - cfg.recent
+        if 2 * k > mergeable:
+            # The chunk cap makes this impossible; never crash the server over it.
+            logger.warning(
+                "kv-merge: request %s holds %d slots, more than a round can merge "
+                "(%d mergeable); merging %d pairs instead of %d",
+                request.request_id, n, mergeable, mergeable // 2, k,
+            )
+            k = mergeable // 2
+        if k <= 0:
+            return None
+        state = self.states.setdefault(request.request_id, RequestMergeState())
+        state.rounds += 1
+        state.num_merged += k
+        plan = MergeRound(
+            req_id=request.request_id,
+            block_ids=tuple(block_ids),
+            num_slots=n,
+            num_merge=k,
+            round_index=state.rounds,
+        )
+        self.pending.append(plan)
+        return plan
+
+    def forget(self, request: Request) -> None:
+        state = self.states.pop(request.request_id, None)
+        if state is None or request.num_computed_tokens <= 0:
+            return
+        if request.status != RequestStatus.PREEMPTED and request.is_finished():
+            ratio = 1.0 - state.num_merged / request.num_computed_tokens
+            self.totals.record_finished_request(ratio)
+            logger.info(
+                "kv-merge: request %s finished with %d of %d tokens merged away "
+                "(physical/logical KV %.3f, %d rounds)",
+                request.request_id, state.num_merged, request.num_computed_tokens,
+                ratio, state.rounds,
+            )
+
+    def take_plan(self, scheduled: dict[str, int], dropped: set[str]) -> StepPlan:
+        rounds = [r for r in self.pending if r.req_id not in dropped]
+        self.pending = []
+        num_merged = {
+            rid: self.states[rid].num_merged
+            for rid in scheduled
+            if rid in self.states and self.states[rid].num_merged
+        }
+        return StepPlan(rounds=rounds, num_merged=num_merged)
+
+
+class MergingKVCacheManager(KVCacheManager):
+    """vLLM's KV cache manager, sized by physical slots and able to free a merged tail.
+
+    Installed on an existing manager by :func:`install_merging_manager` (class switch),
+    so vLLM builds the manager exactly as it always does.
+    """
+
+    book: MergeBook
+
+    # -------------------------------------------------------------- vLLM overrides
+    def allocate_slots(self, request: Request, num_new_tokens: int, *args, **kwargs):
+        book = self.book
+        if book.round_due(request):
+            self._run_round(request)
+        if kwargs.get("full_sequence_must_fit"):
+            # Admission: a merging request never holds more than max_physical_slots.
+            kwargs["full_sequence_must_fit"] = False
+            if not self._peak_fits(request, kwargs):
+                return None
+        merged = book.num_merged(request.request_id)
+        if not merged:
+            return super().allocate_slots(request, num_new_tokens, *args, **kwargs)
+        # Let vLLM size the request by its physical slots.
+        request.num_computed_tokens -= merged
+        try:
+            return super().allocate_slots(request, num_new_tokens, *args, **kwargs)
+        finally:
+            request.num_computed_tokens += merged
+
+    def free(self, request: Request) -> None:
+        self.book.forget(request)
+        super().free(request)
+
+    def pop_blocks_for_free(self, request: Request):
+        self.book.forget(request)
+        return super().pop_blocks_for_free(request)
+
+    # ------------------------------------------------------------------ internals
+    def _blocks(self, request_id: str) -> list:
+        return self.coordinator.single_type_managers[0].req_to_blocks[request_id]
+
+    def _run_round(self, request: Request) -> None:
+        blocks = self._blocks(request.request_id)
+        plan = self.book.plan_round(request, [b.block_id for b in blocks])
+        if plan is None:
+            return
+        keep = cdiv(plan.num_slots_after, self.book.block_size)
+        tail = blocks[keep:]
+        del blocks[keep:]
+        if tail:
+            self.block_pool.free_blocks(reversed(tail))
+        self.book.totals.record_round(plan.num_merge, len(tail))
+        logger.debug(
+            "kv-merge: request %s round %d merges %d of %d slots, frees %d blocks",
+            request.request_id, plan.round_index, plan.num_merge, plan.num_slots,
+            len(tail),
+        )
+
+    def _peak_fits(self, request: Request, kwargs: dict) -> bool:
+        peak = min(request.num_tokens, self.book.config.max_physical_slots)
+        held = len(self.coordinator.single_type_managers[0].req_to_blocks.get(
+            request.request_id, ()))
+        need = cdiv(peak, self.book.block_size) - held
+        watermark = 0
+        if kwargs.get("has_scheduled_reqs", True) and request.status in (
+            RequestStatus.WAITING, RequestStatus.PREEMPTED,
+        ):
+            watermark = self.watermark_blocks
+        free = self.block_pool.get_num_free_blocks() - kwargs.get("reserved_blocks", 0)
+        return need + watermark <= free
+
+
+def install_merging_manager(manager: KVCacheManager, book: MergeBook) -> None:
+    if type(manager) is not KVCacheManager:
+        raise RuntimeError(
+            f"kv-merge expects vLLM's KVCacheManager, found {type(manager).__name__}; "
+            "this vLLM version is not supported"
+        )
+    if len(manager.coordinator.single_type_managers) != 1:
+        raise RuntimeError("kv-merge needs exactly one KV cache group")
+    manager.__class__ = MergingKVCacheManager
+    manager.book = book
+
+
+class KVMergeScheduler(Scheduler):
+    """vLLM's scheduler with merge rounds, physical block accounting and chunk caps."""
+
+    def __init__(self, vllm_config, *args, **kwargs) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        self.kv_merge_config = merge_config_from_vllm(vllm_config)
+        self.merge_book = MergeBook(self.kv_merge_config, self.block_size)
+        install_merging_manager(self.kv_cache_manager, self.merge_book)
+        self.merge_metrics = metrics.SchedulerMetricsWriter.attach(vllm_config)
+        cfg = self.kv_merge_config
+        logger.info(
+            "kv-merge: %s with budget %d, sink %d, recent %d, interval %d, prefill "
+            "chunk %d (at most %d KV slots per request)",
+            cfg.method, cfg.budget, cfg.sink, cfg.recent, cfg.interval,
+            cfg.prefill_chunk, cfg.max_physical_slots,
+        )
+
+    def _reserve_prefill_lookahead(
+        self, request: Request, num_computed_tokens: int, num_new_tokens: int
+    ) -> int:
+        num_new_tokens = super()._reserve_prefill_lookahead(
+            request, num_computed_tokens, num_new_tokens
+        )
+        return min(num_new_tokens, self.merge_book.max_chunk(request))
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        dropped = set(output.preempted_req_ids or ()) | set(output.finished_req_ids)
+        plan = self.merge_book.take_plan(output.num_scheduled_tokens, dropped)
+        setattr(output, PLAN_ATTR, plan)
+        self._publish_metrics()
+        return output
+
+    def _publish_metrics(self) -> None:
+        if self.merge_metrics is None:
+            return
+        logical = physical = 0
+        for request in self.running:
+            logical += request.num_computed_tokens
+            physical += self.merge_book.physical(request)
+        self.merge_metrics.publish(self.merge_book.totals, physical, logical, time.time())

@@ -1,0 +1,308 @@
+"""Worker side of paged KV merging (runs in each vLLM worker process).
+
+``--kv-merge`` switches vLLM's ``worker_cls`` to :class:`KVMergeCPUWorker` or
+:class:`KVMergeGPUWorker`. They register the merging attention backend before the
+model is built and extend vLLM's (V1) model runner with :class:`KVMergeRunnerMixin`:
+
+* after the KV cache exists: allocate the per-slot side state, bind it to every
+  attention layer, find each layer's rotary embedding;
+* before each step's forward: run the step's merge rounds (compact each request in
+  place) and truncate the request's block-table row to its post-round blocks;
+* when the step's inputs are prepared: turn slot mappings and attention sequence
+  lengths into physical ones (RoPE positions stay logical).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from vllm.utils.math_utils import cdiv
+
+from kvslimmer_vllm.core.rope import RotarySpec
+from kvslimmer_vllm.engine import metrics
+from kvslimmer_vllm.engine.attention import slot_major
+from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound
+from kvslimmer_vllm.engine.settings import merge_config_from_vllm
+from kvslimmer_vllm.engine.slots import (
+    SLOT_BINDING,
+    TRACE_ATTR,
+    LayerCache,
+    SlotState,
+    apply_round,
+    gather,
+    slot_ids,
+)
+from kvslimmer_vllm.methods import get_method
+
+logger = logging.getLogger("vllm.kvslimmer.worker")
+
+ATTENTION_BACKEND = "kvslimmer_vllm.engine.attention.KVMergeAttentionBackend"
+
+#: vLLM rotary embeddings that rotate by a fixed ``cos_sin_cache[position]`` lookup, the
+#: form RoPE-aware merging can invert and re-apply.
+STATIC_ROTARY_CLASSES = frozenset({
+    "RotaryEmbedding",
+    "LinearScalingRotaryEmbedding",
+    "Llama3RotaryEmbedding",
+    "YaRNScalingRotaryEmbedding",
+    "NTKScalingRotaryEmbedding",
+    "DynamicNTKScalingRotaryEmbedding",
+})
+
+
+def layer_rotary(model: torch.nn.Module, layer_name: str) -> RotarySpec | None:
+    """The RoPE of the attention layer ``layer_name`` (``...self_attn.attn``), read from
+    its parent module's ``rotary_emb``; None if it has none."""
+    parent = layer_name.rsplit(".", 1)[0]
+    try:
+        rotary = getattr(model.get_submodule(parent), "rotary_emb", None)
+    except AttributeError:
+        return None
+    if rotary is None:
+        return None
+    kind = type(rotary).__name__
+    if kind not in STATIC_ROTARY_CLASSES or not hasattr(rotary, "cos_sin_cache"):
+        raise NotImplementedError(
+            f"RoPE-aware merging does not support {kind} (layer {layer_name}); set "
+            "'rope_aware: false' in --kv-merge-config to merge post-RoPE keys"
+        )
+    return RotarySpec(
+        rotary_dim=rotary.rotary_dim,
+        is_neox=rotary.is_neox_style,
+        cos_sin_cache=rotary.cos_sin_cache,
+    )
+
+
+class KVMergeRunnerMixin:
+    """Added to vLLM's model runner class by :func:`install_runner_mixin`."""
+
+    def _kv_merge_init(self, rank: int) -> None:
+        self.kv_merge_config = merge_config_from_vllm(self.vllm_config)
+        self._kv_merge_method = get_method(self.kv_merge_config)
+        self._kv_merge_layers: list[LayerCache] = []
+        self._kv_merge_state: SlotState | None = None
+        self._kv_merge_num_merged: dict[str, int] = {}
+        self._kv_merge_trace_layer: int | None = None
+        self._kv_merge_trace: list[dict] = []
+        self._kv_merge_metrics = (
+            metrics.WorkerMetricsWriter.attach(self.vllm_config) if rank == 0 else None
+        )
+
+    # --------------------------------------------------------------- KV cache setup
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise RuntimeError(f"kv-merge needs one KV cache group, found {len(groups)}")
+        spec = groups[0].kv_cache_spec
+        self._kv_merge_block_size = spec.block_size
+        names = list(groups[0].layer_names)
+        state = SlotState(
+            num_layers=len(names),
+            num_slots=kv_cache_config.num_blocks * spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            device=self.device,
+        )
+        context = self.compilation_config.static_forward_context
+        model = self.get_model()
+        rope_aware = self.kv_merge_config.rope_aware
+        layers = []
+        for index, name in enumerate(names):
+            attn = context[name]
+            setattr(attn, SLOT_BINDING, (state, index))
+            rotary = layer_rotary(model, name) if rope_aware else None
+            layers.append(LayerCache(index, slot_major(attn.kv_cache), rotary))
+        if rope_aware and all(layer.rotary is None for layer in layers):
+            raise NotImplementedError(
+                "the model has no rotary embedding to merge keys in; set "
+                "'rope_aware: false' in --kv-merge-config"
+            )
+        self._kv_merge_layers, self._kv_merge_state = layers, state
+        self._kv_merge_layer_names = names
+        logger.info(
+            "kv-merge: side state for %d layers x %d slots (%.1f MiB)",
+            len(names), state.num_slots, state.nbytes / 2**20,
+        )
+
+    # ---------------------------------------------------------------- every step
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        started = time.perf_counter()
+        plan = getattr(scheduler_output, PLAN_ATTR, None)
+        merge_seconds = None
+        if plan is not None and plan.rounds:
+            for merge in plan.rounds:
+                before = self._kv_merge_trace_gather(merge.block_ids, merge.num_slots)
+                apply_round(
+                    merge, self._kv_merge_layers, self._kv_merge_state,
+                    self._kv_merge_method, self._kv_merge_block_size,
+                )
+                if before is not None:
+                    after = self._kv_merge_trace_gather(
+                        merge.block_ids, merge.num_slots_after
+                    )
+                    self._kv_merge_trace.append({
+                        "kind": "round", "req_id": merge.req_id,
+                        "num_slots": merge.num_slots, "num_merge": merge.num_merge,
+                        "round_index": merge.round_index,
+                        "before": before, "after": after,
+                    })
+                self._kv_merge_truncate(merge)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            merge_seconds = time.perf_counter() - started
+        self._kv_merge_num_merged = plan.num_merged if plan is not None else {}
+        output = super().execute_model(scheduler_output, *args, **kwargs)
+        if self._kv_merge_metrics is not None:
+            self._kv_merge_metrics.record_step(
+                merge_seconds, time.perf_counter() - started
+            )
+        return output
+
+    # ------------------------------------------------------- diagnostics (tests)
+    def kv_merge_set_trace(self, layer_index: int | None) -> None:
+        """Record every merge round's slots (before and after) and every attention
+        call of one layer, for :meth:`kv_merge_pop_trace`; None stops recording."""
+        for layer in self._kv_merge_layers:
+            attn = self.compilation_config.static_forward_context[
+                self._kv_merge_layer_names[layer.index]
+            ]
+            setattr(attn, TRACE_ATTR, self._kv_merge_trace if layer.index == layer_index
+                    else None)
+        self._kv_merge_trace_layer = layer_index
+
+    def kv_merge_pop_trace(self) -> list[dict]:
+        """The recorded calls, tensors as nested lists (they cross process boundaries)."""
+        records = [
+            {k: _plain(v) for k, v in record.items()} for record in self._kv_merge_trace
+        ]
+        self._kv_merge_trace.clear()
+        return records
+
+    def _kv_merge_trace_gather(self, block_ids, num_slots: int):
+        if self._kv_merge_trace_layer is None:
+            return None
+        layer = self._kv_merge_layers[self._kv_merge_trace_layer]
+        slots = slot_ids(block_ids, num_slots, self._kv_merge_block_size, self.device)
+        return vars(gather(layer, self._kv_merge_state, slots))
+
+    def _kv_merge_truncate(self, merge: MergeRound) -> None:
+        """Drop the blocks the scheduler freed from the request's block list and row."""
+        keep = cdiv(merge.num_slots_after, self._kv_merge_block_size)
+        req_state = self.requests.get(merge.req_id)
+        if req_state is not None:
+            block_ids = req_state.block_ids[0]
+            if tuple(block_ids) != merge.block_ids:
+                raise RuntimeError(
+                    f"kv-merge: request {merge.req_id} holds blocks {block_ids} on the "
+                    f"worker but {list(merge.block_ids)} in the scheduler"
+                )
+            del block_ids[keep:]
+        row = self.input_batch.req_id_to_index.get(merge.req_id)
+        if row is not None:
+            table = self.input_batch.block_table[0]
+            held = table.num_blocks_per_row[row]
+            table.block_table.np[row, keep:held] = 0
+            table.num_blocks_per_row[row] = keep
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        merged = self._kv_merge_num_merged
+        if not merged:
+            return result
+        num_reqs = self.input_batch.num_reqs
+        offsets = np.zeros(num_reqs, dtype=np.int64)
+        for req_id, num in merged.items():
+            row = self.input_batch.req_id_to_index.get(req_id)
+            if row is not None and row < num_reqs:
+                offsets[row] = num
+        if not offsets.any():
+            return result
+        num_tokens = int(num_scheduled_tokens.sum())
+        device = self.seq_lens.device
+        offsets_t = torch.from_numpy(offsets).to(device)
+        # Attention reads the physical slots ...
+        self.seq_lens[:num_reqs] -= offsets_t.to(self.seq_lens.dtype)
+        # ... and new KV goes to physical slots, while RoPE keeps logical positions.
+        rows = torch.from_numpy(
+            np.repeat(np.arange(num_reqs), num_scheduled_tokens[:num_reqs])
+        ).to(device)
+        physical = self.positions[:num_tokens] - offsets_t[rows].to(self.positions.dtype)
+        self.input_batch.block_table.compute_slot_mapping(
+            num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical
+        )
+        return result
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def install_runner_mixin(runner, rank: int) -> None:
+    """Extend an existing vLLM model runner with :class:`KVMergeRunnerMixin`."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not isinstance(runner, GPUModelRunner):
+        raise RuntimeError(
+            f"kv-merge needs vLLM's V1 model runner, found {type(runner).__name__} "
+            "(set VLLM_USE_V2_MODEL_RUNNER=0)"
+        )
+    base = type(runner)
+    runner.__class__ = type(f"KVMerge{base.__name__}", (KVMergeRunnerMixin, base), {})
+    runner._kv_merge_init(rank)
+
+
+def _register_attention_backend() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    # The CPU platform always selects CPU_ATTN; on CUDA the engine is configured to
+    # select CUSTOM (see plugin.py).
+    member = (
+        AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu()
+        else AttentionBackendEnum.CUSTOM
+    )
+    register_backend(member, ATTENTION_BACKEND)
+
+
+def _worker_class(base: type) -> type:
+    class KVMergeWorker(base):
+        def __init__(self, *args, **kwargs) -> None:
+            _register_attention_backend()
+            super().__init__(*args, **kwargs)
+
+        def init_device(self) -> None:
+            super().init_device()
+            install_runner_mixin(self.model_runner, self.rank)
+
+        # Reached through vLLM's collective_rpc (diagnostics and tests).
+        def kv_merge_set_trace(self, layer_index: int | None) -> None:
+            self.model_runner.kv_merge_set_trace(layer_index)
+
+        def kv_merge_pop_trace(self) -> list[dict]:
+            return self.model_runner.kv_merge_pop_trace()
+
+    KVMergeWorker.__name__ = KVMergeWorker.__qualname__ = f"KVMerge{base.__name__}"
+    return KVMergeWorker
+
+
+def __getattr__(name: str):
+    # Resolved lazily: each platform's worker module imports only on that platform.
+    if name == "KVMergeCPUWorker":
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        cls = _worker_class(CPUWorker)
+    elif name == "KVMergeGPUWorker":
+        from vllm.v1.worker.gpu_worker import Worker
+
+        cls = _worker_class(Worker)
+    else:
+        raise AttributeError(name)
+    globals()[name] = cls
+    return cls

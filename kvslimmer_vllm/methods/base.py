@@ -1,0 +1,57 @@
+"""The interface every KV compression method implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvslimmer_vllm.core.config import KVMergeConfig
+from kvslimmer_vllm.core.merge import MergeResult
+from kvslimmer_vllm.core.rope import RotarySpec
+
+
+@dataclass
+class SlotData:
+    """One request's slots of one layer, slot-major (see :mod:`kvslimmer_vllm.core`)."""
+
+    keys: torch.Tensor  # [N, Hkv, D] post-RoPE
+    values: torch.Tensor  # [N, Hkv, D]
+    counts: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N] int64
+    hess: torch.Tensor  # [N, Hkv], NaN = none yet
+    mass: torch.Tensor  # [N, Hkv] observation mass since the last round
+
+
+class MergeMethod(ABC):
+    """Frees ``k`` slots of one request and layer per round."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: KVMergeConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def run_round(
+        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
+    ) -> MergeResult:
+        """Return the request's ``N - k`` slots after the round."""
+
+
+_REGISTRY: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(config: KVMergeConfig) -> MergeMethod:
+    try:
+        return _REGISTRY[config.method](config)
+    except KeyError:
+        raise ValueError(
+            f"no KV merge method '{config.method}' (known: {sorted(_REGISTRY)})"
+        ) from None
