@@ -156,3 +156,17 @@ def long_text(num_words: int, seed: int = 0) -> str:
     while len(words) < num_words:
         words.extend(topics[rng.choice(keys)].split())
     return " ".join(words[:num_words])
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def token_prompt(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
+    """Exactly ``num_tokens`` token ids of deterministic documentation text."""
+    ids = tokenizer(long_text(num_tokens, seed=seed))["input_ids"]
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]

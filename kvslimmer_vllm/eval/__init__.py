@@ -1,0 +1,1 @@
+"""Quality evaluation of KV merging through the real engine (tasks generated locally)."""

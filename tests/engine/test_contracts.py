@@ -1,0 +1,236 @@
+"""One contract per vLLM internal the adapter depends on.
+
+Each test names the internal and fails with a message saying what moved, so an upgrade
+of vLLM shows at once which touch point in kvslimmer_vllm/engine needs attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pickle
+
+import pytest
+import vllm
+
+from kvslimmer_vllm.engine.settings import SUPPORTED_VLLM_SERIES, supported_vllm_version
+
+
+def _params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def _source(obj) -> str:
+    return inspect.getsource(obj)
+
+
+def test_vllm_release_is_the_pinned_series():
+    assert supported_vllm_version(vllm.__version__), (
+        f"kvslimmer-vllm is written for vLLM {SUPPORTED_VLLM_SERIES}.x, found "
+        f"{vllm.__version__}"
+    )
+
+
+# ---------------------------------------------------------------- plugin (plugin.py)
+def test_engine_args_hooks():
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    assert isinstance(inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod)
+    assert "EngineArgs.add_cli_args(parser)" in _source(AsyncEngineArgs.add_cli_args), (
+        "AsyncEngineArgs.add_cli_args no longer calls EngineArgs.add_cli_args: "
+        "--kv-merge flags would vanish from vllm serve"
+    )
+    assert "load_general_plugins()" in _source(AsyncEngineArgs.add_cli_args), (
+        "general plugins are no longer loaded before the CLI parser is built"
+    )
+    # from_cli_args drops unknown attributes; the plugin moves the flags into
+    # additional_config, which must stay an EngineArgs field pickled with VllmConfig.
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    for name in ("additional_config", "scheduler_cls", "worker_cls", "enable_prefix_caching",
+                 "async_scheduling", "attention_backend", "speculative_config",
+                 "kv_transfer_config", "kv_cache_dtype", "enable_chunked_prefill",
+                 "num_gpu_blocks_override", "kv_offloading_size"):
+        assert name in fields, f"EngineArgs.{name} is gone"
+    assert "usage_context" in _params(EngineArgs.create_engine_config)
+
+
+# ------------------------------------------------------- scheduler (scheduler.py)
+def test_scheduler_hooks():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert _params(Scheduler._reserve_prefill_lookahead) == [
+        "self", "request", "num_computed_tokens", "num_new_tokens",
+    ], "Scheduler._reserve_prefill_lookahead changed: prefill chunks are no longer capped"
+    schedule = _source(Scheduler.schedule)
+    assert schedule.count("self._reserve_prefill_lookahead(") >= 2, (
+        "Scheduler.schedule no longer caps running and waiting prefill chunks through "
+        "_reserve_prefill_lookahead"
+    )
+    assert "self.kv_cache_manager.allocate_slots(" in schedule
+    assert "self.kv_cache_manager = KVCacheManager(" in _source(Scheduler.__init__)
+    assert "self.kv_cache_manager.free(request)" in _source(Scheduler._free_request_blocks)
+    assert "_free_request_blocks(request)" in _source(Scheduler._preempt_request)
+
+
+def test_kv_cache_manager_hooks():
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    params = _params(KVCacheManager.allocate_slots)
+    assert params[:3] == ["self", "request", "num_new_tokens"]
+    for name in ("full_sequence_must_fit", "reserved_blocks", "has_scheduled_reqs"):
+        assert name in params, f"KVCacheManager.allocate_slots lost '{name}'"
+    body = _source(KVCacheManager.allocate_slots)
+    assert "request.num_computed_tokens" in body, (
+        "allocate_slots no longer sizes requests by request.num_computed_tokens"
+    )
+    assert "self.watermark_blocks" in _source(KVCacheManager.__init__)
+    for name in ("free", "pop_blocks_for_free"):
+        assert _params(getattr(KVCacheManager, name)) == ["self", "request"]
+    assert "self.req_to_blocks" in _source(SingleTypeKVCacheManager.__init__)
+    assert "free_blocks" in dir(__import__("vllm.v1.core.block_pool", fromlist=["x"]).BlockPool)
+
+
+def test_scheduler_output_carries_the_plan():
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, StepPlan
+
+    assert not hasattr(SchedulerOutput, "__slots__")
+    out = SchedulerOutput.make_empty()
+    plan = StepPlan([MergeRound("a", (1, 2), 200, 40, 1)], {"a": 40})
+    setattr(out, PLAN_ATTR, plan)
+    copy = pickle.loads(pickle.dumps(out))  # how it reaches the worker processes
+    assert getattr(copy, PLAN_ATTR) == plan
+    assert {"preempted_req_ids", "finished_req_ids", "num_scheduled_tokens"} <= {
+        f.name for f in dataclasses.fields(SchedulerOutput)
+    }
+
+
+def test_request_fields():
+    from vllm.v1.request import Request, RequestStatus
+
+    assert hasattr(RequestStatus, "PREEMPTED")
+    assert "self.num_computed_tokens = 0" in _source(Request.__init__)
+    assert callable(Request.is_finished)
+
+
+# ---------------------------------------------------------------- worker (worker.py)
+def test_model_runner_hooks():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    assert _params(GPUModelRunner._prepare_inputs)[:3] == [
+        "self", "scheduler_output", "num_scheduled_tokens",
+    ]
+    prepare = _source(GPUModelRunner._prepare_inputs)
+    for snippet in ("self.seq_lens[:num_reqs] =", "compute_slot_mapping(",
+                    "self.positions[:total_num_scheduled_tokens] =",
+                    "self.query_start_loc.gpu[: num_reqs + 1]"):
+        assert snippet in prepare, f"GPUModelRunner._prepare_inputs lost '{snippet}'"
+    metadata = _source(GPUModelRunner._build_attention_metadata)
+    assert "seq_lens=self.seq_lens[:num_reqs_padded]" in metadata, (
+        "attention metadata no longer reads the runner's seq_lens"
+    )
+    execute = _source(GPUModelRunner.execute_model)
+    assert execute.index("self._update_states(scheduler_output)") < execute.index(
+        "self._prepare_inputs(scheduler_output"
+    )
+    assert "new_block_ids_to_zero" in _source(GPUModelRunner._update_states)
+    assert "initialize_kv_cache" in dir(GPUModelRunner)
+
+
+def test_block_table_layout():
+    from vllm.v1.worker.block_table import BlockTable, MultiGroupBlockTable
+
+    init = _source(BlockTable.__init__)
+    assert "self.num_blocks_per_row" in init and "self.block_table =" in init
+    assert _params(MultiGroupBlockTable.compute_slot_mapping) == [
+        "self", "num_reqs", "query_start_loc", "positions",
+    ]
+
+
+def test_cpu_worker_builds_the_v1_runner_in_init_device():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    body = _source(CPUWorker.init_device)
+    assert "self.model_runner = CPUModelRunner(" in body
+
+
+# ---------------------------------------------------------- attention (attention.py)
+def test_attention_backend_interface():
+    from vllm.v1.attention.backend import AttentionBackend, AttentionImpl
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from kvslimmer_vllm.engine.attention import KVMergeAttentionBackend
+
+    assert AttentionBackend.__abstractmethods__ == {
+        "get_name", "get_impl_cls", "get_builder_cls",
+    }
+    assert hasattr(AttentionBackend, "supported_kv_cache_layouts")
+    assert KVCacheLayout.LBNHC.value == (0, 1, 3, 2, 4)
+    assert {"CPU_ATTN", "CUSTOM"} <= set(AttentionBackendEnum.__members__)
+    assert "class_path" in _params(register_backend)
+    assert _params(AttentionImpl.forward)[:8] == [
+        "self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+    ]
+    assert not KVMergeAttentionBackend.__abstractmethods__
+
+
+def test_cpu_platform_always_selects_cpu_attn():
+    from vllm.platforms.cpu import CpuPlatform
+
+    assert "AttentionBackendEnum.CPU_ATTN.get_path()" in _source(
+        CpuPlatform.get_attn_backend_cls
+    ), "the CPU platform no longer resolves attention through the CPU_ATTN registry entry"
+
+
+@pytest.mark.parametrize("is_neox, rotary_dim, scaling", [
+    (True, 64, None),
+    (False, 64, None),
+    (True, 32, None),
+    (True, 64, {"rope_type": "linear", "factor": 4.0}),
+    (True, 64, {"rope_type": "yarn", "factor": 4.0,
+                "original_max_position_embeddings": 256}),
+])
+def test_vllm_rotary_equals_core_rotation_from_its_cache(is_neox, rotary_dim, scaling):
+    """The worker merges keys with RotarySpec(cos_sin_cache=rotary_emb.cos_sin_cache):
+    rotating with it must reproduce vLLM's own RoPE, and un-rotating must invert it."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from kvslimmer_vllm.core import RotarySpec
+
+    params = {"rope_theta": 10000.0, "rope_type": "default", **(scaling or {})}
+    if rotary_dim != 64:
+        params["partial_rotary_factor"] = rotary_dim / 64
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(64, max_position=1024, is_neox_style=is_neox,
+                        rope_parameters=params, dtype=torch.float32)
+    assert (rope.rotary_dim, rope.is_neox_style) == (rotary_dim, is_neox)
+    positions = torch.arange(0, 1000, 37)
+    key = torch.randn(len(positions), 3 * 64)
+    _, rotated = rope.forward_native(positions, torch.randn(len(positions), 9 * 64), key.clone())
+    spec = RotarySpec(rotary_dim=rope.rotary_dim, is_neox=rope.is_neox_style,
+                      cos_sin_cache=rope.cos_sin_cache)
+    mine = spec.rotate(key.view(-1, 3, 64), positions)
+    torch.testing.assert_close(mine, rotated.view(-1, 3, 64), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spec.unrotate(mine, positions), key.view(-1, 3, 64),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [
+    "RotaryEmbedding", "LinearScalingRotaryEmbedding", "Llama3RotaryEmbedding",
+    "YaRNScalingRotaryEmbedding", "NTKScalingRotaryEmbedding",
+    "DynamicNTKScalingRotaryEmbedding",
+])
+def test_static_rotary_classes_exist(name):
+    import vllm.model_executor.layers.rotary_embedding as rope
+
+    from kvslimmer_vllm.engine.worker import STATIC_ROTARY_CLASSES
+
+    assert name in STATIC_ROTARY_CLASSES
+    assert hasattr(rope, name) or any(
+        hasattr(getattr(rope, m), name) for m in dir(rope) if not m.startswith("_")
+    ), f"vLLM has no rotary class {name}"

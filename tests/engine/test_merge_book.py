@@ -1,0 +1,73 @@
+"""Scheduler-side bookkeeping (engine.scheduler.MergeBook), simulated without vLLM's
+scheduler: physical lengths stay bounded and every planned round is feasible."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvslimmer_vllm.core.config import KVMergeConfig, KVMergeConfigError
+from kvslimmer_vllm.engine.scheduler import MergeBook
+
+
+def _request(req_id="r"):
+    return SimpleNamespace(request_id=req_id, num_computed_tokens=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    budget=st.integers(64, 3000),
+    interval=st.integers(1, 600),
+    recent=st.one_of(st.none(), st.integers(0, 400)),
+    prompt=st.integers(1, 12000),
+    decode=st.integers(0, 1500),
+    batch_cap=st.integers(1, 4096),
+)
+def test_request_stays_within_its_slots(budget, interval, recent, prompt, decode, batch_cap):
+    try:
+        cfg = KVMergeConfig(method="kvslimmer", budget=budget, interval=interval,
+                            recent=recent).resolve(16384)
+    except KVMergeConfigError:
+        return
+    book, req = MergeBook(cfg, block_size=16), _request()
+    total = prompt + decode
+    merged_before = 0
+    while req.num_computed_tokens < total:
+        remaining = prompt - req.num_computed_tokens if req.num_computed_tokens < prompt else 1
+        chunk = min(remaining, batch_cap, book.max_chunk(req))
+        assert chunk >= 1
+        if book.round_due(req):
+            plan = book.plan_round(req, list(range(100)))
+            n = plan.num_slots
+            assert 2 * plan.num_merge <= n - cfg.sink - cfg.recent
+            assert plan.num_slots_after == cfg.budget
+            assert book.num_merged("r") == merged_before + plan.num_merge
+            merged_before = book.num_merged("r")
+        req.num_computed_tokens += chunk
+        assert book.physical(req) <= cfg.max_physical_slots
+    plans = book.take_plan({"r": 1}, dropped=set())
+    assert plans.num_merged.get("r", 0) == book.num_merged("r")
+
+
+def test_dropped_requests_lose_their_rounds():
+    cfg = KVMergeConfig(method="kvslimmer", budget=64, interval=16).resolve(4096)
+    book = MergeBook(cfg, block_size=16)
+    a, b = _request("a"), _request("b")
+    a.num_computed_tokens = b.num_computed_tokens = cfg.max_physical_slots
+    book.plan_round(a, [1, 2, 3, 4, 5, 6])
+    book.plan_round(b, [8, 9, 10, 11, 12, 13])
+    plan = book.take_plan({"a": 1}, dropped={"b"})
+    assert [r.req_id for r in plan.rounds] == ["a"]
+    assert plan.num_merged == {"a": cfg.max_physical_slots - cfg.budget}
+    assert book.take_plan({}, set()).rounds == []
+
+
+def test_an_oversized_request_merges_what_fits_instead_of_failing():
+    cfg = KVMergeConfig(method="kvslimmer", budget=64, interval=16).resolve(4096)
+    book, req = MergeBook(cfg, block_size=16), _request()
+    req.num_computed_tokens = 100  # more than a config-respecting schedule allows
+    plan = book.plan_round(req, list(range(7)))
+    mergeable = 100 - cfg.sink - cfg.recent
+    assert plan.num_merge == mergeable // 2 < 100 - cfg.budget

@@ -1,0 +1,79 @@
+"""A merge round on a paged cache (engine.slots) equals core.merge_round on the
+gathered slots, across block boundaries, without touching other requests' slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslimmer_vllm.core import RotarySpec, default_inv_freq, merge_round
+from kvslimmer_vllm.core.config import KVMergeConfig
+from kvslimmer_vllm.engine.plan import MergeRound
+from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, gather, slot_ids
+from kvslimmer_vllm.methods import get_method
+
+BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 3, 8, 2, 40
+
+
+def _filled(num_slots, seed):
+    g = torch.Generator().manual_seed(seed)
+    state = SlotState(LAYERS, num_slots, HEADS, torch.device("cpu"))
+    state.counts.copy_(torch.randint(1, 9, state.counts.shape, generator=g).float())
+    state.positions.copy_(torch.arange(num_slots).repeat(LAYERS, 1) * 3)
+    state.hess.copy_(torch.rand(state.hess.shape, generator=g))
+    state.hess[:, ::3] = float("nan")
+    state.mass.copy_(torch.rand(state.mass.shape, generator=g))
+    kvs = [torch.randn(num_slots, HEADS, 2 * DIM, generator=g) for _ in range(LAYERS)]
+    return state, kvs
+
+
+@pytest.mark.parametrize("num_slots, num_merge", [(100, 20), (64, 1), (47, 6), (160, 50)])
+def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge):
+    cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
+    rotary = RotarySpec(rotary_dim=DIM, is_neox=True, inv_freq=default_inv_freq(DIM, 1e4))
+    state, kvs = _filled(BLOCKS * BLOCK, seed=num_slots)
+    layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
+    # Scattered, non-monotonic blocks, so compaction crosses block boundaries.
+    perm = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(1)).tolist()
+    blocks = tuple(perm[: -(-num_slots // BLOCK)])
+    plan = MergeRound("r", blocks, num_slots, num_merge, round_index=2)
+    src = slot_ids(blocks, num_slots, BLOCK)
+    others = torch.ones(BLOCKS * BLOCK, dtype=torch.bool)
+    others[slot_ids(blocks, len(blocks) * BLOCK, BLOCK)] = False
+    before = [gather(layer, state, src) for layer in layers]
+    untouched = [(kv[others].clone(), state.counts[i][others].clone()) for i, kv in enumerate(kvs)]
+
+    apply_round(plan, layers, state, get_method(cfg), BLOCK)
+
+    dst = src[: num_slots - num_merge]
+    for i, layer in enumerate(layers):
+        b = before[i]
+        want = merge_round(b.keys, b.values, b.counts, b.positions, b.hess, b.mass,
+                           sink=4, recent=8, k=num_merge, round_idx=2,
+                           gamma=cfg.gamma, eps=cfg.eps, rotary=rotary)
+        got = gather(layer, state, dst)
+        torch.testing.assert_close(got.keys, want.keys)
+        torch.testing.assert_close(got.values, want.values)
+        assert torch.equal(got.counts, want.counts)
+        assert torch.equal(got.positions, want.positions)
+        torch.testing.assert_close(got.hess, want.hess, equal_nan=True)
+        assert bool((state.mass[i][src] == 0).all())
+        assert torch.equal(kvs[i][others], untouched[i][0])
+        assert torch.equal(state.counts[i][others], untouched[i][1])
+
+
+def test_writing_a_slot_resets_its_state():
+    state, _ = _filled(64, seed=3)
+    slots = torch.tensor([5, 17, 40])
+    state.on_write(1, slots, torch.tensor([100, 101, 102]))
+    assert state.counts[1][slots].tolist() == [1.0, 1.0, 1.0]
+    assert state.positions[1][slots].tolist() == [100, 101, 102]
+    assert bool(state.hess[1][slots].isnan().all())
+    assert bool((state.mass[1][slots] == 0).all())
+    assert state.counts[0][5] != 0  # other layers keep their state
+
+
+def test_slot_ids_follow_the_block_table():
+    assert slot_ids((3, 0, 7), 35, 16).tolist() == (
+        list(range(48, 64)) + list(range(0, 16)) + list(range(112, 115))
+    )
