@@ -6,7 +6,7 @@ How much one round that frees ``k`` KV slots changes the attention output seen b
 queries, for three ways of freeing the same ``k`` slots of one layer's cache:
 
 * ``kvslimmer``: :func:`kvslimmer_vllm.core.merge_round` (Hessian key weights, RoPE-aware);
-* ``average``: :func:`kvslimmer_vllm.core.average_round`, the same pairs merged with plain
+* ``average``: :func:`kvslimmer_vllm.core.merge_round` with ``key_weights="count"``, the same pairs merged with plain
   count-weighted keys (the same values, counts and positions; only the key weights differ);
 * ``evict``: :func:`kvslimmer_vllm.core.evict_lowest`, dropping the ``k`` slots with the lowest
   observation mass.
@@ -87,7 +87,6 @@ import torch
 
 from kvslimmer_vllm.core import (
     RotarySpec,
-    average_round,
     default_inv_freq,
     evict_lowest,
     merge_round,
@@ -291,7 +290,7 @@ def evaluate_layer(
         k = round(frac * region)
         results = {
             "kvslimmer": merge_round(**state, k=k, **merge_args),
-            "average": average_round(**state, k=k, **merge_args),
+            "average": merge_round(**state, k=k, key_weights="count", **merge_args),
             "evict": evict_lowest(**state, sink=SINK, recent=RECENT, k=k),
         }
         for method in METHODS:

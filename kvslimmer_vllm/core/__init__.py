@@ -6,7 +6,7 @@ engine adapter and any GPU/C++ kernel are tested against.
 """
 
 from .attention import merged_attention
-from .merge import MergeResult, average_round, evict_lowest, merge_round, merge_weights
+from .merge import MergeResult, evict_lowest, merge_round, merge_weights
 from .rope import (
     RotarySpec,
     apply_rotary,
@@ -23,7 +23,6 @@ __all__ = [
     "MergeResult",
     "RotarySpec",
     "apply_rotary",
-    "average_round",
     "build_cos_sin_cache",
     "cross_hessian",
     "default_inv_freq",

@@ -22,7 +22,7 @@ from .rope import RotarySpec
 from .select import pair_scores, select_pairs
 from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
 
-__all__ = ["MergeResult", "average_round", "evict_lowest", "merge_round", "merge_weights"]
+__all__ = ["MergeResult", "evict_lowest", "merge_round", "merge_weights"]
 
 
 @dataclass
@@ -248,45 +248,6 @@ def merge_round(
         pairs=left,
         first_changed=int(left[0]) if k else keys.shape[0],
         key_fallback=key_fallback,
-    )
-
-
-def average_round(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    counts: torch.Tensor,
-    positions: torch.Tensor,
-    hess: torch.Tensor,
-    mass: torch.Tensor,
-    *,
-    sink: int,
-    recent: int,
-    k: int,
-    round_idx: int,
-    gamma: float,
-    eps: float,
-    rotary: RotarySpec | None,
-) -> MergeResult:
-    """Ablation: :func:`merge_round` with count-weighted keys, ``a = c_i / (c_i + c_j)``.
-
-    Same pairs, values, counts, positions and Hessian bookkeeping as KVSlimmer; only the key
-    weights differ. Arguments and result as in :func:`merge_round`.
-    """
-    return merge_round(
-        keys,
-        values,
-        counts,
-        positions,
-        hess,
-        mass,
-        sink=sink,
-        recent=recent,
-        k=k,
-        round_idx=round_idx,
-        gamma=gamma,
-        eps=eps,
-        rotary=rotary,
-        key_weights="count",
     )
 
 

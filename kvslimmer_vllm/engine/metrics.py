@@ -91,23 +91,21 @@ class Totals:
         self.finished_ratios.append(ratio)
 
 
-def _attach(vllm_config) -> SharedSlots | None:
-    path = (vllm_config.additional_config or {}).get(METRICS_KEY)
-    if not path or not os.path.exists(path):
-        return None
-    return SharedSlots(path)
-
-
-class SchedulerMetricsWriter:
-    """Writes the scheduler's slots (EngineCore process)."""
-
+class _Writer:
     def __init__(self, slots: SharedSlots) -> None:
         self.values = slots.values
 
     @classmethod
-    def attach(cls, vllm_config) -> SchedulerMetricsWriter | None:
-        slots = _attach(vllm_config)
-        return cls(slots) if slots else None
+    def attach(cls, vllm_config):
+        """A writer on the slots named in the config, or None if metrics are off."""
+        path = (vllm_config.additional_config or {}).get(METRICS_KEY)
+        if not path or not os.path.exists(path):
+            return None
+        return cls(SharedSlots(path))
+
+
+class SchedulerMetricsWriter(_Writer):
+    """Writes the scheduler's slots (EngineCore process)."""
 
     def publish(self, totals: Totals, physical: int, logical: int, now: float) -> None:
         v, L = self.values, _Layout
@@ -122,16 +120,8 @@ class SchedulerMetricsWriter:
         v[L.UPDATED] = now
 
 
-class WorkerMetricsWriter:
+class WorkerMetricsWriter(_Writer):
     """Writes the worker's slots (rank 0 of the worker processes)."""
-
-    def __init__(self, slots: SharedSlots) -> None:
-        self.values = slots.values
-
-    @classmethod
-    def attach(cls, vllm_config) -> WorkerMetricsWriter | None:
-        slots = _attach(vllm_config)
-        return cls(slots) if slots else None
 
     def record_step(self, merge_seconds: float | None, execute_seconds: float) -> None:
         v, L = self.values, _Layout

@@ -57,10 +57,16 @@ _INT_FLAGS = (
 
 def register() -> None:
     """Entry point: install the hooks (idempotent, cheap, no vLLM behaviour change)."""
+    import vllm
     from vllm.engine.arg_utils import EngineArgs
 
     if getattr(EngineArgs, _PATCHED, False):
         return
+    if not supported_vllm_version(vllm.__version__):
+        logger.warning(
+            "kvslimmer-vllm is written for vLLM %s.x, found %s: --kv-merge will refuse "
+            "to start", SUPPORTED_VLLM_SERIES, vllm.__version__,
+        )
     _wrap_add_cli_args(EngineArgs)
     _wrap_from_cli_args(EngineArgs)
     _wrap_create_engine_config(EngineArgs)

@@ -8,7 +8,6 @@ from torch.autograd.functional import hessian, jacobian
 
 from kvslimmer_vllm.core import (
     RotarySpec,
-    average_round,
     cross_hessian,
     default_inv_freq,
     evict_lowest,
@@ -270,11 +269,12 @@ def test_merging_identical_keys_leaves_attention_unchanged(use_rotary):
 # --- ablations -----------------------------------------------------------------------------
 
 
-def test_average_round_uses_count_weights_on_the_same_pairs():
+def test_count_key_weights_average_the_same_pairs():
     state = _state(9)
     hessian = _round(state, sink=4, recent=4, k=8)
-    average = average_round(
-        **state, sink=4, recent=4, k=8, round_idx=3, gamma=GAMMA, eps=EPS, rotary=None
+    average = merge_round(
+        **state, sink=4, recent=4, k=8, round_idx=3, gamma=GAMMA, eps=EPS, rotary=None,
+        key_weights="count",
     )
     _assert_same(average.pairs, hessian.pairs)
     _assert_same(average.values, hessian.values)
