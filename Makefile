@@ -16,7 +16,7 @@ serve: install
 	scripts/serve.sh
 
 test: model
-	$(VENV)/bin/python -m pytest -ra tests
+	$(VENV)/bin/pytest tests
 
 bench-fidelity: model
 	$(VENV)/bin/python benchmarks/merge_fidelity.py

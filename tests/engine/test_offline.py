@@ -10,7 +10,7 @@ import torch
 from kvslimmer_vllm.core import RotarySpec, default_inv_freq, merge_round
 from kvslimmer_vllm.core.config import DEFAULT_EPS, DEFAULT_GAMMA
 from kvslimmer_vllm.engine.plugin import engine_kwargs
-from tests.conftest import long_text, offline_llm
+from helpers import long_text, offline_llm
 
 GREEDY = dict(temperature=0.0, max_tokens=24, seed=0)
 

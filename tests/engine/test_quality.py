@@ -12,7 +12,7 @@ import pytest
 
 from kvslimmer_vllm.engine.plugin import engine_kwargs
 from kvslimmer_vllm.eval.tasks import passkey_cases
-from tests.conftest import offline_llm
+from helpers import offline_llm
 
 NUM_CASES, NUM_TOKENS = 24, 1500
 #: Several rounds per prompt: a round merges interval + chunk (= 2 x 64) slots.

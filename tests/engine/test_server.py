@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import long_text, running_server, token_prompt
+from helpers import long_text, running_server, token_prompt
 
 NUM_BLOCKS = 48
 CACHE_SLOTS = NUM_BLOCKS * 128

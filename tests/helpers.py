@@ -1,0 +1,155 @@
+"""Test helpers: offline vLLM engines, `vllm serve` servers and deterministic prompts.
+
+Engines are expensive on CPU (about 20-40 s to start), so tests share them per module.
+Every engine runs float32, eager, with a small KV cache on CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+#: Fraction of the CPU node's memory vLLM may reserve per engine (tests run <= 2 at once).
+CPU_MEMORY_FRACTION = "0.3"
+
+
+def engine_args(model_dir: str, **overrides) -> dict:
+    args = dict(
+        model=model_dir,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=4096,
+        block_size=128,
+        gpu_memory_utilization=float(CPU_MEMORY_FRACTION),
+        seed=0,
+    )
+    args.update(overrides)
+    return args
+
+
+@contextmanager
+def offline_llm(model_dir: str, **overrides):
+    """A `vllm.LLM`, shut down (with its processes) when the block ends."""
+    from vllm import LLM
+
+    llm = LLM(**engine_args(model_dir, **overrides))
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`vllm serve` in a subprocess on loopback, as a user starts it."""
+
+    def __init__(self, model_dir: str, *flags: str, log_path: Path, name: str = "smol"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        self.log_path = log_path
+        cmd = [
+            str(VENV_BIN / "vllm"), "serve", model_dir,
+            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+            "--gpu-memory-utilization", CPU_MEMORY_FRACTION, "--seed", "0",
+            *flags,
+        ]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.load(r)
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples by name (labels dropped; values of one name summed)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            samples[name] = samples.get(name, 0.0) + float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@contextmanager
+def running_server(model_dir: str, *flags: str, log_path: Path):
+    server = Server(model_dir, *flags, log_path=log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def long_text(num_words: int, seed: int = 0) -> str:
+    """Deterministic natural-language filler from CPython's own documentation."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    rng = random.Random(seed)
+    words: list[str] = []
+    while len(words) < num_words:
+        words.extend(topics[rng.choice(keys)].split())
+    return " ".join(words[:num_words])
+
+
+def token_prompt(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
+    """Exactly ``num_tokens`` token ids of deterministic documentation text."""
+    ids = tokenizer(long_text(num_tokens, seed=seed))["input_ids"]
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]
