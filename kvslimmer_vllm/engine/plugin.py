@@ -16,6 +16,7 @@ With ``--kv-merge none`` (the default) nothing of vLLM's behaviour changes.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -121,6 +122,7 @@ def add_kv_merge_arguments(parser) -> None:
 def _wrap_add_cli_args(engine_args_cls) -> None:
     original = engine_args_cls.add_cli_args
 
+    @functools.wraps(original)
     def add_cli_args(parser, *args, **kwargs):
         parser = original(parser, *args, **kwargs)
         if not any(a.dest == "kv_merge" for a in parser._actions):
@@ -133,6 +135,7 @@ def _wrap_add_cli_args(engine_args_cls) -> None:
 def _wrap_from_cli_args(engine_args_cls) -> None:
     original = engine_args_cls.from_cli_args.__func__
 
+    @functools.wraps(original)
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
         overrides = {"method": getattr(args, "kv_merge", None)}
@@ -163,6 +166,7 @@ def _cli_error(message: str):
 def _wrap_create_engine_config(engine_args_cls) -> None:
     original = engine_args_cls.create_engine_config
 
+    @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         raw = (self.additional_config or {}).get(CONFIG_KEY)
         if not raw:
