@@ -54,11 +54,11 @@ def test_passkey_survives_mild_merging(model_dir, cases):
     accuracy = {}
     for fraction in (0.85, 0.60, 0.35):
         budget = int(fraction * prompt_len)
-        rounds_before = _rounds()
         with offline_llm(model_dir, num_gpu_blocks_override=64,
                          **engine_kwargs(budget=budget, interval=INTERVAL)) as llm:
             kept, _ = _answers(llm, answered)
-        assert _rounds() - rounds_before >= 2 * len(answered), "several rounds per prompt"
+            # Each engine exposes its own counters (a fresh collector per engine).
+            assert _rounds() >= 2 * len(answered), "several rounds per prompt"
         accuracy[fraction] = sum(kept) / len(answered)
     print(f"\npass-key accuracy over the {len(answered)}/{NUM_CASES} cases full KV answers "
           f"({prompt_len}-token prompts): " + ", ".join(
