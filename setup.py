@@ -14,7 +14,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["kvslimmer_vllm", "kvslimmer_vllm.*"]),
+    packages=find_packages(include=["kvslimmer_vllm", "kvslimmer_vllm.*"])
+    + ["kvslimmer_vllm.triton_kernels"],
+    # The top-level triton_kernels/ folder ships inside the package.
+    package_dir={"kvslimmer_vllm.triton_kernels": "triton_kernels"},
     package_data={"kvslimmer_vllm": ["py.typed"]},
     install_requires=[
         "torch>=2.4",
