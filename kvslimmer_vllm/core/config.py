@@ -188,23 +188,27 @@ class KVMergeConfig(BaseModel):
 
 
 def load_config_source(source: str) -> dict[str, Any]:
-    """Parse ``--kv-merge-config``: inline JSON, or a path to a YAML or JSON file.
+    """Parse ``--kv-merge-config``: inline JSON, or a YAML/JSON file, optionally
+    ``FILE#PROFILE``.
 
-    Keys may be written with dashes or underscores; an optional top-level ``kv_merge``
-    section is unwrapped, so presets can hold other sections too.
+    Keys may be written with dashes or underscores. A file may hold its settings in a
+    ``kv_merge`` section beside other sections (the presets in ``configs/`` describe the
+    model there too), and named ``profiles`` whose settings override ``kv_merge``.
     """
     text = source.strip()
+    profile = None
     if text.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise KVMergeConfigError(f"--kv-merge-config: invalid JSON ({exc})") from None
     else:
-        path = Path(source).expanduser()
+        path_text, _, profile = text.partition("#")
+        path = Path(path_text).expanduser()
         if not path.is_file():
             raise KVMergeConfigError(
-                f"--kv-merge-config: no such file '{source}' (give a YAML/JSON file or "
-                "inline JSON)"
+                f"--kv-merge-config: no such file '{path_text}' (give a YAML/JSON file, "
+                "FILE#PROFILE or inline JSON)"
             )
         import yaml
 
@@ -214,10 +218,21 @@ def load_config_source(source: str) -> dict[str, Any]:
             raise KVMergeConfigError(
                 f"--kv-merge-config: {path} is not valid YAML/JSON ({exc})"
             ) from None
-    if isinstance(data, dict) and isinstance(data.get("kv_merge"), dict):
-        data = data["kv_merge"]
     if not isinstance(data, dict):
         raise KVMergeConfigError("--kv-merge-config must hold a mapping of settings")
+    if "kv_merge" in data or "profiles" in data:
+        profiles = data.get("profiles") or {}
+        settings = dict(data.get("kv_merge") or {})
+        if profile:
+            if profile not in profiles:
+                raise KVMergeConfigError(
+                    f"--kv-merge-config: no profile '{profile}' (available: "
+                    f"{', '.join(map(str, profiles)) or 'none'})"
+                )
+            settings.update(profiles[profile])
+        data = settings
+    elif profile:
+        raise KVMergeConfigError(f"--kv-merge-config: '{source}' has no profiles")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
