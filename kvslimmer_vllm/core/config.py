@@ -182,6 +182,13 @@ class KVMergeConfig(BaseModel):
         self._require_resolved()
         return self.budget + self.interval + self.prefill_chunk
 
+    @property
+    def min_budget(self) -> int:
+        """Smallest budget a request may ask for with this config's interval, sink,
+        recent and prefill chunk (resolved configs only)."""
+        self._require_resolved()
+        return self.sink + self.recent + self.interval + self.prefill_chunk
+
     def _require_resolved(self) -> None:
         if None in (self.budget, self.interval, self.recent, self.prefill_chunk):
             raise RuntimeError("KVMergeConfig.resolve() must be called first")

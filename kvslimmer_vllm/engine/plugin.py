@@ -183,6 +183,7 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
                 _cli_error(str(exc))
             raise
         vllm_config.additional_config[CONFIG_KEY] = resolved.model_dump()
+        _validate_requests_against(resolved)
         from kvslimmer_vllm.engine import metrics
 
         metrics.setup_frontend_metrics(
@@ -297,6 +298,35 @@ def _check_engine_config(vllm_config, config: KVMergeConfig) -> KVMergeConfig:
             f"{option_name('budget')} or enlarge the cache"
         )
     return resolved
+
+
+def _validate_requests_against(config: KVMergeConfig) -> None:
+    """Refuse invalid per-request settings (``vllm_xargs``) in the API server with a
+    client error (HTTP 400), before the request reaches the engine."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from kvslimmer_vllm.engine.requests import RequestSettingsError, request_settings
+
+    global _request_config
+    _request_config = config
+    if getattr(SamplingParams.verify, _PATCHED, False):
+        return
+    original = SamplingParams.verify
+
+    @functools.wraps(original)
+    def verify(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        try:
+            request_settings(self.extra_args, _request_config)
+        except RequestSettingsError as exc:
+            raise VLLMValidationError(str(exc), parameter=exc.field, value=exc.value) from None
+
+    setattr(verify, _PATCHED, True)
+    SamplingParams.verify = verify
+
+
+_request_config: KVMergeConfig | None = None
 
 
 def engine_kwargs(**settings: Any) -> dict[str, Any]:

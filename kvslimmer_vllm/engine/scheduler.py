@@ -33,6 +33,11 @@ from vllm.v1.request import Request, RequestStatus
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine import metrics
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, StepPlan
+from kvslimmer_vllm.engine.requests import (
+    RequestSettings,
+    RequestSettingsError,
+    request_settings,
+)
 from kvslimmer_vllm.engine.settings import merge_config_from_vllm
 
 logger = logging.getLogger("vllm.kvslimmer.scheduler")
@@ -51,8 +56,23 @@ class MergeBook:
         self.config = config
         self.block_size = block_size
         self.states: dict[str, RequestMergeState] = {}
+        self.settings: dict[str, RequestSettings] = {}
         self.pending: list[MergeRound] = []
         self.totals = metrics.Totals()
+
+    def settings_of(self, request: Request) -> RequestSettings:
+        """The request's own settings (``vllm_xargs``), validated by the API server."""
+        settings = self.settings.get(request.request_id)
+        if settings is None:
+            params = getattr(request, "sampling_params", None)
+            try:
+                settings = request_settings(getattr(params, "extra_args", None), self.config)
+            except RequestSettingsError as exc:  # only reachable bypassing the frontend
+                logger.warning("kv-merge: request %s: %s; using the server's settings",
+                               request.request_id, exc)
+                settings = request_settings(None, self.config)
+            self.settings[request.request_id] = settings
+        return settings
 
     def num_merged(self, req_id: str) -> int:
         state = self.states.get(req_id)
@@ -62,20 +82,33 @@ class MergeBook:
         return request.num_computed_tokens - self.num_merged(request.request_id)
 
     def round_due(self, request: Request) -> bool:
+        settings = self.settings_of(request)
+        return settings.enabled and (
+            self.physical(request) > settings.budget + self.config.interval
+        )
+
+    def peak_slots(self, request: Request) -> int:
+        """Most slots the request will hold (its budget + interval + prefill chunk)."""
+        settings = self.settings_of(request)
+        if not settings.enabled:
+            return request.num_tokens
         cfg = self.config
-        return self.physical(request) > cfg.budget + cfg.interval
+        return min(request.num_tokens, settings.budget + cfg.interval + cfg.prefill_chunk)
 
     def max_chunk(self, request: Request) -> int:
         """Largest chunk that keeps the request within budget + interval + chunk slots
         (counting the round that is due before the chunk is appended)."""
+        settings = self.settings_of(request)
+        if not settings.enabled:
+            return 1 << 62
         cfg = self.config
-        slots = cfg.budget if self.round_due(request) else self.physical(request)
-        return cfg.max_physical_slots - slots
+        slots = settings.budget if self.round_due(request) else self.physical(request)
+        return settings.budget + cfg.interval + cfg.prefill_chunk - slots
 
     def plan_round(self, request: Request, block_ids: list[int]) -> MergeRound | None:
         cfg = self.config
         n = self.physical(request)
-        k = n - cfg.budget
+        k = n - self.settings_of(request).budget
         mergeable = n - cfg.sink - cfg.recent
         if 2 * k > mergeable:
             # The chunk cap makes this impossible; never crash the server over it.
@@ -101,6 +134,7 @@ class MergeBook:
         return plan
 
     def forget(self, request: Request) -> None:
+        self.settings.pop(request.request_id, None)
         state = self.states.pop(request.request_id, None)
         if state is None or request.num_computed_tokens <= 0:
             return
@@ -184,7 +218,7 @@ class MergingKVCacheManager(KVCacheManager):
         )
 
     def _peak_fits(self, request: Request, kwargs: dict) -> bool:
-        peak = min(request.num_tokens, self.book.config.max_physical_slots)
+        peak = self.book.peak_slots(request)
         held = len(self.coordinator.single_type_managers[0].req_to_blocks.get(
             request.request_id, ()))
         need = cdiv(peak, self.book.block_size) - held

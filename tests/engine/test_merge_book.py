@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvslimmer_vllm.core.config import KVMergeConfig, KVMergeConfigError
+from kvslimmer_vllm.engine.requests import RequestSettingsError, request_settings
 from kvslimmer_vllm.engine.scheduler import MergeBook
 
 
@@ -71,3 +73,35 @@ def test_an_oversized_request_merges_what_fits_instead_of_failing():
     plan = book.plan_round(req, list(range(7)))
     mergeable = 100 - cfg.sink - cfg.recent
     assert plan.num_merge == mergeable // 2 < 100 - cfg.budget
+
+
+def test_requests_choose_their_own_budget_or_opt_out():
+    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    assert cfg.min_budget == 32 + 32 + 64 + 64
+    book = MergeBook(cfg, block_size=16)
+    low, off, default = _request("low"), _request("off"), _request("default")
+    low.sampling_params = SimpleNamespace(extra_args={"kv_merge_budget": 300})
+    off.sampling_params = SimpleNamespace(extra_args={"kv_merge": "off"})
+    for req in (low, off, default):
+        req.num_computed_tokens, req.num_tokens = 420, 5000
+    assert book.round_due(low) and not book.round_due(default) and not book.round_due(off)
+    assert book.plan_round(low, list(range(27))).num_merge == 420 - 300
+    assert book.max_chunk(off) > 10**9
+    assert book.peak_slots(off) == 5000 and book.peak_slots(default) == cfg.max_physical_slots
+    assert book.peak_slots(low) == 300 + 64 + 64
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"kv_merge_budget": 5000}, "kv_merge_budget"),
+    ({"kv_merge_budget": 10}, "kv_merge_budget"),
+    ({"kv_merge_budget": "512"}, "kv_merge_budget"),
+    ({"kv_merge_budget": True}, "kv_merge_budget"),
+    ({"kv_merge": "maybe"}, "kv_merge"),
+])
+def test_invalid_request_settings_name_the_field_and_range(extra, field):
+    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    with pytest.raises(RequestSettingsError) as err:
+        request_settings(extra, cfg)
+    assert err.value.field == f"vllm_xargs.{field}"
+    if field == "kv_merge_budget":
+        assert "from 192 to 1024" in str(err.value)

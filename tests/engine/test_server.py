@@ -74,6 +74,28 @@ def test_openai_endpoints_answer_a_long_prompt_while_merging(merge_server):
     assert after["vllm:kv_cache_usage_perc"] == 0.0
 
 
+def test_per_request_control_over_the_openai_api(merge_server):
+    client = _client(merge_server)
+    prompt = long_text(1100, seed=22)
+    ask = dict(model="smol", prompt=prompt, max_tokens=4, temperature=0)
+    before = merge_server.metrics()["vllm:kv_merge_tokens_merged_total"]
+    off = client.completions.create(**ask, extra_body={"vllm_xargs": {"kv_merge": "off"}})
+    assert off.usage.prompt_tokens > 1400
+    assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] == before
+    client.completions.create(**ask, extra_body={"vllm_xargs": {"kv_merge_budget": 256}})
+    assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
+
+    for xargs, field, allowed in [
+        ({"kv_merge_budget": 5000}, "kv_merge_budget", "from 256 to 256"),
+        ({"kv_merge_budget": "lots"}, "kv_merge_budget", "integer"),
+        ({"kv_merge": "sometimes"}, "kv_merge", "'on' or 'off'"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**ask, extra_body={"vllm_xargs": xargs})
+        assert err.value.status_code == 400
+        assert f"vllm_xargs.{field}" in err.value.message and allowed in err.value.message
+
+
 async def _drive(server, requests, abort_after=None, poll=0.2):
     """Send the requests concurrently (streaming); watch /metrics while they run.
 

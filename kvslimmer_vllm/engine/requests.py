@@ -1,0 +1,55 @@
+"""Per-request KV-merge control through the OpenAI API's ``vllm_xargs`` (vLLM's
+``SamplingParams.extra_args``):
+
+    extra_body={"vllm_xargs": {"kv_merge": "off"}}          # this request never merges
+    extra_body={"vllm_xargs": {"kv_merge_budget": 512}}     # keep 512 slots, not the server's
+
+A request may lower its budget down to the smallest one the server's interval, sink,
+recent and prefill chunk allow, but not raise it above the server's ``--kv-merge-budget``
+(the server sizes admission by it). Invalid values are refused (HTTP 400), never clamped.
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvslimmer_vllm.core.config import KVMergeConfig
+
+MODE_KEY = "kv_merge"
+BUDGET_KEY = "kv_merge_budget"
+_MODES = {"on": True, "off": False, True: True, False: False}
+
+
+class RequestSettingsError(ValueError):
+    def __init__(self, field: str, message: str, value) -> None:
+        super().__init__(message)
+        self.field, self.value = field, value
+
+
+@dataclass(frozen=True)
+class RequestSettings:
+    enabled: bool
+    budget: int
+
+
+def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestSettings:
+    """The request's merge settings under the server's resolved ``config``."""
+    extra = extra_args or {}
+    mode = extra.get(MODE_KEY, "on")
+    if isinstance(mode, str):
+        mode = mode.lower()
+    if mode not in _MODES:
+        raise RequestSettingsError(
+            f"vllm_xargs.{MODE_KEY}",
+            f"vllm_xargs.{MODE_KEY} must be 'on' or 'off'; got {mode!r}", mode,
+        )
+    budget = extra.get(BUDGET_KEY, config.budget)
+    low, high = config.min_budget, config.budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= high:
+        raise RequestSettingsError(
+            f"vllm_xargs.{BUDGET_KEY}",
+            f"vllm_xargs.{BUDGET_KEY} must be an integer from {low} to {high} (this "
+            f"server's --kv-merge-budget); got {budget!r}", budget,
+        )
+    return RequestSettings(enabled=_MODES[mode], budget=budget)
