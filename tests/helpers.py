@@ -57,22 +57,27 @@ def free_port() -> int:
 
 
 class Server:
-    """`vllm serve` in a subprocess on loopback, as a user starts it."""
+    """A server process on loopback (``vllm serve``, or any command that starts one)."""
 
-    def __init__(self, model_dir: str, *flags: str, log_path: Path, name: str = "smol"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.name = name
+    def __init__(self, cmd: list[str], *, port: int, log_path: Path, env=None):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    @classmethod
+    def vllm(cls, model_dir: str, *flags: str, log_path: Path, name: str = "smol"):
+        """`vllm serve` as a user starts it, float32 and eager on CPU."""
+        port = free_port()
         cmd = [
             str(VENV_BIN / "vllm"), "serve", model_dir,
-            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(self.port),
+            "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
             "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
             "--gpu-memory-utilization", CPU_MEMORY_FRACTION, "--seed", "0",
             *flags,
         ]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        return cls(cmd, port=port, log_path=log_path)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -126,7 +131,7 @@ class Server:
 
 @contextmanager
 def running_server(model_dir: str, *flags: str, log_path: Path):
-    server = Server(model_dir, *flags, log_path=log_path)
+    server = Server.vllm(model_dir, *flags, log_path=log_path)
     try:
         server.wait_ready()
         yield server
