@@ -133,6 +133,20 @@ class MergeBook:
         self.pending.append(plan)
         return plan
 
+    def summary(self, request: Request) -> dict | None:
+        """What merging did to a request (None before it computed anything)."""
+        tokens = request.num_computed_tokens
+        if tokens <= 0:
+            return None
+        state = self.states.get(request.request_id, RequestMergeState())
+        return {
+            "merged_tokens": state.num_merged,
+            "rounds": state.rounds,
+            "kv_slots": tokens - state.num_merged,
+            "tokens": tokens,
+            "kv_ratio": round((tokens - state.num_merged) / tokens, 4),
+        }
+
     def forget(self, request: Request) -> None:
         self.settings.pop(request.request_id, None)
         state = self.states.pop(request.request_id, None)
@@ -275,6 +289,16 @@ class KVMergeScheduler(Scheduler):
         setattr(output, PLAN_ATTR, plan)
         self._publish_metrics()
         return output
+
+    def _connector_finished(self, request: Request):
+        # vLLM returns these parameters with the request's final output, as the
+        # response's "kv_transfer_params" field; kv-merge rejects KV connectors, so the
+        # field is otherwise empty. Clients that do not know it ignore it.
+        delay_free, params = super()._connector_finished(request)
+        summary = self.merge_book.summary(request)
+        if summary is not None:
+            params = {**(params or {}), "kv_merge": summary}
+        return delay_free, params
 
     def _publish_metrics(self) -> None:
         if self.merge_metrics is None:

@@ -44,6 +44,13 @@ def test_openai_endpoints_answer_a_long_prompt_while_merging(merge_server):
     assert completion.usage.prompt_tokens >= 1500
     assert completion.usage.completion_tokens == 16
     assert completion.choices[0].text.strip()
+    # What merging did to this request rides along in "kv_transfer_params".
+    summary = completion.model_extra["kv_transfer_params"]["kv_merge"]
+    total = completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert summary["tokens"] in (total - 1, total)  # the last sampled token has no KV
+    assert summary["kv_slots"] <= 256 + 128 + 48
+    assert summary["merged_tokens"] == summary["tokens"] - summary["kv_slots"]
+    assert summary["rounds"] >= 2 and 0 < summary["kv_ratio"] < 0.3
 
     chat = client.chat.completions.create(
         model="smol", messages=[{"role": "user", "content": prompt}],
