@@ -24,7 +24,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kvslimmer_vllm.core.attention import merged_attention
-from kvslimmer_vllm.engine.slots import SLOT_BINDING, TRACE_ATTR, slot_ids
+from kvslimmer_vllm.engine.slots import PROFILE_ATTR, SLOT_BINDING, TRACE_ATTR, slot_ids
 
 
 def slot_major(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -148,6 +148,14 @@ class KVMergeAttentionImpl(AttentionImpl):
             raise NotImplementedError("kv-merge attention has no fused output quantization")
         if attn_metadata is None:  # profiling run
             return output
+        profile = getattr(layer, PROFILE_ATTR, None)
+        started = profile.now() if profile is not None else 0.0
+        self._forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        if profile is not None:
+            profile.add("attention", profile.now() - started)
+        return output
+
+    def _forward(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
         num_tokens = attn_metadata.num_actual_tokens
         flat = slot_major(kv_cache)
         head_dim = self.head_size
@@ -190,7 +198,6 @@ class KVMergeAttentionImpl(AttentionImpl):
                 })
             if state is not None:
                 state.mass[layer_index].index_add_(0, req.slots, mass)
-        return output
 
 
 class KVMergeAttentionBackend(AttentionBackend):

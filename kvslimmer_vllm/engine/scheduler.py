@@ -33,6 +33,7 @@ from vllm.v1.request import Request, RequestStatus
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine import metrics
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, StepPlan
+from kvslimmer_vllm.engine.profiling import make_profile
 from kvslimmer_vllm.engine.requests import (
     RequestSettings,
     RequestSettingsError,
@@ -266,6 +267,7 @@ class KVMergeScheduler(Scheduler):
         self.merge_book = MergeBook(self.kv_merge_config, self.block_size)
         install_merging_manager(self.kv_cache_manager, self.merge_book)
         self.merge_metrics = metrics.SchedulerMetricsWriter.attach(vllm_config)
+        self.merge_profile = make_profile("scheduler")
         cfg = self.kv_merge_config
         logger.info(
             "kv-merge: %s with budget %d, sink %d, recent %d, interval %d, prefill "
@@ -283,12 +285,24 @@ class KVMergeScheduler(Scheduler):
         return min(num_new_tokens, self.merge_book.max_chunk(request))
 
     def schedule(self, *args, **kwargs):
+        started = time.perf_counter()
         output = super().schedule(*args, **kwargs)
         dropped = set(output.preempted_req_ids or ()) | set(output.finished_req_ids)
         plan = self.merge_book.take_plan(output.num_scheduled_tokens, dropped)
         setattr(output, PLAN_ATTR, plan)
         self._publish_metrics()
+        if self.merge_profile is not None:
+            self.merge_profile.add("schedule", time.perf_counter() - started)
+            self.merge_profile.step_done()
         return output
+
+    def update_from_output(self, *args, **kwargs):
+        if self.merge_profile is None:
+            return super().update_from_output(*args, **kwargs)
+        started = time.perf_counter()
+        outputs = super().update_from_output(*args, **kwargs)
+        self.merge_profile.add("update_from_output", time.perf_counter() - started)
+        return outputs
 
     def _connector_finished(self, request: Request):
         # vLLM returns these parameters with the request's final output, as the

@@ -28,6 +28,8 @@ from kvslimmer_vllm.methods.base import MergeMethod, SlotData
 SLOT_BINDING = "kv_merge_slots"
 #: Attribute set on one attention layer while tracing: a list its calls are appended to.
 TRACE_ATTR = "kv_merge_trace"
+#: Attribute set on each attention layer: the worker's StepProfile, or None.
+PROFILE_ATTR = "kv_merge_profile"
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:

@@ -23,10 +23,12 @@ from vllm.utils.math_utils import cdiv
 
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine import metrics
+from kvslimmer_vllm.engine.profiling import make_profile
 from kvslimmer_vllm.engine.attention import slot_major
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound
 from kvslimmer_vllm.engine.settings import merge_config_from_vllm
 from kvslimmer_vllm.engine.slots import (
+    PROFILE_ATTR,
     SLOT_BINDING,
     TRACE_ATTR,
     LayerCache,
@@ -90,6 +92,7 @@ class KVMergeRunnerMixin:
         self._kv_merge_metrics = (
             metrics.WorkerMetricsWriter.attach(self.vllm_config) if rank == 0 else None
         )
+        self._kv_merge_profile = make_profile(f"worker {rank}", self.device)
 
     # --------------------------------------------------------------- KV cache setup
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
@@ -113,6 +116,7 @@ class KVMergeRunnerMixin:
         for index, name in enumerate(names):
             attn = context[name]
             setattr(attn, SLOT_BINDING, (state, index))
+            setattr(attn, PROFILE_ATTR, self._kv_merge_profile)
             rotary = layer_rotary(model, name) if rope_aware else None
             layers.append(LayerCache(index, slot_major(attn.kv_cache), rotary))
         if rope_aware and all(layer.rotary is None for layer in layers):
@@ -155,10 +159,13 @@ class KVMergeRunnerMixin:
             merge_seconds = time.perf_counter() - started
         self._kv_merge_num_merged = plan.num_merged if plan is not None else {}
         output = super().execute_model(scheduler_output, *args, **kwargs)
+        elapsed = time.perf_counter() - started
         if self._kv_merge_metrics is not None:
-            self._kv_merge_metrics.record_step(
-                merge_seconds, time.perf_counter() - started
-            )
+            self._kv_merge_metrics.record_step(merge_seconds, elapsed)
+        if (profile := self._kv_merge_profile) is not None:
+            profile.add("merge", merge_seconds or 0.0)
+            profile.add("execute_model", profile.now() - started)
+            profile.step_done(total_part="execute_model")
         return output
 
     # ------------------------------------------------------- diagnostics (tests)
