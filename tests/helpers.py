@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,6 +15,12 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from kvslimmer_vllm.eval.text import documentation_text as long_text
+from kvslimmer_vllm.eval.text import documentation_tokens as token_prompt
+
+__all__ = ["Server", "engine_args", "free_port", "long_text", "offline_llm",
+           "running_server", "token_prompt"]
 
 VENV_BIN = Path(sys.executable).parent
 #: Fraction of the CPU node's memory vLLM may reserve per engine (tests run <= 2 at once).
@@ -138,23 +143,3 @@ def running_server(model_dir: str, *flags: str, log_path: Path):
     finally:
         server.stop()
 
-
-def long_text(num_words: int, seed: int = 0) -> str:
-    """Deterministic natural-language filler from CPython's own documentation."""
-    import random
-
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    rng = random.Random(seed)
-    words: list[str] = []
-    while len(words) < num_words:
-        words.extend(topics[rng.choice(keys)].split())
-    return " ".join(words[:num_words])
-
-
-def token_prompt(tokenizer, num_tokens: int, seed: int = 0) -> list[int]:
-    """Exactly ``num_tokens`` token ids of deterministic documentation text."""
-    ids = tokenizer(long_text(num_tokens, seed=seed))["input_ids"]
-    assert len(ids) >= num_tokens
-    return ids[:num_tokens]

@@ -35,7 +35,7 @@ def _explicit_probs(query, keys, counts, scale, visible):
 @pytest.mark.parametrize("use_visible", [False, True])
 def test_unit_counts_equal_sdpa_with_gqa(use_visible):
     query, keys, values = _random_case(0)
-    tokens, slots, group = query.shape[0], keys.shape[0], query.shape[1] // keys.shape[1]
+    slots, group = keys.shape[0], query.shape[1] // keys.shape[1]
     scale = 1 / math.sqrt(query.shape[-1])
     visible = torch.tensor([7, 8, 9, 10, 11]) if use_visible else None
 
