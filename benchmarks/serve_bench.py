@@ -1,0 +1,414 @@
+"""Serving benchmark: unmodified vLLM vs ``--kv-merge kvslimmer``, side by side.
+
+Starts two ``vllm serve`` processes on loopback, one after the other, with the same model
+and the same KV cache size (``--num-gpu-blocks-override``), and drives each with the same
+OpenAI-API workload: streaming clients sending long prompts of documentation text at a
+sweep of concurrency levels. While a level runs, ``/metrics`` is polled for running
+requests, KV cache usage and, for the merging server, its physical/logical KV tokens and
+merge time.
+
+Reported per server and concurrency: peak running requests, request throughput, output
+tokens/s, TTFT and time per output token (p50/p99), peak KV usage and the share of
+``execute_model`` time spent merging; then the kv-merge/unmodified ratios. A decode check
+compares the time per output token of one request at logical length L under a budget B
+with unmodified vLLM at length B. Outputs (in ``--out``): ``serve_bench.csv``,
+``serve_bench.md`` (tables + the command line + machine), ``throughput.png`` and
+``kv_usage.png``. Requests and time are bounded; progress goes to stderr.
+
+    python benchmarks/serve_bench.py                  # default preset
+    python benchmarks/serve_bench.py --preset small   # the CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESETS = {
+    # Prompts of 2,000-4,000 tokens, 64-256 output tokens, a KV cache for ~3 requests.
+    "default": dict(prompt_tokens=(2000, 4000), output_tokens=(64, 256),
+                    concurrency=(2, 4, 8), requests_per_level=8, budget_ratio=0.25,
+                    cache_requests=3),
+    "small": dict(prompt_tokens=(600, 900), output_tokens=(8, 16),
+                  concurrency=(2, 4), requests_per_level=4, budget_ratio=0.4,
+                  cache_requests=3),
+}
+BLOCK = 128
+
+
+def log(msg: str) -> None:
+    print(f"[serve_bench] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+# --------------------------------------------------------------------------- servers
+class Server:
+    def __init__(self, name: str, model: str, flags: list[str], log_path: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.name, self.url = name, f"http://127.0.0.1:{self.port}"
+        vllm = str(Path(sys.executable).parent / "vllm")
+        cmd = [vllm, "serve", model, "--served-model-name", "bench", "--host", "127.0.0.1",
+               "--port", str(self.port), *flags]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.cmd = cmd
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} server exited; see {self.log.name}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"{self.name} server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+# -------------------------------------------------------------------------- workload
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = float("nan")
+    tpot: float = float("nan")
+    output_tokens: int = 0
+    latency: float = float("nan")
+
+
+@dataclass
+class LevelResult:
+    server: str
+    concurrency: int
+    results: list[RequestResult]
+    wall: float
+    samples: list[dict] = field(default_factory=list)  # /metrics over time
+    merge_seconds: float = 0.0
+    execute_seconds: float = 0.0
+
+
+async def run_level(server: Server, prompts: list[tuple[list[int], int]], concurrency: int,
+                    timeout: float) -> LevelResult:
+    import httpx
+
+    limit = asyncio.Semaphore(concurrency)
+    samples: list[dict] = []
+    done = asyncio.Event()
+    started = time.monotonic()
+
+    async def one(client: httpx.AsyncClient, prompt: list[int], max_tokens: int):
+        async with limit:
+            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            t0 = time.monotonic()
+            stamps: list[float] = []
+            try:
+                async with client.stream("POST", server.url + "/v1/completions",
+                                         json=body, timeout=timeout) as response:
+                    if response.status_code != 200:
+                        return RequestResult(ok=False)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("choices") and chunk["choices"][0].get("text"):
+                            stamps.append(time.monotonic())
+            except (httpx.HTTPError, asyncio.TimeoutError):
+                return RequestResult(ok=False)
+            if not stamps:
+                return RequestResult(ok=False)
+            tpot = ((stamps[-1] - stamps[0]) / (len(stamps) - 1)) if len(stamps) > 1 else 0.0
+            return RequestResult(ok=True, ttft=stamps[0] - t0, tpot=tpot,
+                                 output_tokens=len(stamps), latency=stamps[-1] - t0)
+
+    async def watch(client: httpx.AsyncClient):
+        while not done.is_set():
+            try:
+                m = parse_metrics((await client.get(server.url + "/metrics")).text)
+                m["t"] = time.monotonic() - started
+                samples.append(m)
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+
+    async with httpx.AsyncClient() as client:
+        before = parse_metrics((await client.get(server.url + "/metrics")).text)
+        watcher = asyncio.create_task(watch(client))
+        results = await asyncio.gather(*(one(client, p, n) for p, n in prompts))
+        wall = time.monotonic() - started
+        done.set()
+        await watcher
+        after = parse_metrics((await client.get(server.url + "/metrics")).text)
+    key_m, key_e = "vllm:kv_merge_step_seconds_sum", "vllm:kv_merge_model_execute_seconds_total"
+    return LevelResult(
+        server=server.name, concurrency=concurrency, results=list(results), wall=wall,
+        samples=samples,
+        merge_seconds=after.get(key_m, 0.0) - before.get(key_m, 0.0),
+        execute_seconds=after.get(key_e, 0.0) - before.get(key_e, 0.0),
+    )
+
+
+def summarize(level: LevelResult) -> dict:
+    ok = [r for r in level.results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    peak = max((s.get("vllm:num_requests_running", 0) for s in level.samples), default=0)
+    usage = max((s.get("vllm:kv_cache_usage_perc", 0) for s in level.samples), default=0)
+    return {
+        "server": level.server, "concurrency": level.concurrency,
+        "requests": len(level.results), "completed": len(ok),
+        "peak_running": peak, "req_per_s": len(ok) / level.wall,
+        "out_tok_per_s": out_tokens / level.wall,
+        "ttft_p50": percentile([r.ttft for r in ok], 50),
+        "ttft_p99": percentile([r.ttft for r in ok], 99),
+        "tpot_p50": percentile([r.tpot for r in ok], 50),
+        "tpot_p99": percentile([r.tpot for r in ok], 99),
+        "peak_kv_usage": usage,
+        "merge_share": (level.merge_seconds / level.execute_seconds
+                        if level.execute_seconds else float("nan")),
+        "wall_s": level.wall,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def build_prompts(tokenizer, args, level_index: int) -> list[tuple[list[int], int]]:
+    from kvslimmer_vllm.eval.text import documentation_tokens
+
+    rng = random.Random(args.seed * 1000 + level_index)
+    lo, hi = args.prompt_tokens
+    olo, ohi = args.output_tokens
+    return [
+        (documentation_tokens(tokenizer, rng.randint(lo, hi), seed=rng.randrange(10**6)),
+         rng.randint(olo, ohi))
+        for _ in range(args.requests_per_level)
+    ]
+
+
+async def decode_check(base: Server, merge: Server, tokenizer, length: int, budget: int,
+                       output: int) -> dict:
+    """One request at logical length `length` on the merging server vs one of length
+    `budget` on the unmodified server: time per output token."""
+    from kvslimmer_vllm.eval.text import documentation_tokens
+
+    long = [(documentation_tokens(tokenizer, length, seed=777), output)]
+    short = [(documentation_tokens(tokenizer, budget, seed=778), output)]
+    merged = (await run_level(merge, long, 1, 900)).results[0]
+    plain = (await run_level(base, short, 1, 900)).results[0]
+    return {"logical_length": length, "budget": budget, "output_tokens": output,
+            "tpot_merge_at_L": merged.tpot, "tpot_base_at_B": plain.tpot,
+            "ratio": merged.tpot / plain.tpot if plain.ok and merged.ok else float("nan")}
+
+
+def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check: dict,
+                  args, servers: dict[str, list[str]]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "serve_bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    cols = ["concurrency", "completed", "peak_running", "req_per_s", "out_tok_per_s",
+            "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "peak_kv_usage", "merge_share"]
+    lines = ["# Serving benchmark: unmodified vLLM vs --kv-merge kvslimmer", ""]
+    for server in ("unmodified", "kv-merge"):
+        lines += [f"## {server}", "", "| " + " | ".join(cols) + " |",
+                  "|" + "---|" * len(cols)]
+        for r in rows:
+            if r["server"] == server:
+                lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        lines.append("")
+    ratio_cols = ["peak_running", "req_per_s", "out_tok_per_s", "ttft_p50", "tpot_p50"]
+    lines += ["## kv-merge / unmodified", "", "| concurrency | " + " | ".join(ratio_cols)
+              + " |", "|---|" + "---|" * len(ratio_cols)]
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    for c in args.concurrency:
+        b, m = by[("unmodified", c)], by[("kv-merge", c)]
+        lines.append(f"| {c} | " + " | ".join(
+            _fmt(m[k] / b[k] if b[k] else float("nan")) for k in ratio_cols) + " |")
+    lines += ["", "## Decode at logical length L with budget B vs unmodified at length B",
+              "", "| L | B | output tokens | TPOT kv-merge (s) | TPOT unmodified (s) | ratio |",
+              "|---|---|---|---|---|---|",
+              f"| {check['logical_length']} | {check['budget']} | {check['output_tokens']} "
+              f"| {_fmt(check['tpot_merge_at_L'])} | {_fmt(check['tpot_base_at_B'])} "
+              f"| {_fmt(check['ratio'])} |", "",
+              "## Setup", "",
+              f"- command: `{' '.join(sys.argv)}`",
+              f"- prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens of CPython "
+              f"documentation text, {args.output_tokens[0]}-{args.output_tokens[1]} output "
+              f"tokens (ignore_eos), {args.requests_per_level} streaming requests per level",
+              f"- KV cache: {args.blocks} blocks of {BLOCK} slots for both servers",
+              f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"Python {platform.python_version()}"]
+    for name, cmd in servers.items():
+        lines.append(f"- {name}: `vllm serve {' '.join(cmd)}`")
+    text = "\n".join(lines) + "\n"
+    (out / "serve_bench.md").write_text(text)
+    _plots(out, rows, levels, args)
+    return text
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.3g}"
+    return str(x)
+
+
+def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for server in ("unmodified", "kv-merge"):
+        pts = [(r["concurrency"], r["out_tok_per_s"]) for r in rows if r["server"] == server]
+        ax.plot(*zip(*pts), marker="o", label=server)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Throughput vs concurrency")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+
+    top = max(args.concurrency)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for level in levels:
+        if level.concurrency == top:
+            ts = [s["t"] for s in level.samples]
+            ax.plot(ts, [100 * s.get("vllm:kv_cache_usage_perc", 0) for s in level.samples],
+                    label=f"{level.server}: KV blocks used %")
+            if level.server == "kv-merge":
+                ax.plot(ts, [s.get("vllm:num_requests_running", 0) * 10
+                             for s in level.samples], linestyle=":",
+                        label="kv-merge: running requests x10")
+        if level.concurrency == top and level.server == "unmodified":
+            ax.plot([s["t"] for s in level.samples],
+                    [s.get("vllm:num_requests_running", 0) * 10 for s in level.samples],
+                    linestyle=":", label="unmodified: running requests x10")
+    ax.set_xlabel("seconds")
+    ax.set_title(f"KV usage over time ({top} clients)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "kv_usage.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--model", default=None, help="checkpoint (default: SmolLM2)")
+    parser.add_argument("--out", type=Path, default=Path("results/serve_bench"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1800, help="per request, seconds")
+    parser.add_argument("--vllm-flag", action="append", default=[],
+                        help="extra flag for both servers (repeatable)")
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        setattr(args, key, value)
+
+    from transformers import AutoTokenizer
+
+    from kvslimmer_vllm.models import fetch_model
+
+    model = args.model or str(fetch_model())
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    longest = args.prompt_tokens[1] + args.output_tokens[1]
+    args.blocks = math.ceil(args.cache_requests * longest / BLOCK)
+    budget = int(args.budget_ratio * statistics.mean(args.prompt_tokens))
+    max_len = max(1024, 1 << math.ceil(math.log2(longest + 1)))
+    # vLLM insists that one request of max_model_len fits the cache.
+    args.blocks = max(args.blocks, max_len // BLOCK + 1)
+    common = ["--max-model-len", str(max_len), "--num-gpu-blocks-override", str(args.blocks),
+              "--seed", "0", *args.vllm_flag]
+    import torch
+
+    if not torch.cuda.is_available():
+        common += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
+    servers = {"unmodified": common,
+               "kv-merge": common + ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget)]}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    levels: list[LevelResult] = []
+    running: dict[str, Server] = {}
+    check: dict = {}
+    try:
+        for name, flags in servers.items():
+            log(f"starting {name} server")
+            server = Server(name, model, flags, args.out / f"{name}.log")
+            running[name] = server
+            server.wait_ready()
+            for i, c in enumerate(args.concurrency):
+                prompts = build_prompts(tokenizer, args, i)
+                log(f"{name}: {len(prompts)} requests at concurrency {c}")
+                level = asyncio.run(run_level(server, prompts, c, args.timeout))
+                levels.append(level)
+                s = summarize(level)
+                log(f"{name} c={c}: {s['completed']}/{s['requests']} done, "
+                    f"peak running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
+        # Both servers stay up for the decode check.
+        check = asyncio.run(decode_check(running["unmodified"], running["kv-merge"],
+                                         tokenizer, args.prompt_tokens[1], budget,
+                                         args.output_tokens[1]))
+    finally:
+        for server in running.values():
+            server.stop()
+    rows = [summarize(level) for level in levels]
+    text = write_outputs(args.out, rows, levels, check, args,
+                         {k: [model, *v] for k, v in servers.items()})
+    print(text)
+    incomplete = sum(r["requests"] - r["completed"] for r in rows)
+    if incomplete:
+        log(f"{incomplete} requests did not complete")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
