@@ -1,10 +1,68 @@
 """kvslimmer-vllm: paged KV-cache merging (KVSlimmer) for vLLM 0.32."""
 
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+
+
+def _warn(message: str) -> None:
+    print(f"warning: kvslimmer-vllm: {message}", file=sys.stderr)
+
+
+def _cpu_simd_flags() -> list[str]:
+    """AVX2 + FMA + F16C code when the build machine has them (the .so then needs them too)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
+                          if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+
+
+def _extension() -> tuple[list, dict]:
+    """kvslimmer_vllm._C (torch.ops.kvslimmer.*), or nothing when torch is not importable.
+
+    Built with pip's --no-build-isolation so the venv's torch is the one it links against.
+    The CUDA compaction kernel joins only with a CUDA toolkit *and* a CUDA build of torch.
+    A failed compile is a warning, not a failed install: the Python paths still work.
+    """
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no extension"
+        _warn(f"torch is not importable ({exc}); installing without the C++ extension")
+        return [], {}
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001
+                _warn(f"building the C++ extension failed ({exc}); installing without it")
+
+    # torch's BuildExtension adds the C++ standard its headers need (C++20 for torch 2.13).
+    cxx = ["-O3", "-fopenmp", *_cpu_simd_flags()]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp"]
+    if torch.version.cuda and cpp_extension.CUDA_HOME:
+        ext = cpp_extension.CUDAExtension(
+            "kvslimmer_vllm._C",
+            sources + ["csrc/cuda/compact.cu", "csrc/cuda/compact_op.cpp"],
+            define_macros=[("KVSLIMMER_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": OptionalBuildExt}
+
+
+EXT_MODULES, CMDCLASS = _extension()
 
 setup(
     name="kvslimmer-vllm",
@@ -19,6 +77,8 @@ setup(
     # The top-level triton_kernels/ folder ships inside the package.
     package_dir={"kvslimmer_vllm.triton_kernels": "triton_kernels"},
     package_data={"kvslimmer_vllm": ["py.typed"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     install_requires=[
         "torch>=2.4",
         "pydantic>=2.6",

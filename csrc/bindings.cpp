@@ -1,0 +1,42 @@
+// The extension module kvslimmer_vllm._C: importing it registers the torch.ops.kvslimmer ops.
+// It holds no Python functions of its own, so it needs neither pybind11 nor torch/extension.h.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(kvslimmer, m) {
+  m.def(
+      "paged_attention(Tensor query, Tensor kv, Tensor? counts, Tensor block_table, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int block_size, "
+      "Tensor(a!)? mass) -> Tensor");
+  m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
+#ifdef KVSLIMMER_WITH_CUDA
+  m.def("compact_slots(Tensor(a!) kv, Tensor src, Tensor dst) -> ()");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
+  m.impl("paged_attention", &kvslimmer::paged_attention_cpu);
+}
+
+TORCH_LIBRARY_IMPL(kvslimmer, Meta, m) {
+  m.impl("paged_attention", &kvslimmer::paged_attention_meta);
+}
+
+#ifdef KVSLIMMER_WITH_CUDA
+TORCH_LIBRARY_IMPL(kvslimmer, CUDA, m) {
+  m.impl("compact_slots", &kvslimmer::compact_slots_cuda);
+}
+#endif
+
+static PyModuleDef kvslimmer_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",                                                                       // m_name
+    "kvslimmer C++ ops; importing this module registers torch.ops.kvslimmer.*",  // m_doc
+    -1,                                                                         // m_size
+    nullptr, nullptr, nullptr, nullptr, nullptr,  // methods, slots, traverse, clear, free
+};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kvslimmer_module); }

@@ -1,0 +1,33 @@
+// Declarations of the kvslimmer operators (registered in bindings.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace kvslimmer {
+
+// torch.ops.kvslimmer.paged_attention on CPU (csrc/cpu/paged_attention.cpp).
+at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& kv,
+                               const std::optional<at::Tensor>& counts,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens,
+                               const at::Tensor& query_start_loc, double scale,
+                               int64_t block_size, const std::optional<at::Tensor>& mass);
+
+// Shape-only version for the Meta device (fake tensors, torch.compile tracing).
+at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
+                                const std::optional<at::Tensor>& counts,
+                                const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                const at::Tensor& query_start_loc, double scale,
+                                int64_t block_size, const std::optional<at::Tensor>& mass);
+
+// torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
+at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
+
+#ifdef KVSLIMMER_WITH_CUDA
+// torch.ops.kvslimmer.compact_slots on CUDA (csrc/cuda/compact_op.cpp).
+void compact_slots_cuda(const at::Tensor& kv, const at::Tensor& src, const at::Tensor& dst);
+#endif
+
+}  // namespace kvslimmer

@@ -1,0 +1,384 @@
+"""The C++ CPU ops (kvslimmer_vllm._C) against the engine-free reference in kvslimmer_vllm.core.
+
+paged_attention: every request's output and observation mass must equal
+``core.merged_attention(..., visible=causal, return_mass=True)`` over the request's slots, with the
+mass scattered to the slots it belongs to. select_pairs: exactly the Python reference's result.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from kvslimmer_vllm.core import merged_attention
+from kvslimmer_vllm.core import select_pairs as select_pairs_ref
+
+_C = pytest.importorskip(
+    "kvslimmer_vllm._C",
+    reason="C++ extension not built (pip install --no-build-isolation -e .)",
+)
+OPS = torch.ops.kvslimmer
+
+# Output tolerances per dtype: inputs are rounded identically, the kernel computes in float32
+# like the reference, and the half types differ only by output rounding and summation order.
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+
+
+def make_batch(lens, num_queries, *, hq, hkv, d, block_size, dtype=torch.float32, counts="random",
+               seed=0, spare_blocks=3, index_dtype=torch.int32):
+    """Random paged batch: scattered, non-monotonic block ids shared by no two requests."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [max(1, -(-length // block_size)) for length in lens]
+    total_blocks = sum(blocks_per_req) + spare_blocks
+    perm = torch.randperm(total_blocks, generator=gen)
+    max_blocks = max(blocks_per_req) + 2
+    # Unused table entries hold garbage (-1) that the kernel must never read.
+    block_table = torch.full((len(lens), max_blocks), -1, dtype=index_dtype)
+    start = 0
+    for r, nb in enumerate(blocks_per_req):
+        block_table[r, :nb] = perm[start:start + nb].to(index_dtype)
+        start += nb
+    num_slots = total_blocks * block_size
+    kv = torch.randn(num_slots, hkv, 2 * d, generator=gen).to(dtype)
+    if counts == "random":
+        slot_counts = torch.randint(1, 5, (num_slots,), generator=gen).float()
+    elif counts == "thousands":
+        slot_counts = torch.randint(1000, 9000, (num_slots,), generator=gen).float()
+    else:
+        slot_counts = None
+    total_tokens = sum(num_queries)
+    query = (torch.randn(total_tokens, hq, d, generator=gen) * 2).to(dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(num_queries).cumsum(0).tolist()),
+                       dtype=index_dtype)
+    seq_lens = torch.tensor(lens, dtype=index_dtype)
+    return query, kv, slot_counts, block_table, seq_lens, qsl
+
+
+def reference(query, kv, counts, block_table, seq_lens, qsl, scale, block_size):
+    """Per-request merged_attention (as engine/attention.py calls it), mass scattered to slots."""
+    d = query.shape[2]
+    hkv = kv.shape[1]
+    out = torch.zeros(query.shape, dtype=torch.float32)
+    mass = torch.zeros(kv.shape[0], hkv)
+    for r in range(seq_lens.numel()):
+        q0, q1, length = int(qsl[r]), int(qsl[r + 1]), int(seq_lens[r])
+        if q1 <= q0 or length <= 0:
+            continue
+        nb = -(-length // block_size)
+        blocks = block_table[r, :nb].long()
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+        kv_r = kv[slots]
+        visible = torch.arange(length - (q1 - q0) + 1, length + 1)
+        o, m = merged_attention(
+            query[q0:q1], kv_r[..., :d], kv_r[..., d:],
+            None if counts is None else counts[slots],
+            scale=scale, visible=visible, return_mass=True,
+        )
+        out[q0:q1] = o.float()
+        mass.index_add_(0, slots, m.float())
+    return out, mass
+
+
+def run_and_check(lens, num_queries, *, hq, hkv, d, block_size, dtype=torch.float32,
+                  counts="random", seed=0, index_dtype=torch.int32, mass_tol=1e-5):
+    query, kv, slot_counts, table, seq_lens, qsl = make_batch(
+        lens, num_queries, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype,
+        counts=counts, seed=seed, index_dtype=index_dtype)
+    scale = d ** -0.5
+    initial = torch.rand(kv.shape[0], hkv)
+    mass = initial.clone()
+    out = OPS.paged_attention(query, kv, slot_counts, table, seq_lens, qsl, scale, block_size,
+                              mass)
+    ref_out, ref_mass = reference(query, kv, slot_counts, table, seq_lens, qsl, scale, block_size)
+    assert out.dtype == dtype and out.shape == query.shape
+    torch.testing.assert_close(out.float(), ref_out, **TOL[dtype])
+    torch.testing.assert_close(mass - initial, ref_mass, atol=mass_tol, rtol=1e-4)
+    # Without a mass tensor the output is the same.
+    again = OPS.paged_attention(query, kv, slot_counts, table, seq_lens, qsl, scale, block_size,
+                                None)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+    return out, mass - initial
+
+
+# --------------------------------------------------------------------------------------------
+# paged_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_mixed_batch(group, d, dtype):
+    """Decode rows and prefill chunks of different lengths in one batch, scattered blocks."""
+    hkv = 2
+    run_and_check(
+        lens=[16, 17, 15, 1, 70, 33],
+        num_queries=[1, 1, 4, 1, 23, 33],
+        hq=group * hkv, hkv=hkv, d=d, block_size=16, dtype=dtype, seed=group * 1000 + d,
+    )
+
+
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_block_boundaries(block_size):
+    bs = block_size
+    lens = [bs - 1, bs, bs + 1, 2 * bs, 2 * bs + 1, 1, 3 * bs - 1]
+    run_and_check(lens, [1, 1, 1, 2, bs + 1, 1, 5], hq=6, hkv=3, d=64, block_size=bs,
+                  seed=bs, index_dtype=torch.int64)
+
+
+def test_single_slot_requests():
+    run_and_check([1, 1, 1], [1, 1, 1], hq=8, hkv=1, d=64, block_size=16, seed=5)
+
+
+@pytest.mark.parametrize("counts", ["thousands", None])
+def test_counts_thousands_and_none(counts):
+    run_and_check([200, 31, 64], [1, 31, 9], hq=9, hkv=3, d=64, block_size=32, counts=counts,
+                  seed=7)
+
+
+def test_long_prefill_split_into_chunks():
+    """Many query rows per request: several work items share a (request, head); masses add."""
+    run_and_check([900, 300], [700, 1], hq=4, hkv=4, d=64, block_size=128, seed=11,
+                  mass_tol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_small_decode_batches_split_along_slots(threads):
+    """Fewer items than threads: long items are split along their slots and joined exactly."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_and_check([2000], [1], hq=8, hkv=1, d=64, block_size=128, seed=21, mass_tol=5e-5)
+        run_and_check([1500, 700], [5, 1], hq=6, hkv=2, d=128, block_size=16, seed=22,
+                      dtype=torch.bfloat16, mass_tol=5e-5)
+        run_and_check([1030], [3], hq=3, hkv=3, d=20, block_size=32, seed=23, counts=None,
+                      mass_tol=5e-5)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("d", [20, 36])
+def test_head_dim_not_multiple_of_8(d):
+    """The portable (non-SIMD) path."""
+    run_and_check([40, 5], [9, 1], hq=6, hkv=2, d=d, block_size=16, seed=d)
+    run_and_check([40], [3], hq=4, hkv=2, d=d, block_size=16, dtype=torch.bfloat16, seed=d)
+
+
+def test_more_queries_than_slots_see_nothing():
+    """Rows with no visible slot get zero output and no mass (reference: visible <= 0)."""
+    out, _ = run_and_check([3], [5], hq=3, hkv=1, d=64, block_size=16, seed=2)
+    assert out[:2].abs().max() == 0
+
+
+def test_skipped_requests_and_uncovered_rows_are_zero():
+    query, kv, counts, table, seq_lens, qsl = make_batch(
+        [10, 0, 20], [2, 3, 0], hq=4, hkv=2, d=64, block_size=16, seed=3)
+    query = torch.cat([query, torch.randn(4, 4, 64)])  # trailing rows beyond query_start_loc
+    mass = torch.zeros(kv.shape[0], 2)
+    out = OPS.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.125, 16, mass)
+    ref_out, ref_mass = reference(query, kv, counts, table, seq_lens, qsl, 0.125, 16)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
+    assert out[2:].abs().max() == 0
+
+
+def test_random_batches():
+    """Random shapes, block sizes (1 included), dtypes, counts and prefill/decode mixes."""
+    rng = random.Random(9)
+    for trial in range(40):
+        block_size = rng.choice([1, 8, 16, 32, 128])
+        hkv = rng.choice([1, 2, 3])
+        group = rng.choice([1, 2, 3, 5, 8])
+        d = rng.choice([8, 24, 64, 128])
+        lens = [rng.randint(1, 300) for _ in range(rng.randint(1, 5))]
+        num_queries = [rng.choice([1, 1, rng.randint(1, length)]) for length in lens]
+        run_and_check(
+            lens, num_queries, hq=group * hkv, hkv=hkv, d=d, block_size=block_size,
+            dtype=rng.choice([torch.float32, torch.float32, torch.float16, torch.bfloat16]),
+            counts=rng.choice(["random", "thousands", None]), seed=trial,
+            index_dtype=rng.choice([torch.int32, torch.int64]), mass_tol=5e-5,
+        )
+
+
+def test_merged_identical_keys_are_lossless():
+    """Two slots with equal keys merged into one slot of count 2 (mean value) change nothing."""
+    gen = torch.Generator().manual_seed(4)
+    d, bs = 64, 16
+    keys = torch.randn(12, 1, d, generator=gen)
+    keys[5] = keys[4]
+    values = torch.randn(12, 1, d, generator=gen)
+    kv_full = torch.cat([keys, values], -1)
+    kv_merged = torch.cat([kv_full[:4], kv_full[4:5], kv_full[6:]])
+    kv_merged[4, :, d:] = (values[4] + values[5]) / 2
+    counts = torch.ones(11)
+    counts[4] = 2
+    query = torch.randn(1, 2, d, generator=gen)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+
+    def pad(x):
+        return torch.cat([x, torch.zeros(bs - x.shape[0], *x.shape[1:])])
+
+    full = OPS.paged_attention(query, pad(kv_full), None, table, torch.tensor([12]),
+                               torch.tensor([0, 1]), d ** -0.5, bs, None)
+    merged = OPS.paged_attention(query, pad(kv_merged), torch.cat([counts, torch.ones(5)]),
+                                 table, torch.tensor([11]), torch.tensor([0, 1]), d ** -0.5,
+                                 bs, None)
+    torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_query_and_kv_views():
+    """A query slice of a wider buffer and a slot-major view of an LBNHC cache are read as is."""
+    query, kv, counts, table, seq_lens, qsl = make_batch(
+        [40, 17], [5, 1], hq=6, hkv=3, d=64, block_size=16, seed=6)
+    wide = torch.randn(query.shape[0], 8, 64)
+    wide[:, 1:7] = query
+    cache = kv.view(-1, 16, 3, 128).transpose(1, 2)  # [B, H, N, C] stored B, N, H, C
+    slot_major = cache.transpose(1, 2).reshape(-1, 3, 128)
+    out = OPS.paged_attention(wide[:, 1:7], slot_major, counts, table, seq_lens, qsl, 0.125, 16,
+                              None)
+    ref_out, _ = reference(query, kv, counts, table, seq_lens, qsl, 0.125, 16)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+
+
+def test_deterministic_and_thread_count_independent():
+    args = make_batch([300, 129, 64, 1000], [1, 40, 64, 300], hq=8, hkv=2, d=64, block_size=32,
+                      seed=8)
+    query, kv = args[0], args[1]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (threads, threads, 1):
+            torch.set_num_threads(n)
+            mass = torch.zeros(kv.shape[0], 2)
+            out = OPS.paged_attention(*args, 0.125, 32, mass)
+            results.append((out, mass))
+    finally:
+        torch.set_num_threads(threads)
+    (out0, mass0), (out1, mass1), (out2, mass2) = results
+    assert torch.equal(out0, out1) and torch.equal(mass0, mass1)  # same threads: bitwise
+    # Other thread counts cut the work differently: equal up to float summation order.
+    torch.testing.assert_close(out0, out2, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(mass0, mass2, atol=1e-5, rtol=1e-5)
+    del query
+
+
+def test_schema_mutation_and_fake_tensor_registration():
+    """The schema declares the in-place mass; the Meta kernel serves fake tensors."""
+    query, kv, counts, table, seq_lens, qsl = make_batch([40, 17], [5, 1], hq=6, hkv=3, d=64,
+                                                         block_size=16)
+    mass = torch.zeros(kv.shape[0], 3)
+    for args in ((query, kv, counts, table, seq_lens, qsl, 0.125, 16, mass),
+                 (query, kv, None, table, seq_lens, qsl, 0.125, 16, None)):
+        torch.library.opcheck(OPS.paged_attention.default, args)
+    meta = OPS.paged_attention(*(t.to("meta") for t in (query, kv, counts, table, seq_lens, qsl)),
+                               0.125, 16, None)
+    assert meta.shape == query.shape and meta.device.type == "meta"
+
+
+def test_argument_errors():
+    query, kv, counts, table, seq_lens, qsl = make_batch([20], [2], hq=4, hkv=2, d=64,
+                                                         block_size=16)
+    with pytest.raises(RuntimeError, match="differs from query dtype"):
+        OPS.paged_attention(query, kv.half(), counts, table, seq_lens, qsl, 0.1, 16, None)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        OPS.paged_attention(query[:, :3], kv, counts, table, seq_lens, qsl, 0.1, 16, None)
+    bad = table.clone()
+    bad[0, 1] = 10_000
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        OPS.paged_attention(query, kv, counts, bad, seq_lens, qsl, 0.1, 16, None)
+    with pytest.raises(RuntimeError, match="needs 2 blocks"):
+        OPS.paged_attention(query, kv, counts, table[:, :1], seq_lens, qsl, 0.1, 16, None)
+    with pytest.raises(RuntimeError, match="mass must have shape"):
+        OPS.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.1, 16, torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="counts must have shape"):
+        OPS.paged_attention(query, kv, counts[:-1], table, seq_lens, qsl, 0.1, 16, None)
+
+
+# --------------------------------------------------------------------------------------------
+# select_pairs
+
+
+def _check_same(scores, k):
+    expected = select_pairs_ref(scores, k)
+    got = OPS.select_pairs(scores, k)
+    assert got.dtype == torch.int64 and got.device == scores.device
+    assert torch.equal(got, expected), (scores.tolist(), k, got.tolist(), expected.tolist())
+
+
+def _adversarial(n, rng):
+    patterns = [
+        [0.0] * n,
+        [1.0] * n,
+        [float(i) for i in range(n)],
+        [float(n - i) for i in range(n)],
+        [float(i % 2) for i in range(n)],
+        [float((i + 1) % 2) for i in range(n)],
+        [float(i % 3) for i in range(n)],
+        [(-0.0 if i % 2 else 0.0) for i in range(n)],
+        [float(rng.choice([-2, 0, 2])) for _ in range(n)],
+        [float(abs(i - n // 2)) for i in range(n)],
+        [rng.choice([1e300, -1e300, 1.0]) for _ in range(n)],
+        [math.ldexp(1.0, rng.randint(-60, 60)) for _ in range(n)],
+    ]
+    return patterns
+
+
+def test_select_pairs_random_and_ties_match_reference():
+    rng = random.Random(0)
+    for trial in range(600):
+        num_slots = rng.randint(1, 40)
+        n = num_slots - 1
+        if trial % 3 == 0:
+            values = [float(rng.randint(0, 3)) for _ in range(n)]  # many ties
+        elif trial % 3 == 1:
+            values = [rng.random() for _ in range(n)]
+        else:
+            values = [rng.gauss(0, 1) for _ in range(n)]
+        scores = torch.tensor(values, dtype=torch.float64)
+        for k in {0, min(1, num_slots // 2), num_slots // 2, rng.randint(0, num_slots // 2)}:
+            _check_same(scores, k)
+
+
+def test_select_pairs_adversarial_patterns():
+    rng = random.Random(1)
+    for num_slots in (2, 3, 4, 5, 8, 9, 16, 33):
+        for values in _adversarial(num_slots - 1, rng):
+            scores = torch.tensor(values, dtype=torch.float64)
+            for k in range(num_slots // 2 + 1):  # includes k = 0, k = 1 and M = 2k exactly
+                _check_same(scores, k)
+
+
+def test_select_pairs_large_and_float32():
+    gen = torch.Generator().manual_seed(2)
+    for num_slots, k in ((4097, 1024), (1000, 500), (2001, 1000)):
+        scores = torch.rand(num_slots - 1, generator=gen, dtype=torch.float64)
+        _check_same(scores, k)
+        _check_same(torch.randint(0, 4, (num_slots - 1,), generator=gen).double(), k)
+    _check_same(torch.rand(300, generator=gen).float(), 100)  # float32 input: widened first
+    _check_same(torch.empty(0, dtype=torch.float64), 0)  # M = 1
+
+
+@pytest.mark.parametrize(
+    "values,k,pattern",
+    [
+        ([1.0, 2.0, 3.0], 3, "cannot choose k=3 non-overlapping pairs among M=4 slots"),
+        ([1.0, 2.0], 2, r"need 0 <= 2k <= M"),
+        ([1.0, 2.0], -1, "cannot choose k=-1"),
+        ([], 1, "among M=1 slots"),
+        ([1.0, float("nan")], 1, "pair scores must be finite"),
+        ([float("inf"), 1.0], 0, "pair scores must be finite"),
+    ],
+)
+def test_select_pairs_errors_match_reference(values, k, pattern):
+    scores = torch.tensor(values, dtype=torch.float64)
+    with pytest.raises(ValueError, match=pattern) as ours:
+        OPS.select_pairs(scores, k)
+    with pytest.raises(ValueError) as theirs:
+        select_pairs_ref(scores, k)
+    assert str(theirs.value) in str(ours.value)
