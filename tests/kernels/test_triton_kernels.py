@@ -1,0 +1,491 @@
+"""Triton kernels against the engine-free reference.
+
+``paged_attention`` is checked against :func:`kvslimmer_vllm.core.merged_attention` applied per
+request to the gathered slots (output and observation mass); ``compact`` against plain torch
+indexing. Without a CUDA device every kernel runs on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, set here before the kernel modules are imported), so shapes stay small;
+with one they run natively on the GPU. A last test compiles the kernels for sm_90 offline
+(no GPU needed), which the interpreter alone cannot vouch for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvslimmer_vllm.core import merged_attention
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Without CUDA the kernels must be built for Triton's interpreter: triton.jit reads
+# TRITON_INTERPRET when a kernel is defined, so it is set while the kernel modules are imported
+# (re-running them if they were imported earlier without it), then restored so the rest of the
+# test session and its subprocesses (vLLM engines) do not inherit it; interpreted kernels do not
+# read it again. Triton itself is imported first, as vLLM would in any test module, so its
+# own library is always built the same way whatever the test order (the kernels need none of
+# its @jit functions under the interpreter).
+import triton  # noqa: E402,F401,I001 - deliberately before TRITON_INTERPRET is set
+
+_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from kvslimmer_vllm.triton_kernels import compact as compact_mod
+    from kvslimmer_vllm.triton_kernels import paged_attention as pa
+
+    if not HAS_CUDA and not pa.is_interpreted():
+        pa = importlib.reload(pa)
+    if not HAS_CUDA and not compact_mod.is_interpreted():
+        compact_mod = importlib.reload(compact_mod)
+finally:
+    if _SAVED_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+# (seq_len, query rows) per request.
+MIXED = [
+    (16, 1),   # decode, seq_len == block size
+    (17, 1),   # one past a block boundary
+    (15, 1),   # one short of it
+    (1, 1),    # a single slot
+    (40, 7),   # prefill chunk on top of earlier context
+    (33, 33),  # whole prompt in one step
+    (20, 0),   # no rows this step: skipped
+    (48, 2),   # two rows ending exactly on a block boundary
+]
+
+
+def _make_batch(specs, *, q_heads, kv_heads, dim, block_size, dtype, seed,
+                counts="random", pad_blocks=3):
+    """Random query/cache for requests ``specs``; every request's blocks are scattered over
+    a shuffled pool, and the unused tail of each block-table row names *other* requests'
+    blocks, so reading past ``seq_len`` would show up as a wrong result."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [max(1, -(-length // block_size)) for length, _ in specs]
+    num_blocks = sum(need) + 2
+    pool = torch.randperm(num_blocks, generator=gen)
+    max_blocks = max(need) + pad_blocks
+    table = torch.empty(len(specs), max_blocks, dtype=torch.int32)
+    taken = 0
+    for r, n in enumerate(need):
+        table[r, :n] = pool[taken:taken + n].to(torch.int32)
+        table[r, n:] = pool[torch.randint(0, num_blocks, (max_blocks - n,), generator=gen)]
+        taken += n
+    num_slots = num_blocks * block_size
+    kv = torch.randn(num_slots, kv_heads, 2 * dim, generator=gen).to(dtype)
+    total = sum(t for _, t in specs)
+    query = torch.randn(total, q_heads, dim, generator=gen).to(dtype)
+    if counts == "random":
+        cnt = 1.0 + 4.0 * torch.rand(num_slots, generator=gen)
+    elif counts == "thousands":
+        cnt = torch.randint(1000, 5000, (num_slots,), generator=gen).float()
+    else:
+        cnt = None
+    seq_lens = torch.tensor([length for length, _ in specs], dtype=torch.int32)
+    qsl = torch.zeros(len(specs) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor([t for _, t in specs]), 0)
+    return dict(query=query, kv=kv, counts=cnt, block_table=table, seq_lens=seq_lens,
+                query_start_loc=qsl)
+
+
+def _reference(batch, scale, block_size):
+    """merged_attention per request over its gathered slots; mass scattered to slots."""
+    query, kv, counts = batch["query"], batch["kv"], batch["counts"]
+    dim = query.shape[-1]
+    out = torch.zeros(query.shape, dtype=torch.float32)
+    mass = torch.zeros(kv.shape[0], kv.shape[1], dtype=torch.float32)
+    qsl = batch["query_start_loc"].tolist()
+    for r, length in enumerate(batch["seq_lens"].tolist()):
+        q0, q1 = qsl[r], qsl[r + 1]
+        if q1 <= q0 or length <= 0:
+            continue
+        blocks = batch["block_table"][r].long()
+        slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:length]
+        rows = kv[slots].float()
+        visible = torch.arange(length - (q1 - q0) + 1, length + 1)
+        o, m = merged_attention(
+            query[q0:q1].float(), rows[..., :dim], rows[..., dim:],
+            None if counts is None else counts[slots],
+            scale=scale, visible=visible, return_mass=True,
+        )
+        out[q0:q1] = o
+        mass.index_add_(0, slots, m.float())
+    return out, mass
+
+
+def _run(batch, scale, block_size, *, with_mass=True):
+    dev = {k: (v.to(DEVICE) if v is not None else None) for k, v in batch.items()}
+    mass = None
+    if with_mass:
+        mass = torch.zeros(batch["kv"].shape[:2], dtype=torch.float32, device=DEVICE)
+    out = pa.paged_attention(
+        dev["query"], dev["kv"], dev["counts"], dev["block_table"], dev["seq_lens"],
+        dev["query_start_loc"], scale, block_size, mass,
+    )
+    return out.cpu(), (mass.cpu() if mass is not None else None)
+
+
+def _tol(dtype):
+    if dtype == torch.float32:
+        return dict(atol=1e-4, rtol=1e-4) if HAS_CUDA else dict(atol=2e-5, rtol=2e-5)
+    if dtype == torch.float16:
+        return dict(atol=5e-3, rtol=5e-3)
+    return dict(atol=3e-2, rtol=3e-2)
+
+
+def _check(batch, scale, block_size, dtype=torch.float32, with_mass=True, mass_tol=None):
+    out, mass = _run(batch, scale, block_size, with_mass=with_mass)
+    ref_out, ref_mass = _reference(batch, scale, block_size)
+    assert out.dtype == batch["query"].dtype
+    torch.testing.assert_close(out.float(), ref_out, **_tol(dtype))
+    if with_mass:
+        torch.testing.assert_close(mass, ref_mass, **(mass_tol or dict(atol=1e-4, rtol=1e-4)))
+        # Every row that sees a slot spreads exactly mass 1 over its request's slots.
+        rows_seeing = sum(t for length, t in _specs_of(batch) if length > 0 and t > 0)
+        torch.testing.assert_close(mass.sum(0), torch.full((mass.shape[1],), float(rows_seeing)),
+                                   atol=1e-3, rtol=1e-4)
+    return out, mass
+
+
+def _specs_of(batch):
+    qsl = batch["query_start_loc"].tolist()
+    return [(length, qsl[r + 1] - qsl[r]) for r, length in enumerate(batch["seq_lens"].tolist())]
+
+
+@pytest.mark.parametrize(
+    "group,kv_heads,dim,block_size",
+    [(1, 2, 64, 16), (3, 2, 64, 16), (8, 1, 128, 16), (3, 1, 128, 32)],
+    ids=["G1-D64-bs16", "G3-D64-bs16", "G8-D128-bs16", "G3-D128-bs32"],
+)
+def test_mixed_batch_matches_reference(group, kv_heads, dim, block_size):
+    """Prefill chunks, decode rows, block-boundary lengths, a 1-slot request and a request
+    without rows in one batch, GQA, random fractional counts, mass accumulation."""
+    batch = _make_batch(MIXED, q_heads=group * kv_heads, kv_heads=kv_heads, dim=dim,
+                        block_size=block_size, dtype=torch.float32, seed=group * 100 + dim)
+    _check(batch, 1 / math.sqrt(dim), block_size)
+
+
+@pytest.mark.parametrize("block_m,tile_n", [(16, 16), (32, 32), (64, 64), (128, 16)])
+def test_tile_configurations(monkeypatch, block_m, tile_n):
+    """The same mixed batch under forced tilings: many query blocks per request (BLOCK_Q 5
+    with G 3) down to one block spanning a whole prefill, tiles smaller and larger than a
+    block."""
+    monkeypatch.setattr(pa, "_launch_config", lambda *a: dict(
+        BLOCK_M=block_m, BLOCK_Q=block_m // 3, TILE_N=tile_n, num_warps=4))
+    batch = _make_batch(MIXED, q_heads=6, kv_heads=2, dim=64, block_size=32,
+                        dtype=torch.float32, seed=block_m + tile_n)
+    _check(batch, 1 / 8, 32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches(seed):
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=gen))]
+
+    group, kv_heads = pick([1, 2, 3, 4, 8]), pick([1, 2])
+    dim, block_size = pick([32, 64, 128]), pick([16, 32, 64])
+    specs = []
+    for _ in range(int(torch.randint(1, 6, (1,), generator=gen))):
+        length = int(torch.randint(0, 90, (1,), generator=gen))
+        rows = int(torch.randint(0, min(length, 12) + 1, (1,), generator=gen))
+        specs.append((length, rows))
+    if sum(t for _, t in specs) == 0:
+        specs.append((5, 1))
+    batch = _make_batch(specs, q_heads=group * kv_heads, kv_heads=kv_heads, dim=dim,
+                        block_size=block_size, dtype=torch.float32, seed=seed,
+                        counts=pick(["random", None, "thousands"]))
+    _check(batch, 1 / math.sqrt(dim), block_size)
+
+
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_large_blocks_boundaries(block_size):
+    specs = [(block_size, 1), (block_size + 1, 1), (block_size - 1, 1), (2 * block_size, 3)]
+    batch = _make_batch(specs, q_heads=4, kv_heads=2, dim=64, block_size=block_size,
+                        dtype=torch.float32, seed=block_size)
+    _check(batch, 1 / math.sqrt(64), block_size)
+
+
+def test_counts_none_equals_unit_counts_and_no_mass():
+    specs = [(37, 5), (9, 1), (64, 2)]
+    batch = _make_batch(specs, q_heads=6, kv_heads=2, dim=64, block_size=16,
+                        dtype=torch.float32, seed=7, counts=None)
+    out, mass = _check(batch, 0.125, 16, with_mass=False)
+    assert mass is None
+    ones = dict(batch, counts=torch.ones(batch["kv"].shape[0]))
+    out_ones, _ = _run(ones, 0.125, 16, with_mass=False)
+    torch.testing.assert_close(out, out_ones, **_tol(torch.float32))
+
+
+def test_counts_in_the_thousands():
+    """Every slot merged (counts 1000..5000): the bias dominates nothing numerically."""
+    specs = [(50, 3), (16, 1), (31, 1)]
+    batch = _make_batch(specs, q_heads=8, kv_heads=2, dim=64, block_size=16,
+                        dtype=torch.float32, seed=11, counts="thousands")
+    _check(batch, 1 / 8, 16)
+
+
+def test_peaked_softmax_and_uneven_counts():
+    """Large logits (scale 1, D 64: logit std ~8) with counts spanning 1..5000 stress the
+    online max-rescaling across tiles."""
+    specs = [(90, 4), (70, 1)]
+    batch = _make_batch(specs, q_heads=3, kv_heads=1, dim=64, block_size=16,
+                        dtype=torch.float32, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.ones(batch["kv"].shape[0])
+    counts[torch.rand(counts.shape, generator=gen) < 0.3] = 5000.0
+    batch["counts"] = counts
+    _check(batch, 1.0, 16, mass_tol=dict(atol=2e-4, rtol=1e-3))
+
+
+@pytest.mark.parametrize("dim", [32, 256, 96])
+def test_other_head_dims(dim):
+    """Power-of-two extremes, and a non-power-of-two dim (padded, masked lanes)."""
+    specs = [(20, 3), (17, 1)]
+    batch = _make_batch(specs, q_heads=2, kv_heads=1, dim=dim, block_size=16,
+                        dtype=torch.float32, seed=dim)
+    _check(batch, 1 / math.sqrt(dim), 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision(dtype):
+    """Against the float32 reference on the same (rounded) inputs, looser tolerance. Under the
+    interpreter, bfloat16 dots run on float32 copies of the bfloat16 operands (its ``tl.dot``
+    mishandles bfloat16); everything else is the GPU code path."""
+    batch = _make_batch(MIXED, q_heads=4, kv_heads=2, dim=64, block_size=16,
+                        dtype=dtype, seed=3)
+    _check(batch, 1 / 8, 16, dtype=dtype, mass_tol=dict(atol=2e-3, rtol=2e-3))
+
+
+def test_mass_accumulates_in_place_and_strided_inputs():
+    """Existing mass is added to; query may be a strided view (as a fused qkv split gives)
+    and kv a slot-major view of a block-major cache; an ``out`` buffer is written in place."""
+    dim, kv_heads, q_heads, bs = 64, 2, 4, 16
+    specs = [(30, 2), (18, 1)]
+    batch = _make_batch(specs, q_heads=q_heads, kv_heads=kv_heads, dim=dim, block_size=bs,
+                        dtype=torch.float32, seed=9)
+    ref_out, ref_mass = _reference(batch, 0.1, bs)
+    # Strided query: the first Hq*D columns of a wider [T, (Hq + 2 Hkv) * D] buffer.
+    qkv = torch.randn(batch["query"].shape[0], (q_heads + 2 * kv_heads) * dim)
+    qkv[:, :q_heads * dim] = batch["query"].reshape(-1, q_heads * dim)
+    qkv = qkv.to(DEVICE)
+    query = qkv[:, :q_heads * dim].view(-1, q_heads, dim)
+    assert not query.is_contiguous()
+    # kv stored block, slot, head, channel; viewed [S, Hkv, 2D] exactly as the engine does.
+    kv = batch["kv"].to(DEVICE)
+    init = torch.rand(kv.shape[0], kv_heads)
+    mass = init.clone().to(DEVICE)
+    out = torch.full(batch["query"].shape, 7.0, device=DEVICE)
+    got = pa.paged_attention(
+        query, kv, batch["counts"].to(DEVICE), batch["block_table"].to(DEVICE),
+        batch["seq_lens"].to(DEVICE), batch["query_start_loc"].to(DEVICE), 0.1, bs, mass,
+        out=out,
+    )
+    assert got is out
+    torch.testing.assert_close(out.cpu(), ref_out, **_tol(torch.float32))
+    torch.testing.assert_close(mass.cpu(), init + ref_mass, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_outside_requests_and_empty_requests():
+    """Rows past query_start_loc[-1] are left alone; a request with rows but seq_len 0 gets
+    zeros and no mass; an int64 block table and int64 offsets work too."""
+    specs = [(12, 2), (0, 2), (5, 1)]
+    batch = _make_batch(specs, q_heads=2, kv_heads=2, dim=64, block_size=16,
+                        dtype=torch.float32, seed=4)
+    batch["block_table"] = batch["block_table"].long()
+    batch["query_start_loc"] = batch["query_start_loc"].long()
+    batch["seq_lens"] = batch["seq_lens"].long()
+    extra = torch.randn(3, 2, 64)
+    batch_padded = dict(batch, query=torch.cat([batch["query"], extra]))
+    out, mass = _run(batch_padded, 0.125, 16)
+    ref_out, ref_mass = _reference(batch, 0.125, 16)
+    torch.testing.assert_close(out[:5], ref_out, **_tol(torch.float32))
+    assert torch.equal(out[2:4], torch.zeros(2, 2, 64))  # seq_len 0: zeros
+    assert torch.equal(out[5:], torch.zeros(3, 2, 64))   # not owned: untouched (fresh zeros)
+    torch.testing.assert_close(mass, ref_mass, atol=1e-4, rtol=1e-4)
+
+
+def test_rejects_bad_arguments():
+    batch = _make_batch([(4, 1)], q_heads=2, kv_heads=1, dim=32, block_size=16,
+                        dtype=torch.float32, seed=0)
+    args = [batch[k].to(DEVICE) for k in ("query", "kv", "counts", "block_table", "seq_lens",
+                                          "query_start_loc")]
+    with pytest.raises(ValueError):  # kv width is not 2 * D
+        pa.paged_attention(args[0], args[1][..., :48], *args[2:], 0.1, 16)
+    with pytest.raises(ValueError):  # Hq not a multiple of Hkv
+        pa.paged_attention(args[0][:, :1], args[1].expand(-1, 2, -1), *args[2:], 0.1, 16)
+    with pytest.raises(ValueError):  # mass of the wrong dtype
+        pa.paged_attention(*args, 0.1, 16, torch.zeros(args[1].shape[:2], dtype=torch.float64,
+                                                      device=DEVICE))
+    with pytest.raises(ValueError):  # query_start_loc of the wrong length
+        pa.paged_attention(*args[:5], args[5][:1], 0.1, 16)
+
+
+# --------------------------------------------------------------------------- compact
+
+
+def _request_slots(gen, num_blocks, block_size, used_blocks):
+    blocks = torch.randperm(num_blocks, generator=gen)[:used_blocks]
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
+
+
+def _state(num_slots, kv_heads, dim, gen, dtype=torch.float32):
+    return [
+        torch.randn(num_slots, kv_heads, 2 * dim, generator=gen).to(dtype),  # kv
+        1.0 + torch.rand(num_slots, generator=gen),                           # counts
+        torch.randint(0, 10**6, (num_slots,), generator=gen),                 # positions int64
+        torch.randn(num_slots, kv_heads, generator=gen),                      # hess
+        torch.rand(num_slots, kv_heads, generator=gen),                       # mass
+    ]
+
+
+def _compact_and_compare(tensors, src, dst):
+    expected = [t.clone() for t in tensors]
+    for t in expected:
+        t[dst] = t[src].clone()
+    got = [t.to(DEVICE) for t in tensors]
+    compact_mod.compact(got[0], src.to(DEVICE), dst.to(DEVICE), *got[1:])
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.cpu(), e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compact_merge_round_pattern(dtype):
+    """Survivors (sorted random positions) move to the front of the request's scattered
+    blocks, as apply_round does."""
+    gen = torch.Generator().manual_seed(1)
+    bs, num_blocks = 16, 12
+    slots = _request_slots(gen, num_blocks, bs, 8)
+    length = 8 * bs - 5
+    slots = slots[:length]
+    keep = torch.sort(torch.randperm(length, generator=gen)[:70]).values
+    tensors = _state(num_blocks * bs, 2, 32, gen, dtype)
+    _compact_and_compare(tensors, slots[keep], slots[:70])
+
+
+def test_compact_heavy_overlap():
+    """Shift by one over a whole request: every destination is another move's source."""
+    gen = torch.Generator().manual_seed(2)
+    bs, num_blocks = 16, 10
+    slots = _request_slots(gen, num_blocks, bs, 10)
+    tensors = _state(num_blocks * bs, 2, 64, gen)
+    _compact_and_compare(tensors, slots[1:], slots[:-1])
+    # Keep only the newest half: sources and destinations interleave across blocks.
+    half = slots.shape[0] // 2
+    _compact_and_compare(tensors, slots[half - 3:], slots[:slots.shape[0] - half + 3])
+
+
+def test_compact_any_permutation_is_safe():
+    """A cyclic rotation (a destination *after* its source too): a single in-place pass in
+    the wrong order would lose rows; the scratch scheme does not."""
+    gen = torch.Generator().manual_seed(3)
+    slots = _request_slots(gen, 6, 16, 6)
+    tensors = _state(96, 1, 32, gen)
+    _compact_and_compare(tensors, slots, torch.roll(slots, 1))
+    _compact_and_compare(tensors, slots, torch.roll(slots, -7))
+
+
+def test_compact_layer_views_and_noop():
+    """One layer of the engine's [L, S, ...] side state (strided views); no moves is a no-op;
+    a caller-provided scratch buffer is used."""
+    gen = torch.Generator().manual_seed(4)
+    counts = torch.rand(3, 64, generator=gen)
+    hess = torch.randn(3, 64, 2, generator=gen)
+    kv = torch.randn(64, 2, 16, generator=gen)
+    src = torch.tensor([40, 41, 50, 63])
+    dst = torch.tensor([3, 4, 5, 6])
+    exp_counts, exp_hess, exp_kv = counts.clone(), hess.clone(), kv.clone()
+    exp_counts[1, dst] = counts[1, src]
+    exp_hess[1, dst] = hess[1, src]
+    exp_kv[dst] = kv[src]
+    c, h, k = counts.to(DEVICE), hess.to(DEVICE), kv.to(DEVICE)
+    scratch = torch.empty(4 * 2 * 16, device=DEVICE)
+    compact_mod.compact(k, src.to(DEVICE), dst.to(DEVICE), c[1], h[1], scratch=scratch)
+    assert torch.equal(c.cpu(), exp_counts) and torch.equal(h.cpu(), exp_hess)
+    assert torch.equal(k.cpu(), exp_kv)
+    empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    compact_mod.compact(k, empty, empty, c[1])
+    assert torch.equal(k.cpu(), exp_kv)
+
+
+def test_compact_layers_moves_every_layer():
+    """[L, S, ...] side state: the same moves in all layers with one launch pair each, for
+    float32, int64 and [L, S, Hkv] rows, including overlapping ranges."""
+    gen = torch.Generator().manual_seed(5)
+    slots = _request_slots(gen, 8, 16, 8)
+    src, dst = slots[9:], slots[:-9]
+    counts = torch.rand(4, 128, generator=gen)
+    positions = torch.randint(0, 10**9, (4, 128), generator=gen)
+    hess = torch.randn(4, 128, 3, generator=gen)
+    expected = [t.clone() for t in (counts, positions, hess)]
+    for t in expected:
+        t[:, dst] = t[:, src].clone()
+    got = [t.to(DEVICE) for t in (counts, positions, hess)]
+    compact_mod.compact_layers(src.to(DEVICE), dst.to(DEVICE), *got)
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g.cpu(), e)
+
+
+# --------------------------------------------------------------------------- sm_90 compile
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kvslimmer_vllm.triton_kernels import compact as cm, paged_attention as pa
+
+    def build(fn, types, consts, warps):
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+
+    for dt, dim, group, tokens, reqs in [("bf16", 128, 4, 64, 64), ("bf16", 128, 4, 2048, 1),
+                                        ("fp16", 256, 8, 512, 2), ("fp32", 64, 3, 8, 8)]:
+        cfg = pa._launch_config(tokens, reqs, group, dim, 4 if dt == "fp32" else 2)
+        types = dict(q_ptr="*" + dt, kv_ptr="*" + dt, counts_ptr="*fp32", bt_ptr="*i32",
+                     seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*" + dt, lse_ptr="*fp32",
+                     mass_ptr="*fp32", qk_scale="fp32", inv_group="fp32")
+        consts = dict(GROUP=group, HEAD_DIM=dim, D_PAD=dim, BLOCK_SIZE=16,
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], TILE_N=cfg["TILE_N"],
+                      HAS_COUNTS=True, WRITE_LSE=True, UPCAST_DOT=False,
+                      DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
+        for fn in (pa._attention_kernel, pa._mass_kernel):
+            c = {k: v for k, v in consts.items() if k in fn.arg_names}
+            build(fn, types, c, cfg["num_warps"])
+    for dt in ("bf16", "i64", "fp32"):
+        for gather in (True, False):
+            build(cm._copy_rows_kernel,
+                  dict(in_ptr="*" + dt, out_ptr="*" + dt, in_idx_ptr="*i64", out_idx_ptr="*i64"),
+                  dict(GATHER=gather, BLOCK_R=16, BLOCK_W=256), 4)
+    print("compiled")
+""")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a GPU is present: the tests above compile natively")
+def test_kernels_compile_for_sm90_offline():
+    """Lower every kernel to a cubin for sm_90 in a fresh process without the interpreter
+    (Triton's bundled ptxas; no GPU needed): catches code the lenient interpreter accepts
+    but the compiler rejects."""
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "compiled" in proc.stdout
