@@ -7,6 +7,7 @@ engine adapter and any GPU/C++ kernel are tested against.
 
 from .attention import merged_attention
 from .merge import MergeResult, evict_lowest, merge_round, merge_weights
+from .paged import paged_attention, slot_ids
 from .rope import (
     RotarySpec,
     apply_rotary,
@@ -34,9 +35,11 @@ __all__ = [
     "merge_weights",
     "merged_attention",
     "normalize_mass",
+    "paged_attention",
     "pair_scores",
     "recover_d",
     "rope_cos_sin",
     "select_pairs",
+    "slot_ids",
     "smooth_hessian",
 ]

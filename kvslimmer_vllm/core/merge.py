@@ -13,6 +13,7 @@ it shifts left, and the result has ``N - k`` slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -153,6 +154,7 @@ def merge_round(
     eps: float,
     rotary: RotarySpec | None,
     key_weights: Literal["hessian", "count"] = "hessian",
+    selector: Callable[[torch.Tensor, int], torch.Tensor] = select_pairs,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -186,6 +188,8 @@ def merge_round(
         rotary: the layer's RoPE, or None to merge keys as stored.
         key_weights: ``"hessian"`` (KVSlimmer) or ``"count"`` (``a = c_i / (c_i + c_j)``, plain
             count-weighted averaging of the same pairs; an ablation).
+        selector: implementation of :func:`~.select.select_pairs` (a faster kernel with the
+            same contract and the same result may be passed).
 
     Returns:
         :class:`MergeResult` with ``N - k`` slots in the input dtypes. Computation is float32
@@ -203,7 +207,7 @@ def merge_round(
     alpha = normalize_mass(mass[region].to(dtype))
     h_new, _ = hessian_stats(alpha, values[region])
     h = smooth_hessian(h_new, hess[region], round_idx)
-    local = select_pairs(pair_scores(mass[region], gamma), k).to(keys.device)
+    local = selector(pair_scores(mass[region], gamma), k).to(keys.device)
     left, right = sink + local, sink + local + 1
 
     c_i, c_j = counts[left].to(dtype), counts[right].to(dtype)

@@ -2,9 +2,9 @@
 
 It owns its KV layout (slot-major, key and value of a head side by side), writes each
 new token's KV at its physical slot, resets that slot's side state, attends with the
-count bias through :func:`kvslimmer_vllm.core.merged_attention`, and accumulates each
-slot's observation mass for the next merge round. This is the PyTorch reference path;
-it serves both the CPU and the CUDA V1 model runner.
+count bias and accumulates each slot's observation mass for the next merge round, through
+:func:`kvslimmer_vllm.kernels.paged_attention` (C++ on CPU, Triton on CUDA, the
+``core`` reference otherwise). It serves both the CPU and the CUDA V1 model runner.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from kvslimmer_vllm.core.attention import merged_attention
-from kvslimmer_vllm.engine.slots import PROFILE_ATTR, SLOT_BINDING, TRACE_ATTR, slot_ids
+from kvslimmer_vllm import kernels
+from kvslimmer_vllm.core.paged import slot_ids
+from kvslimmer_vllm.engine.slots import PROFILE_ATTR, SLOT_BINDING, TRACE_ATTR
 
 
 def slot_major(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -39,26 +40,17 @@ def slot_major(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class RequestSlots:
-    """One request of the batch: its query rows and the physical slots it attends to."""
-
-    query_start: int
-    query_end: int
-    slots: torch.Tensor  # [L] flat slot ids, in order
-    visible: torch.Tensor  # [T] slots each query row sees (causal, physical order)
-
-
-@dataclass
 class KVMergeAttentionMetadata:
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [T] physical slot of each new token
     positions: torch.Tensor  # [T] logical (RoPE) position of each new token
-    requests: list[RequestSlots]
+    block_table: torch.Tensor  # [R, max_blocks]
+    seq_lens: torch.Tensor  # [R] physical slots, this step's tokens included
+    query_start_loc: torch.Tensor  # [R + 1]
+    block_size: int
 
 
 class KVMergeMetadataBuilder(AttentionMetadataBuilder[KVMergeAttentionMetadata]):
-    """Builds per-request slot lists once per step; every layer reuses them."""
-
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
@@ -70,29 +62,15 @@ class KVMergeMetadataBuilder(AttentionMetadataBuilder[KVMergeAttentionMetadata])
         fast_build: bool = False,
     ) -> KVMergeAttentionMetadata:
         common = common_attn_metadata
-        starts = common.query_start_loc_cpu.tolist()
-        seq_lens = common.seq_lens.cpu().tolist()
-        block_table = common.block_table_tensor
-        device = block_table.device
-        requests = []
-        for r in range(common.num_reqs):
-            q0, q1, length = starts[r], starts[r + 1], seq_lens[r]
-            if q1 <= q0 or length <= 0:
-                continue
-            num_blocks = -(-length // self.block_size)
-            slots = slot_ids(block_table[r, :num_blocks].tolist(), length,
-                             self.block_size, device)
-            num_queries = q1 - q0
-            visible = torch.arange(
-                length - num_queries + 1, length + 1, dtype=torch.int64, device=device
-            )
-            requests.append(RequestSlots(q0, q1, slots, visible))
-        num_tokens = common.num_actual_tokens
+        num_reqs, num_tokens = common.num_reqs, common.num_actual_tokens
         return KVMergeAttentionMetadata(
             num_actual_tokens=num_tokens,
             slot_mapping=common.slot_mapping[:num_tokens],
             positions=common.positions[:num_tokens],
-            requests=requests,
+            block_table=common.block_table_tensor[:num_reqs],
+            seq_lens=common.seq_lens[:num_reqs],
+            query_start_loc=common.query_start_loc[: num_reqs + 1],
+            block_size=self.block_size,
         )
 
 
@@ -156,48 +134,48 @@ class KVMergeAttentionImpl(AttentionImpl):
         return output
 
     def _forward(self, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
-        num_tokens = attn_metadata.num_actual_tokens
+        meta = attn_metadata
+        num_tokens = meta.num_actual_tokens
         flat = slot_major(kv_cache)
-        head_dim = self.head_size
         # (SlotState, layer index), bound by the model runner once the cache exists.
         state, layer_index = getattr(layer, SLOT_BINDING, (None, -1))
 
-        new_slots = attn_metadata.slot_mapping
+        new_slots = meta.slot_mapping
         written = new_slots >= 0
         if not bool(written.all()):
             new_slots = new_slots[written]
         kv_new = torch.cat((key[:num_tokens], value[:num_tokens]), dim=-1)[written]
         flat.index_copy_(0, new_slots, kv_new.to(flat.dtype))
         if state is not None:
-            state.on_write(layer_index, new_slots, attn_metadata.positions[written])
+            state.on_write(layer_index, new_slots, meta.positions[written])
 
-        out_rows = output[:num_tokens].view(num_tokens, self.num_heads, head_dim)
-        trace = getattr(layer, TRACE_ATTR, None)
-        for req in attn_metadata.requests:
-            kv = flat.index_select(0, req.slots)
-            counts = (
-                state.counts[layer_index].index_select(0, req.slots)
-                if state is not None else None
-            )
-            out, mass = merged_attention(
-                query[req.query_start:req.query_end],
-                kv[..., :head_dim],
-                kv[..., head_dim:],
-                counts,
-                scale=self.scale,
-                visible=req.visible,
-                return_mass=True,
-            )
-            out_rows[req.query_start:req.query_end] = out
-            if trace is not None:
-                trace.append({
-                    "kind": "attention", "slots": req.slots.clone(),
-                    "query": query[req.query_start:req.query_end].clone(),
-                    "output": out.clone(), "kv": kv, "counts": counts,
-                    "visible": req.visible.clone(),
-                })
-            if state is not None:
-                state.mass[layer_index].index_add_(0, req.slots, mass)
+        counts = state.counts[layer_index] if state is not None else None
+        mass = state.mass[layer_index] if state is not None else None
+        out = kernels.paged_attention(
+            query[:num_tokens], flat, counts, meta.block_table, meta.seq_lens,
+            meta.query_start_loc, self.scale, meta.block_size, mass,
+        )
+        output[:num_tokens].view(num_tokens, self.num_heads, self.head_size).copy_(out)
+        if (trace := getattr(layer, TRACE_ATTR, None)) is not None:
+            self._trace(trace, query[:num_tokens], out, flat, counts, meta)
+
+    @staticmethod
+    def _trace(trace: list, query, out, flat, counts, meta) -> None:
+        """Record each request's call (diagnostics; see the worker's kv_merge_set_trace)."""
+        starts, lengths = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+        block_size = meta.block_size
+        for r, length in enumerate(lengths):
+            q0, q1 = starts[r], starts[r + 1]
+            if q1 <= q0 or length <= 0:
+                continue
+            blocks = meta.block_table[r, : -(-length // block_size)].tolist()
+            slots = slot_ids(blocks, length, block_size, flat.device)
+            trace.append({
+                "kind": "attention", "slots": slots, "query": query[q0:q1].clone(),
+                "output": out[q0:q1].clone(), "kv": flat.index_select(0, slots),
+                "counts": None if counts is None else counts.index_select(0, slots),
+                "visible": torch.arange(length - (q1 - q0) + 1, length + 1),
+            })
 
 
 class KVMergeAttentionBackend(AttentionBackend):

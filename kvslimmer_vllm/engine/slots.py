@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvslimmer_vllm.core.paged import slot_ids
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData
@@ -30,13 +31,6 @@ SLOT_BINDING = "kv_merge_slots"
 TRACE_ATTR = "kv_merge_trace"
 #: Attribute set on each attention layer: the worker's StepProfile, or None.
 PROFILE_ATTR = "kv_merge_profile"
-
-
-def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
-    """Flat slot ids of a request's first ``num_slots`` slots, in order."""
-    blocks = torch.as_tensor(list(block_ids), dtype=torch.int64, device=device)
-    offsets = torch.arange(block_size, dtype=torch.int64, device=device)
-    return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:num_slots]
 
 
 class SlotState:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from kvslimmer_vllm.core.merge import MergeResult, merge_round
 from kvslimmer_vllm.core.rope import RotarySpec
+from kvslimmer_vllm.kernels import select_pairs
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
 
 
@@ -19,4 +20,5 @@ class KVSlimmer(MergeMethod):
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
             sink=cfg.sink, recent=cfg.recent, k=k, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
+            selector=select_pairs,
         )

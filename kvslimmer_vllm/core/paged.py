@@ -1,0 +1,82 @@
+"""Paged-cache reference: attention over a batch of requests whose slots live in blocks.
+
+The KV cache of one layer is slot-major, ``kv[S, Hkv, 2D]`` (key ``kv[s, h, :D]``,
+value ``kv[s, h, D:]``), and a request's slots are found through its block-table row:
+flat slot id ``block_id * block_size + offset``. This is the contract the C++ and Triton
+paged-attention kernels implement; it is written for clarity, one request at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import merged_attention
+
+__all__ = ["paged_attention", "slot_ids"]
+
+
+def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
+    """Flat slot ids of a request's first ``num_slots`` slots, in order."""
+    blocks = torch.as_tensor(block_ids, dtype=torch.int64, device=device)
+    offsets = torch.arange(block_size, dtype=torch.int64, device=device)
+    return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:num_slots]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv: torch.Tensor,
+    counts: torch.Tensor | None,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    block_size: int,
+    mass: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention with ``log(count)`` per slot for a batch of requests (reference).
+
+    Args:
+        query: ``[T, Hq, D]``; request ``r``'s rows are
+            ``query[query_start_loc[r]:query_start_loc[r + 1]]``.
+        kv: ``[S, Hkv, 2D]`` slot-major cache of one layer (this step's KV already in it).
+        counts: ``[S]`` float32 token counts per slot, or None for all ones.
+        block_table: ``[R, max_blocks]`` int block ids per request.
+        seq_lens: ``[R]`` physical slots per request, this step's tokens included.
+        query_start_loc: ``[R + 1]`` row offsets of the requests.
+        scale: logit scale.
+        block_size: slots per block.
+        mass: optional ``[S, Hkv]`` float32, accumulated in place with each slot's
+            probability summed over the rows that see it and averaged over the query
+            heads of its KV head.
+
+    Row ``i`` of a request with ``T_r`` rows and ``L_r`` slots sees its first
+    ``L_r - T_r + i + 1`` slots (causal in physical order). Requests without rows or
+    slots are skipped; their output rows are zero.
+
+    Returns:
+        ``[T, Hq, D]`` in the query dtype.
+    """
+    head_dim = query.shape[-1]
+    out = torch.zeros_like(query)
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for r, length in enumerate(lengths):
+        q0, q1 = starts[r], starts[r + 1]
+        if q1 <= q0 or length <= 0:
+            continue
+        num_blocks = -(-length // block_size)
+        slots = slot_ids(block_table[r, :num_blocks].tolist(), length, block_size,
+                         kv.device)
+        rows = kv.index_select(0, slots)
+        visible = torch.arange(length - (q1 - q0) + 1, length + 1, device=kv.device)
+        result = merged_attention(
+            query[q0:q1], rows[..., :head_dim], rows[..., head_dim:],
+            None if counts is None else counts.index_select(0, slots),
+            scale=scale, visible=visible, return_mass=mass is not None,
+        )
+        if mass is None:
+            out[q0:q1] = result
+        else:
+            out[q0:q1], slot_mass = result
+            mass.index_add_(0, slots, slot_mass.to(mass.dtype))
+    return out

@@ -1,0 +1,86 @@
+"""Kernel dispatch: the fastest implementation of each contract for the device.
+
+| contract (reference in ``core``)  | CUDA                          | CPU                          |
+|-----------------------------------|-------------------------------|------------------------------|
+| ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C``      |
+| ``core.select.select_pairs``      | C++ op (host)                 | C++ op                       |
+
+When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
+``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
+forces the reference everywhere (for debugging and for measuring the kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from kvslimmer_vllm.core import paged as _paged_ref
+from kvslimmer_vllm.core import select as _select_ref
+
+logger = logging.getLogger("vllm.kvslimmer.kernels")
+ENV = "KVSLIMMER_KERNELS"
+
+__all__ = ["attention_backend_name", "paged_attention", "select_pairs"]
+
+
+def _forced_reference() -> bool:
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in ("auto", "reference"):
+        raise ValueError(f"{ENV} must be 'auto' or 'reference', got {value!r}")
+    return value == "reference"
+
+
+@functools.cache
+def _cpp_ops():
+    """``torch.ops.kvslimmer`` if the C++ extension is importable, else None."""
+    try:
+        import kvslimmer_vllm._C  # noqa: F401  (registers torch.ops.kvslimmer.*)
+    except ImportError as exc:
+        logger.warning("kvslimmer-vllm: C++ kernels unavailable (%s); using the PyTorch "
+                       "reference on CPU", exc)
+        return None
+    return torch.ops.kvslimmer
+
+
+@functools.cache
+def _triton_attention():
+    try:
+        from kvslimmer_vllm.triton_kernels.paged_attention import paged_attention
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
+        logger.warning("kvslimmer-vllm: Triton kernels unavailable (%s); using the "
+                       "PyTorch reference on GPU", exc)
+        return None
+    return paged_attention
+
+
+def attention_backend_name(device: torch.device) -> str:
+    """Which implementation :func:`paged_attention` uses on ``device``."""
+    if _forced_reference():
+        return "reference"
+    if device.type == "cuda":
+        return "triton" if _triton_attention() is not None else "reference"
+    return "cpp" if _cpp_ops() is not None else "reference"
+
+
+def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
+                    scale: float, block_size: int, mass=None):
+    """:func:`kvslimmer_vllm.core.paged.paged_attention`, on the device's kernel."""
+    name = attention_backend_name(query.device)
+    args = (query, kv, counts, block_table, seq_lens, query_start_loc, scale, block_size)
+    if name == "triton":
+        return _triton_attention()(*args, mass)
+    if name == "cpp":
+        return _cpp_ops().paged_attention(*args, mass)
+    return _paged_ref.paged_attention(*args, mass)
+
+
+def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`kvslimmer_vllm.core.select.select_pairs` (the C++ op when built)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    if ops is None:
+        return _select_ref.select_pairs(scores, k)
+    return ops.select_pairs(scores.detach().to("cpu", torch.float64), k).to(scores.device)
