@@ -1,0 +1,56 @@
+"""kvslimmer_vllm.kernels picks the kernel for the device and agrees with the core
+reference it stands in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslimmer_vllm import kernels
+from kvslimmer_vllm.core import paged, select
+
+
+def _batch(seed=0, block=16, hq=9, hkv=3, d=64):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 24
+    kv = torch.randn(num_blocks * block, hkv, 2 * d, generator=g)
+    counts = torch.randint(1, 50, (num_blocks * block,), generator=g).float()
+    lengths, rows = [37, 1, 100, 64], [5, 1, 1, 20]
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(lengths), 8, dtype=torch.int32)
+    used = 0
+    for r, length in enumerate(lengths):
+        n = -(-length // block)
+        table[r, :n] = perm[used:used + n].int()
+        used += n
+    qsl = torch.tensor([0] + list(torch.tensor(rows).cumsum(0)), dtype=torch.int32)
+    query = torch.randn(int(qsl[-1]), hq, d, generator=g)
+    return query, kv, counts, table, torch.tensor(lengths, dtype=torch.int32), qsl, block
+
+
+def test_cpu_uses_the_cpp_kernel_and_matches_the_reference():
+    assert kernels.attention_backend_name(torch.device("cpu")) == "cpp"
+    query, kv, counts, table, lens, qsl, block = _batch()
+    mass_k = torch.zeros(kv.shape[0], kv.shape[1])
+    mass_r = torch.zeros_like(mass_k)
+    out_k = kernels.paged_attention(query, kv, counts, table, lens, qsl, 0.125, block, mass_k)
+    out_r = paged.paged_attention(query, kv, counts, table, lens, qsl, 0.125, block, mass_r)
+    torch.testing.assert_close(out_k, out_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass_k, mass_r, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_can_be_forced(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.attention_backend_name(torch.device("cpu")) == "reference"
+    monkeypatch.setenv(kernels.ENV, "fastest")
+    with pytest.raises(ValueError, match=kernels.ENV):
+        kernels.attention_backend_name(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_pairs_dispatch_matches_core(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(301, generator=g, dtype=torch.float64)
+    scores[::7] = scores[3]  # ties
+    for k in (0, 1, 60, 151):
+        assert torch.equal(kernels.select_pairs(scores, k), select.select_pairs(scores, k))
