@@ -100,3 +100,17 @@ def test_config_source_json_yaml_and_overrides(tmp_path):
         load_config_source(str(tmp_path / "missing.yaml"))
     with pytest.raises(KVMergeConfigError, match="invalid JSON"):
         load_config_source("{not json")
+
+
+def test_every_method_flag_value_has_a_registered_class():
+    from typing import get_args
+
+    from kvslimmer_vllm.core.config import METHODS, KVMergeConfig
+    from kvslimmer_vllm.methods import get_method
+
+    assert get_args(KVMergeConfig.model_fields["method"].annotation) == METHODS
+    for name in METHODS[1:]:
+        method = get_method(KVMergeConfig(method=name))
+        assert method.name == name
+    with pytest.raises(Exception, match="--kv-merge"):
+        KVMergeConfig.from_mapping({"method": "h2o"})

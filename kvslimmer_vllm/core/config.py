@@ -38,7 +38,8 @@ DEFAULT_GAMMA = 4096.0 / math.log(512.0)
 DEFAULT_EPS = 1e-21
 
 #: Methods that ``--kv-merge`` accepts. ``none`` leaves vLLM untouched.
-METHODS = ("none", "kvslimmer")
+METHODS = ("none", "kvslimmer", "average", "evict", "streaming")
+Method = Literal["none", "kvslimmer", "average", "evict", "streaming"]
 
 #: Command-line flag of each field that has one (the others live in --kv-merge-config).
 FLAG_OF_FIELD = {
@@ -64,8 +65,11 @@ class KVMergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["none", "kvslimmer"] = Field(
-        "none", description="Merging method; 'none' is unmodified vLLM."
+    method: Method = Field(
+        "none",
+        description="Compression method: 'kvslimmer' (the paper), 'average' (count-weighted "
+        "merge of the same pairs), 'evict' (drop the least-attended slots), 'streaming' "
+        "(keep sink + recent slots); 'none' is unmodified vLLM.",
     )
     budget: int | None = Field(
         None,

@@ -23,7 +23,7 @@ from .rope import RotarySpec
 from .select import pair_scores, select_pairs
 from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
 
-__all__ = ["MergeResult", "evict_lowest", "merge_round", "merge_weights"]
+__all__ = ["MergeResult", "evict_lowest", "evict_oldest", "merge_round", "merge_weights"]
 
 
 @dataclass
@@ -267,9 +267,9 @@ def evict_lowest(
     recent: int,
     k: int,
 ) -> MergeResult:
-    """Ablation: drop the ``k`` slots of ``[sink, N - recent)`` with the lowest summed mass.
+    """Baseline (H2O/SnapKV style): drop the ``k`` slots of ``[sink, N - recent)`` with the
+    lowest observation mass, summed over KV heads.
 
-    The mass is summed over KV heads.
     Requires ``k <= N - sink - recent``. Ties drop the lower index first. Surviving slots keep
     everything, including ``hess``; ``pairs`` holds the dropped slots' input indices; counts of
     dropped slots are lost. Arguments as in :func:`merge_round`.
@@ -277,7 +277,33 @@ def evict_lowest(
     region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1)
     score = mass[region].to(torch.float64).sum(dim=1)
     order = torch.sort(score, stable=True).indices[:k]
-    dropped = sink + order.sort().values.to(keys.device)
+    return _drop(keys, values, counts, positions, hess, sink + order.sort().values.to(keys.device))
+
+
+def evict_oldest(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    hess: torch.Tensor,
+    mass: torch.Tensor,
+    *,
+    sink: int,
+    recent: int,
+    k: int,
+) -> MergeResult:
+    """Baseline (StreamingLLM): drop the ``k`` oldest slots after the sink, ``[sink, sink + k)``,
+    so a request keeps its sink slots and its most recent ones. ``mass`` is not used.
+
+    Requires ``k <= N - sink - recent``. Arguments and result as in :func:`evict_lowest`.
+    """
+    _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1)
+    return _drop(keys, values, counts, positions, hess,
+                 torch.arange(sink, sink + k, device=keys.device))
+
+
+def _drop(keys, values, counts, positions, hess, dropped: torch.Tensor) -> MergeResult:
+    """The slots not in ``dropped`` (sorted input indices), unchanged."""
     keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
     keep[dropped] = False
     return MergeResult(
@@ -287,5 +313,5 @@ def evict_lowest(
         positions=positions[keep],
         hess=hess[keep],
         pairs=dropped,
-        first_changed=int(dropped[0]) if k else keys.shape[0],
+        first_changed=int(dropped[0]) if dropped.numel() else keys.shape[0],
     )

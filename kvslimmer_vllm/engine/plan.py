@@ -11,7 +11,8 @@ PLAN_ATTR = "kv_merge"
 
 @dataclass(frozen=True)
 class MergeRound:
-    """Merge ``num_merge`` disjoint pairs of one request's slots, then compact them.
+    """Free ``num_merge`` of one request's slots with ``method`` (merging disjoint pairs,
+    or dropping slots), then compact them.
 
     ``block_ids`` are the request's KV blocks *before* the round; the scheduler has
     already returned the blocks past ``ceil((num_slots - num_merge) / block_size)`` to
@@ -23,6 +24,7 @@ class MergeRound:
     num_slots: int
     num_merge: int
     round_index: int
+    method: str
 
     @property
     def num_slots_after(self) -> int:

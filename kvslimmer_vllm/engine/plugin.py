@@ -104,7 +104,10 @@ def add_kv_merge_arguments(parser) -> None:
     )
     group.add_argument(
         "--kv-merge", dest="kv_merge", choices=METHODS, default=None,
-        help="KV merging method; 'none' (default) runs unmodified vLLM.",
+        help="KV compression method: kvslimmer (Hessian-weighted merging), average "
+        "(count-weighted merging of the same pairs), evict (drop the least-attended "
+        "slots), streaming (keep sink + recent slots); 'none' (default) runs "
+        "unmodified vLLM.",
     )
     for dest, flag, field, text in _INT_FLAGS:
         group.add_argument(

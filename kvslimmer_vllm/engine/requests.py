@@ -3,6 +3,7 @@
 
     extra_body={"vllm_xargs": {"kv_merge": "off"}}          # this request never merges
     extra_body={"vllm_xargs": {"kv_merge_budget": 512}}     # keep 512 slots, not the server's
+    extra_body={"vllm_xargs": {"kv_merge_method": "evict"}} # another method than the server's
 
 A request may lower its budget down to the smallest one the server's interval, sink,
 recent and prefill chunk allow, but not raise it above the server's ``--kv-merge-budget``
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvslimmer_vllm.core.config import KVMergeConfig
+from kvslimmer_vllm.core.config import METHODS, KVMergeConfig
 
 MODE_KEY = "kv_merge"
 BUDGET_KEY = "kv_merge_budget"
+METHOD_KEY = "kv_merge_method"
+#: Methods a request may pick ('none' is spelled ``kv_merge: "off"``).
+REQUEST_METHODS = tuple(m for m in METHODS if m != "none")
 _MODES = {"on": True, "off": False, True: True, False: False}
 
 
@@ -31,6 +35,7 @@ class RequestSettingsError(ValueError):
 class RequestSettings:
     enabled: bool
     budget: int
+    method: str
 
 
 def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestSettings:
@@ -52,4 +57,11 @@ def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestS
             f"vllm_xargs.{BUDGET_KEY} must be an integer from {low} to {high} (this "
             f"server's --kv-merge-budget); got {budget!r}", budget,
         )
-    return RequestSettings(enabled=_MODES[mode], budget=budget)
+    method = extra.get(METHOD_KEY, config.method)
+    if method not in REQUEST_METHODS:
+        raise RequestSettingsError(
+            f"vllm_xargs.{METHOD_KEY}",
+            f"vllm_xargs.{METHOD_KEY} must be one of {', '.join(REQUEST_METHODS)}; "
+            f"got {method!r}", method,
+        )
+    return RequestSettings(enabled=_MODES[mode], budget=budget, method=method)

@@ -109,7 +109,8 @@ class MergeBook:
     def plan_round(self, request: Request, block_ids: list[int]) -> MergeRound | None:
         cfg = self.config
         n = self.physical(request)
-        k = n - self.settings_of(request).budget
+        settings = self.settings_of(request)
+        k = n - settings.budget
         mergeable = n - cfg.sink - cfg.recent
         if 2 * k > mergeable:
             # The chunk cap makes this impossible; never crash the server over it.
@@ -130,6 +131,7 @@ class MergeBook:
             num_slots=n,
             num_merge=k,
             round_index=state.rounds,
+            method=settings.method,
         )
         self.pending.append(plan)
         return plan
@@ -140,7 +142,9 @@ class MergeBook:
         if tokens <= 0:
             return None
         state = self.states.get(request.request_id, RequestMergeState())
+        settings = self.settings.get(request.request_id)
         return {
+            "method": settings.method if settings and settings.enabled else "none",
             "merged_tokens": state.num_merged,
             "rounds": state.rounds,
             "kv_slots": tokens - state.num_merged,

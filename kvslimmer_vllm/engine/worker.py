@@ -37,7 +37,7 @@ from kvslimmer_vllm.engine.slots import (
     gather,
     slot_ids,
 )
-from kvslimmer_vllm.methods import get_method
+from kvslimmer_vllm.methods import MergeMethod, get_method
 
 logger = logging.getLogger("vllm.kvslimmer.worker")
 
@@ -83,7 +83,7 @@ class KVMergeRunnerMixin:
 
     def _kv_merge_init(self, rank: int) -> None:
         self.kv_merge_config = merge_config_from_vllm(self.vllm_config)
-        self._kv_merge_method = get_method(self.kv_merge_config)
+        self._kv_merge_methods: dict[str, MergeMethod] = {}
         self._kv_merge_layers: list[LayerCache] = []
         self._kv_merge_state: SlotState | None = None
         self._kv_merge_num_merged: dict[str, int] = {}
@@ -93,6 +93,14 @@ class KVMergeRunnerMixin:
             metrics.WorkerMetricsWriter.attach(self.vllm_config) if rank == 0 else None
         )
         self._kv_merge_profile = make_profile(f"worker {rank}", self.device)
+
+    def _kv_merge_method(self, name: str) -> MergeMethod:
+        """The method a round asks for (each request may pick its own)."""
+        method = self._kv_merge_methods.get(name)
+        if method is None:
+            method = get_method(self.kv_merge_config.model_copy(update={"method": name}))
+            self._kv_merge_methods[name] = method
+        return method
 
     # --------------------------------------------------------------- KV cache setup
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
@@ -141,7 +149,7 @@ class KVMergeRunnerMixin:
                 before = self._kv_merge_trace_gather(merge.block_ids, merge.num_slots)
                 apply_round(
                     merge, self._kv_merge_layers, self._kv_merge_state,
-                    self._kv_merge_method, self._kv_merge_block_size,
+                    self._kv_merge_method(merge.method), self._kv_merge_block_size,
                 )
                 if before is not None:
                     after = self._kv_merge_trace_gather(

@@ -11,6 +11,7 @@ from kvslimmer_vllm.core import (
     cross_hessian,
     default_inv_freq,
     evict_lowest,
+    evict_oldest,
     hessian_stats,
     merge_round,
     merge_weights,
@@ -300,3 +301,20 @@ def test_evict_lowest_drops_the_least_observed_slots():
     assert evict_lowest(**state, sink=sink, recent=recent, k=30).counts.shape == (10,)
     with pytest.raises(ValueError, match="k=31"):
         evict_lowest(**state, sink=sink, recent=recent, k=31)
+
+
+def test_evict_oldest_keeps_sink_and_recent_slots():
+    state = _state(10)
+    sink, recent, k = 4, 6, 7
+    result = evict_oldest(**state, sink=sink, recent=recent, k=k)
+    assert result.pairs.tolist() == list(range(sink, sink + k))
+    assert result.first_changed == sink
+    keep = list(range(sink)) + list(range(sink + k, 40))
+    for name in ("keys", "values", "counts", "positions", "hess"):
+        _assert_same(getattr(result, name), state[name][keep])
+    # the mass plays no part
+    flipped = evict_oldest(**{**state, "mass": -state["mass"]}, sink=sink, recent=recent, k=k)
+    assert flipped.pairs.tolist() == result.pairs.tolist()
+    assert evict_oldest(**state, sink=sink, recent=recent, k=0).first_changed == 40
+    with pytest.raises(ValueError, match="k=31"):
+        evict_oldest(**state, sink=sink, recent=recent, k=31)

@@ -103,7 +103,7 @@ def test_scheduler_output_carries_the_plan():
 
     assert not hasattr(SchedulerOutput, "__slots__")
     out = SchedulerOutput.make_empty()
-    plan = StepPlan([MergeRound("a", (1, 2), 200, 40, 1)], {"a": 40})
+    plan = StepPlan([MergeRound("a", (1, 2), 200, 40, 1, "kvslimmer")], {"a": 40})
     setattr(out, PLAN_ATTR, plan)
     copy = pickle.loads(pickle.dumps(out))  # how it reaches the worker processes
     assert getattr(copy, PLAN_ATTR) == plan

@@ -85,10 +85,24 @@ def test_requests_choose_their_own_budget_or_opt_out():
     for req in (low, off, default):
         req.num_computed_tokens, req.num_tokens = 420, 5000
     assert book.round_due(low) and not book.round_due(default) and not book.round_due(off)
-    assert book.plan_round(low, list(range(27))).num_merge == 420 - 300
+    plan = book.plan_round(low, list(range(27)))
+    assert (plan.num_merge, plan.method) == (420 - 300, "kvslimmer")
     assert book.max_chunk(off) > 10**9
     assert book.peak_slots(off) == 5000 and book.peak_slots(default) == cfg.max_physical_slots
     assert book.peak_slots(low) == 300 + 64 + 64
+
+
+def test_requests_choose_their_own_method():
+    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    book = MergeBook(cfg, block_size=16)
+    req = _request("evicting")
+    req.sampling_params = SimpleNamespace(
+        extra_args={"kv_merge_method": "evict", "kv_merge_budget": 300}
+    )
+    req.num_computed_tokens, req.num_tokens = 420, 5000
+    plan = book.plan_round(req, list(range(27)))
+    assert (plan.method, plan.num_merge) == ("evict", 120)
+    assert book.summary(req)["method"] == "evict"
 
 
 @pytest.mark.parametrize("extra, field", [
@@ -97,6 +111,8 @@ def test_requests_choose_their_own_budget_or_opt_out():
     ({"kv_merge_budget": "512"}, "kv_merge_budget"),
     ({"kv_merge_budget": True}, "kv_merge_budget"),
     ({"kv_merge": "maybe"}, "kv_merge"),
+    ({"kv_merge_method": "none"}, "kv_merge_method"),
+    ({"kv_merge_method": "h2o"}, "kv_merge_method"),
 ])
 def test_invalid_request_settings_name_the_field_and_range(extra, field):
     cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
@@ -105,3 +121,5 @@ def test_invalid_request_settings_name_the_field_and_range(extra, field):
     assert err.value.field == f"vllm_xargs.{field}"
     if field == "kv_merge_budget":
         assert "from 192 to 1024" in str(err.value)
+    if field == "kv_merge_method":
+        assert "kvslimmer, average, evict, streaming" in str(err.value)

@@ -96,6 +96,7 @@ def test_per_request_control_over_the_openai_api(merge_server):
         ({"kv_merge_budget": 5000}, "kv_merge_budget", "from 256 to 256"),
         ({"kv_merge_budget": "lots"}, "kv_merge_budget", "integer"),
         ({"kv_merge": "sometimes"}, "kv_merge", "'on' or 'off'"),
+        ({"kv_merge_method": "h2o"}, "kv_merge_method", "kvslimmer, average, evict"),
     ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(**ask, extra_body={"vllm_xargs": xargs})

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvslimmer_vllm.core import RotarySpec, default_inv_freq, merge_round
+from kvslimmer_vllm.core import (
+    RotarySpec,
+    default_inv_freq,
+    evict_lowest,
+    evict_oldest,
+    merge_round,
+)
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, gather, slot_ids
@@ -27,8 +33,20 @@ def _filled(num_slots, seed):
     return state, kvs
 
 
+def _core_round(method, b, k, cfg, rotary):
+    """What the method's round must equal: its core function on the gathered slots."""
+    args = (b.keys, b.values, b.counts, b.positions, b.hess, b.mass)
+    if method in ("kvslimmer", "average"):
+        return merge_round(*args, sink=4, recent=8, k=k, round_idx=2, gamma=cfg.gamma,
+                           eps=cfg.eps, rotary=rotary,
+                           key_weights="hessian" if method == "kvslimmer" else "count")
+    evict = evict_lowest if method == "evict" else evict_oldest
+    return evict(*args, sink=4, recent=8, k=k)
+
+
+@pytest.mark.parametrize("method", ["kvslimmer", "average", "evict", "streaming"])
 @pytest.mark.parametrize("num_slots, num_merge", [(100, 20), (64, 1), (47, 6), (160, 50)])
-def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge):
+def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, method):
     cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
     rotary = RotarySpec(rotary_dim=DIM, is_neox=True, inv_freq=default_inv_freq(DIM, 1e4))
     state, kvs = _filled(BLOCKS * BLOCK, seed=num_slots)
@@ -36,21 +54,20 @@ def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge):
     # Scattered, non-monotonic blocks, so compaction crosses block boundaries.
     perm = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(1)).tolist()
     blocks = tuple(perm[: -(-num_slots // BLOCK)])
-    plan = MergeRound("r", blocks, num_slots, num_merge, round_index=2)
+    plan = MergeRound("r", blocks, num_slots, num_merge, round_index=2, method=method)
     src = slot_ids(blocks, num_slots, BLOCK)
     others = torch.ones(BLOCKS * BLOCK, dtype=torch.bool)
     others[slot_ids(blocks, len(blocks) * BLOCK, BLOCK)] = False
     before = [gather(layer, state, src) for layer in layers]
     untouched = [(kv[others].clone(), state.counts[i][others].clone()) for i, kv in enumerate(kvs)]
 
-    apply_round(plan, layers, state, get_method(cfg), BLOCK)
+    apply_round(plan, layers, state, get_method(cfg.model_copy(update={"method": method})),
+                BLOCK)
 
     dst = src[: num_slots - num_merge]
     for i, layer in enumerate(layers):
         b = before[i]
-        want = merge_round(b.keys, b.values, b.counts, b.positions, b.hess, b.mass,
-                           sink=4, recent=8, k=num_merge, round_idx=2,
-                           gamma=cfg.gamma, eps=cfg.eps, rotary=rotary)
+        want = _core_round(method, b, num_merge, cfg, rotary)
         got = gather(layer, state, dst)
         torch.testing.assert_close(got.keys, want.keys)
         torch.testing.assert_close(got.values, want.values)

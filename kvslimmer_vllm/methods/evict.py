@@ -1,0 +1,40 @@
+"""Eviction baselines: drop slots instead of merging them."""
+
+from __future__ import annotations
+
+from kvslimmer_vllm.core.merge import MergeResult, evict_lowest, evict_oldest
+from kvslimmer_vllm.core.rope import RotarySpec
+from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
+
+
+@register
+class Evict(MergeMethod):
+    """H2O/SnapKV style: drop the slots that drew the least attention since the last
+    round (the same observation statistics KVSlimmer scores pairs with)."""
+
+    name = "evict"
+
+    def run_round(
+        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
+    ) -> MergeResult:
+        cfg = self.config
+        return evict_lowest(
+            slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
+            sink=cfg.sink, recent=cfg.recent, k=k,
+        )
+
+
+@register
+class Streaming(MergeMethod):
+    """StreamingLLM: keep the sink slots and the most recent ones, drop the oldest rest."""
+
+    name = "streaming"
+
+    def run_round(
+        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
+    ) -> MergeResult:
+        cfg = self.config
+        return evict_oldest(
+            slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
+            sink=cfg.sink, recent=cfg.recent, k=k,
+        )
