@@ -1,0 +1,128 @@
+"""Run an :class:`~kvslimmer_vllm.eval.spec.EvalSpec` on a backend; one row per case.
+
+For each length, every case of every task is generated once, then sent to the engine
+once with full KV (``kv_merge: off``) and once per (method, budget), all in one batch so
+the engine schedules them together. Rows are plain dicts:
+
+``task, length, case, method, budget, budget_tokens, prompt_tokens, score``
+
+``method`` is ``none`` for full KV (``budget`` ``full``); ``score`` is the task score in
+[0, 1], the continuation's mean NLL in nats per token for ``nll``, and, for
+``agreement``, the fraction of answer tokens equal to full KV's, position by position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvslimmer_vllm.eval.backends import Backend, ChatRequest, NLLRequest
+from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError
+from kvslimmer_vllm.eval.tasks import AGREEMENT_TASK, NLL_TASK, TASKS, nll_cases
+
+FULL = ("none", "full")
+
+
+def token_agreement(tokenizer, text: str, reference: str) -> float:
+    """Fraction of positions where the two answers' tokens agree (over the longer one)."""
+    a = tokenizer(text, add_special_tokens=False)["input_ids"]
+    b = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    if not a and not b:
+        return 1.0
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
+
+
+def _chat_len(tokenizer, messages: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                         continue_final_message=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def configurations(spec: EvalSpec) -> list[tuple[str, float | None]]:
+    """Full KV first, then every (method, budget)."""
+    return [("none", None)] + [(m, b) for m in spec.methods for b in spec.budgets]
+
+
+def plan_limits(spec: EvalSpec) -> dict:
+    """Engine sizes for the sweep: the largest budget any request asks for and the
+    context length (prompts run up to about ``max(lengths) + nll_tokens`` tokens)."""
+    longest = max(spec.lengths) + max(spec.nll_tokens, spec.max_tokens) + 64
+    budget = max(spec.budget_tokens(b, longest) for b in spec.budgets)
+    return {"engine_budget": min(budget, longest - 1), "max_model_len": longest + 64}
+
+
+def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
+             max_budget: int, log: Callable[[str], None] = print) -> list[dict]:
+    """All rows of the sweep. Budgets outside ``[min_budget, max_budget]`` (what the
+    engine's interval, sink and budget allow) are refused before anything runs."""
+    rows: list[dict] = []
+    configs = configurations(spec)
+    gen_tasks = [t for t in spec.tasks if t in TASKS]
+    want_agreement = AGREEMENT_TASK in spec.tasks
+    if want_agreement and not gen_tasks:
+        gen_tasks = list(TASKS)  # agreement is measured on the generation tasks
+    for length in spec.lengths:
+        cases = [(t, i, c) for t in gen_tasks
+                 for i, c in enumerate(TASKS[t](tokenizer, spec.cases, length, seed=spec.seed))]
+        chat, keys = [], []
+        for task, i, case in cases:
+            prompt_len = _chat_len(tokenizer, case.conversation)
+            for method, budget in configs:
+                xargs = _xargs(spec, method, budget, prompt_len, min_budget, max_budget)
+                chat.append(ChatRequest(case.conversation, xargs, spec.max_tokens))
+                keys.append((task, i, case, method, budget, prompt_len, xargs))
+        log(f"length {length}: {len(cases)} cases x {len(configs)} configurations")
+        answers = backend.chat(chat, desc=f"generate @ {length}") if chat else []
+        reference = {}
+        for (task, i, case, method, budget, plen, xargs), text in zip(keys, answers):
+            if method == "none":
+                reference[(task, i)] = text
+            if task in spec.tasks:
+                rows.append(_row(spec, task, length, i, method, budget, plen, xargs,
+                                 case.score(text), text))
+        if want_agreement:
+            for (task, i, case, method, budget, plen, xargs), text in zip(keys, answers):
+                if method != "none":
+                    rows.append(_row(spec, AGREEMENT_TASK, length, f"{task}-{i}", method,
+                                     budget, plen, xargs,
+                                     token_agreement(tokenizer, text, reference[(task, i)])))
+        if NLL_TASK in spec.tasks:
+            nll_reqs, nll_keys = [], []
+            for i, case in enumerate(nll_cases(tokenizer, spec.cases, length, spec.seed,
+                                               spec.nll_tokens)):
+                plen = len(case.prompt_ids)
+                for method, budget in configs:
+                    xargs = _xargs(spec, method, budget, plen, min_budget, max_budget)
+                    nll_reqs.append(NLLRequest(case.prompt_ids, case.num_target, xargs))
+                    nll_keys.append((i, method, budget, plen, xargs))
+            scores = backend.nll(nll_reqs, desc=f"nll @ {length}")
+            for (i, method, budget, plen, xargs), score in zip(nll_keys, scores):
+                rows.append(_row(spec, NLL_TASK, length, i, method, budget, plen, xargs, score))
+    return rows
+
+
+def _xargs(spec: EvalSpec, method: str, budget: float | None, prompt_len: int,
+           min_budget: int, max_budget: int) -> dict:
+    if method == "none":
+        return {"kv_merge": "off"}
+    tokens = spec.budget_tokens(budget, prompt_len)
+    if not min_budget <= tokens <= max_budget:
+        raise EvalSpecError(
+            f"--budgets: {spec.budget_label(budget)} of a {prompt_len}-token prompt is "
+            f"{tokens} tokens, outside what the engine allows ({min_budget} to {max_budget}: "
+            "raise the budget or the length, or lower --interval/--sink)"
+        )
+    return {"kv_merge_method": method, "kv_merge_budget": tokens}
+
+
+def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, text=None):
+    return {
+        "task": task,
+        "length": length,
+        "case": case,
+        "method": method,
+        "budget": "full" if budget is None else spec.budget_label(budget),
+        "budget_tokens": xargs.get("kv_merge_budget", prompt_len),
+        "prompt_tokens": prompt_len,
+        "score": float(score),
+        "answer": text,
+    }
