@@ -31,6 +31,7 @@ def _eval(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from kvslimmer_vllm.core.config import KVMergeConfigError
     from kvslimmer_vllm.eval.backends import EvalBackendError
     from kvslimmer_vllm.eval.spec import EvalSpecError, load_spec
 
@@ -45,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
         out = Path(args.out or f"eval-results/{time.strftime('%Y%m%d-%H%M%S')}")
         started = time.perf_counter()
         summary = run_and_report(spec, args, out, log)
-    except (EvalSpecError, EvalBackendError) as exc:
+    except (EvalSpecError, EvalBackendError, KVMergeConfigError) as exc:
         print(f"kvslimmer-vllm eval: error: {exc}", file=sys.stderr)
         return 2
     for verdict in summary["verdicts"]:

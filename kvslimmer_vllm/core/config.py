@@ -218,7 +218,7 @@ def load_config_source(source: str) -> dict[str, Any]:
         path = Path(path_text).expanduser()
         if not path.is_file():
             raise KVMergeConfigError(
-                f"--kv-merge-config: no such file '{path_text}' (give a YAML/JSON file, "
+                f"--kv-merge-config: no such file {path_text!r} (give a YAML/JSON file, "
                 "FILE#PROFILE or inline JSON)"
             )
         import yaml

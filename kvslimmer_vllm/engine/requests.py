@@ -44,7 +44,7 @@ def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestS
     mode = extra.get(MODE_KEY, "on")
     if isinstance(mode, str):
         mode = mode.lower()
-    if mode not in _MODES:
+    if not isinstance(mode, (str, bool)) or mode not in _MODES:
         raise RequestSettingsError(
             f"vllm_xargs.{MODE_KEY}",
             f"vllm_xargs.{MODE_KEY} must be 'on' or 'off'; got {mode!r}", mode,
@@ -58,7 +58,7 @@ def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestS
             f"server's --kv-merge-budget); got {budget!r}", budget,
         )
     method = extra.get(METHOD_KEY, config.method)
-    if method not in REQUEST_METHODS:
+    if not isinstance(method, str) or method not in REQUEST_METHODS:
         raise RequestSettingsError(
             f"vllm_xargs.{METHOD_KEY}",
             f"vllm_xargs.{METHOD_KEY} must be one of {', '.join(REQUEST_METHODS)}; "

@@ -12,7 +12,10 @@ difference per request. The KV cache manager is switched to
   written after the data was moved out of it);
 * sizes allocations and the admission check by physical slots;
 * forgets a request's merge state when its blocks are freed (finish, abort,
-  preemption: a preempted request is recomputed from scratch).
+  preemption). A preempted request is recomputed from scratch; it keeps the logical
+  lengths its rounds ran at, and its recompute runs its rounds at exactly those lengths
+  (prefill chunks end there), so it reaches the same merged cache and greedy output as
+  without preemption.
 
 :class:`KVMergeScheduler` caps prefill chunks so a request never holds more than
 ``budget + interval + prefill_chunk`` slots, and attaches the step's
@@ -58,6 +61,11 @@ class MergeBook:
         self.block_size = block_size
         self.states: dict[str, RequestMergeState] = {}
         self.settings: dict[str, RequestSettings] = {}
+        # Kept across preemptions: the logical lengths at which each request's rounds
+        # ran, and the longest length it had computed when preempted.
+        self.round_points: dict[str, list[int]] = {}
+        self.replay_until: dict[str, int] = {}
+        self.preemptions: dict[str, int] = {}
         self.pending: list[MergeRound] = []
         self.totals = metrics.Totals()
 
@@ -82,11 +90,26 @@ class MergeBook:
     def physical(self, request: Request) -> int:
         return request.num_computed_tokens - self.num_merged(request.request_id)
 
+    def _replay_point(self, request: Request, ahead: int = 0) -> int | None:
+        """While a recomputed request replays its earlier rounds: the logical length of
+        its next round (``ahead`` rounds further); None once past them."""
+        points = self.round_points.get(request.request_id)
+        if not points:
+            return None
+        state = self.states.get(request.request_id)
+        index = (state.rounds if state else 0) + ahead
+        return points[index] if index < len(points) else None
+
     def round_due(self, request: Request) -> bool:
         settings = self.settings_of(request)
-        return settings.enabled and (
-            self.physical(request) > settings.budget + self.config.interval
-        )
+        if not settings.enabled:
+            return False
+        point = self._replay_point(request)
+        if point is not None:
+            return request.num_computed_tokens == point
+        if request.num_computed_tokens < self.replay_until.get(request.request_id, 0):
+            return False  # no round ran there before the preemption
+        return self.physical(request) > settings.budget + self.config.interval
 
     def peak_slots(self, request: Request) -> int:
         """Most slots the request will hold (its budget + interval + prefill chunk)."""
@@ -103,8 +126,17 @@ class MergeBook:
         if not settings.enabled:
             return 1 << 62
         cfg = self.config
-        slots = settings.budget if self.round_due(request) else self.physical(request)
-        return settings.budget + cfg.interval + cfg.prefill_chunk - slots
+        due = self.round_due(request)
+        slots = settings.budget if due else self.physical(request)
+        cap = settings.budget + cfg.interval + cfg.prefill_chunk - slots
+        # A recomputed request stops its chunks where its rounds ran, and where it was
+        # preempted, so that its rounds run at the same lengths as before.
+        target = self._replay_point(request, ahead=1 if due else 0)
+        if target is None:
+            target = self.replay_until.get(request.request_id)
+        if target is not None and target > request.num_computed_tokens:
+            cap = min(cap, target - request.num_computed_tokens)
+        return cap
 
     def plan_round(self, request: Request, block_ids: list[int]) -> MergeRound | None:
         cfg = self.config
@@ -123,6 +155,9 @@ class MergeBook:
         if k <= 0:
             return None
         state = self.states.setdefault(request.request_id, RequestMergeState())
+        points = self.round_points.setdefault(request.request_id, [])
+        if state.rounds == len(points):  # a new round, not a replayed one
+            points.append(request.num_computed_tokens)
         state.rounds += 1
         state.num_merged += k
         plan = MergeRound(
@@ -150,14 +185,26 @@ class MergeBook:
             "kv_slots": tokens - state.num_merged,
             "tokens": tokens,
             "kv_ratio": round((tokens - state.num_merged) / tokens, 4),
+            "preemptions": self.preemptions.get(request.request_id, 0),
         }
 
     def forget(self, request: Request) -> None:
-        self.settings.pop(request.request_id, None)
-        state = self.states.pop(request.request_id, None)
+        """The request's blocks are being freed: finished, aborted or preempted."""
+        rid = request.request_id
+        finished = request.is_finished()
+        if finished:
+            self.settings.pop(rid, None)
+            self.round_points.pop(rid, None)
+            self.replay_until.pop(rid, None)
+            self.preemptions.pop(rid, None)
+        elif request.num_computed_tokens > 0:
+            self.preemptions[rid] = self.preemptions.get(rid, 0) + 1
+            self.replay_until[rid] = max(self.replay_until.get(rid, 0),
+                                         request.num_computed_tokens)
+        state = self.states.pop(rid, None)
         if state is None or request.num_computed_tokens <= 0:
             return
-        if request.status != RequestStatus.PREEMPTED and request.is_finished():
+        if finished:
             ratio = 1.0 - state.num_merged / request.num_computed_tokens
             self.totals.record_finished_request(ratio)
             logger.info(

@@ -43,10 +43,13 @@ def configurations(spec: EvalSpec) -> list[tuple[str, float | None]]:
 
 
 def plan_limits(spec: EvalSpec) -> dict:
-    """Engine sizes for the sweep: the largest budget any request asks for and the
-    context length (prompts run up to about ``max(lengths) + nll_tokens`` tokens)."""
+    """Engine sizes for the sweep: the largest budget any request asks for (at least
+    ``sink + 3 * interval``, the smallest that leaves room for a round; smaller requested
+    budgets are refused per request, by name) and the context length (prompts run up to
+    about ``max(lengths) + nll_tokens`` tokens)."""
     longest = max(spec.lengths) + max(spec.nll_tokens, spec.max_tokens) + 64
     budget = max(spec.budget_tokens(b, longest) for b in spec.budgets)
+    budget = max(budget, spec.sink + 3 * spec.interval)
     return {"engine_budget": min(budget, longest - 1), "max_model_len": longest + 64}
 
 

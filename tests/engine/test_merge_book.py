@@ -123,3 +123,55 @@ def test_invalid_request_settings_name_the_field_and_range(extra, field):
         assert "from 192 to 1024" in str(err.value)
     if field == "kv_merge_method":
         assert "kvslimmer, average, evict, streaming" in str(err.value)
+
+
+def _run(book, req, total, prompt, caps):
+    """Schedule ``req`` to ``total`` tokens with per-step token caps cycling through
+    ``caps``; return each round's (logical length, slots merged)."""
+    rounds, step = [], 0
+    while req.num_computed_tokens < total:
+        remaining = prompt - req.num_computed_tokens if req.num_computed_tokens < prompt else 1
+        chunk = min(remaining, caps[step % len(caps)], book.max_chunk(req))
+        step += 1
+        if book.round_due(req):
+            plan = book.plan_round(req, list(range(100)))
+            rounds.append((req.num_computed_tokens, plan.num_merge))
+        req.num_computed_tokens += chunk
+        assert book.physical(req) <= book.config.max_physical_slots
+    return rounds
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    budget=st.integers(128, 1500),
+    interval=st.integers(8, 300),
+    prompt=st.integers(1, 5000),
+    decode=st.integers(0, 800),
+    first_caps=st.lists(st.integers(1, 2048), min_size=1, max_size=5),
+    replay_caps=st.lists(st.integers(1, 2048), min_size=1, max_size=5),
+    preempt_at=st.floats(0.05, 1.0),
+)
+def test_a_preempted_request_replays_its_rounds_at_the_same_lengths(
+    budget, interval, prompt, decode, first_caps, replay_caps, preempt_at
+):
+    try:
+        cfg = KVMergeConfig(method="kvslimmer", budget=budget,
+                            interval=interval).resolve(16384)
+    except KVMergeConfigError:
+        return
+    book, req = MergeBook(cfg, block_size=16), _request()
+    req.is_finished = lambda: False
+    total = prompt + decode
+    stop = max(1, int(total * preempt_at))
+    before = _run(book, req, stop, prompt, first_caps)
+    book.forget(req)  # preempted: blocks freed, recomputed from scratch with its outputs
+    req.num_computed_tokens = 0
+    replayed = _run(book, req, stop, stop, replay_caps)
+    assert replayed == before
+    # ... and merging goes on as usual afterwards.
+    after = _run(book, req, total, prompt, first_caps)
+    assert all(n > stop - 1 for n, _ in after)
+    assert book.summary(req)["preemptions"] == 1
+    req.is_finished = lambda: True
+    book.forget(req)
+    assert not (book.round_points or book.replay_until or book.preemptions or book.settings)

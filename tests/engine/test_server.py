@@ -202,3 +202,36 @@ def test_no_block_leaks_after_aborts_and_preemption(merge_server, tokenizer):
         max_tokens=24, temperature=0,
     )
     assert "Paris" in chat.choices[0].message.content
+
+
+def test_eval_against_the_running_server(merge_server, model_dir, tmp_path):
+    """`kvslimmer-vllm eval --server URL`: methods and budgets picked per request."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "kvslimmer-vllm")
+    common = [cli, "eval", "--server", merge_server.url, "--model", model_dir,
+              "--lengths", "512", "--cases", "1", "--max-tokens", "8",
+              "--methods", "kvslimmer,streaming"]
+    before = merge_server.metrics()["vllm:kv_merge_tokens_merged_total"]
+    proc = subprocess.run(
+        [*common, "--budgets", "256", "--tasks", "needle,nll,agreement",
+         "--out", str(tmp_path / "ok")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "ok" / "rows.csv")))
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (t, m) for t in ("needle", "nll") for m in ("none", "kvslimmer", "streaming")
+    } | {("agreement", "kvslimmer"), ("agreement", "streaming")}
+    assert all(float(r["score"]) > 0.5 for r in rows if r["task"] == "nll")
+    assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
+    # A budget the server cannot grant: its HTTP 400 message reaches the user.
+    bad = subprocess.run(
+        [*common, "--budgets", "0.9", "--tasks", "needle", "--out", str(tmp_path / "bad")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert bad.returncode == 2
+    assert "HTTP 400" in bad.stderr and "vllm_xargs.kv_merge_budget" in bad.stderr

@@ -1,0 +1,142 @@
+"""Reliability of merging inside the engine: preemption, aborts and finishes in the
+very step of a merge round, isolation between requests, determinism, and no lost block.
+
+The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) where a test
+must look at the scheduler's block pool and merge bookkeeping directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvslimmer_vllm.engine.plugin import engine_kwargs
+from helpers import offline_llm, token_prompt
+
+BUDGET, INTERVAL = 256, 128
+#: 12 blocks of 128 slots: fewer than eight merging requests need at their peak
+#: (budget + interval + chunk = 432 slots, 4 blocks each), so some are preempted.
+SMALL_CACHE, LARGE_CACHE = 12, 64
+
+
+def _params(max_tokens, **xargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens,
+                          ignore_eos=True, extra_args=xargs or None)
+
+
+def _prompts(tokenizer, n, length, seed=0):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=token_prompt(tokenizer, length + 37 * i, seed=seed + i))
+            for i in range(n)]
+
+
+def _generate(llm, prompts, params):
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return ([list(o.outputs[0].token_ids) for o in outputs],
+            [((o.kv_transfer_params or {}).get("kv_merge") or {}) for o in outputs])
+
+
+@pytest.fixture(scope="module")
+def eight(tokenizer):
+    return _prompts(tokenizer, 8, 700, seed=40)
+
+
+def test_preempted_requests_keep_their_greedy_output(model_dir, eight):
+    kw = dict(max_model_len=1536, **engine_kwargs(budget=BUDGET, interval=INTERVAL))
+    with offline_llm(model_dir, num_gpu_blocks_override=LARGE_CACHE, **kw) as llm:
+        reference, ref_summaries = _generate(llm, eight, _params(160))
+    with offline_llm(model_dir, num_gpu_blocks_override=SMALL_CACHE, **kw) as llm:
+        tokens, summaries = _generate(llm, eight, _params(160))
+    assert all(s["preemptions"] == 0 for s in ref_summaries)
+    preempted = [i for i, s in enumerate(summaries) if s["preemptions"] > 0]
+    assert preempted, "the small cache should force preemptions"
+    # Preempted while merging: they had merged before, and merge again after.
+    assert all(summaries[i]["rounds"] >= 3 for i in preempted)
+    for i in range(len(eight)):
+        assert tokens[i] == reference[i], f"request {i} ({summaries[i]}) changed"
+
+
+@pytest.fixture(scope="module")
+def inproc_llm(model_dir):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        with offline_llm(model_dir, num_gpu_blocks_override=24, max_model_len=2048,
+                         **engine_kwargs(budget=192, interval=32)) as llm:
+            yield llm
+    finally:
+        mp.undo()
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_aborts_and_finishes_in_a_round_step_leak_nothing(inproc_llm, tokenizer):
+    from vllm.inputs import TokensPrompt
+
+    llm = inproc_llm
+    sched = _scheduler(llm)
+    book, pool = sched.merge_book, sched.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    probe = _prompts(tokenizer, 1, 600, seed=90)
+    probe_before, _ = _generate(llm, probe, _params(24))
+
+    engine = llm.llm_engine
+    ids = {}
+    for i in range(10):
+        prompt = TokensPrompt(prompt_token_ids=token_prompt(tokenizer, 300 + 41 * i, seed=60 + i))
+        # Short outputs ending at every offset within an interval: some finish in the
+        # very step their round runs.
+        ext = f"churn-{i}"
+        ids[ext] = engine.add_request(ext, prompt, _params(20 + 7 * i))
+    to_abort = {"churn-1", "churn-4", "churn-7"}
+    aborted_in_round = finished_in_round = 0
+    while engine.has_unfinished_requests():
+        rounds_before = {rid: s.rounds for rid, s in book.states.items()}
+        outputs = engine.step()
+        merged_now = {rid for rid, s in book.states.items()
+                      if s.rounds > rounds_before.get(rid, 0)}
+        for out in outputs:
+            if out.finished and ids.get(out.request_id) in merged_now:
+                finished_in_round += 1
+        for ext in sorted(to_abort):
+            if ids[ext] in merged_now:  # its round has just run: abort it now
+                engine.abort_request([ext])
+                to_abort.discard(ext)
+                aborted_in_round += 1
+    assert aborted_in_round == 3
+    assert finished_in_round >= 1
+    assert pool.get_num_free_blocks() == free_at_start
+    assert not (book.states or book.settings or book.round_points or book.replay_until
+                or book.preemptions or book.pending)
+    # Blocks that held merged slots are reused with fresh counts and positions.
+    probe_after, _ = _generate(llm, probe, _params(24))
+    assert probe_after == probe_before
+
+
+def test_merging_one_request_never_changes_another(inproc_llm, tokenizer):
+    llm = inproc_llm
+    a, b = _prompts(tokenizer, 2, 900, seed=70)
+    alone_a, sa = _generate(llm, [a], _params(40))
+    alone_b, sb = _generate(llm, [b], _params(40, kv_merge="off"))
+    together, st = _generate(llm, [a, b], [_params(40), _params(40, kv_merge="off")])
+    assert sa[0]["rounds"] > 0 and sb[0]["rounds"] == 0
+    assert together == alone_a + alone_b
+    # Both merging, with different methods and budgets, interleaved with a third.
+    c = _prompts(tokenizer, 1, 500, seed=71)[0]
+    mixed = [_params(40, kv_merge_method="evict"), _params(40, kv_merge_budget=160),
+             _params(40)]
+    batch, _ = _generate(llm, [a, b, c], mixed)
+    for prompt, params, got in zip([a, b, c], mixed, batch):
+        assert _generate(llm, [prompt], params)[0][0] == got
+
+
+def test_the_same_greedy_request_twice_gives_the_same_tokens(inproc_llm, tokenizer):
+    prompt = _prompts(tokenizer, 1, 1200, seed=80)
+    first, s1 = _generate(inproc_llm, prompt, _params(48))
+    second, s2 = _generate(inproc_llm, prompt, _params(48))
+    assert s1[0]["rounds"] >= 5 and s1 == s2
+    assert first == second

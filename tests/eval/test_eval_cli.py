@@ -1,0 +1,54 @@
+"""`kvslimmer-vllm eval --quick` through the real engine: every method, real scores, files."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from kvslimmer_vllm.eval.spec import EVAL_METHODS
+from kvslimmer_vllm.eval.tasks import ALL_TASKS
+
+CLI = str(Path(sys.executable).parent / "kvslimmer-vllm")
+
+
+def test_quick_eval_writes_real_results(model_dir, tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [CLI, "eval", "--quick", "--model", model_dir, "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    rows = list(csv.DictReader(open(out / "rows.csv")))
+    seen = {(r["task"], r["method"]) for r in rows}
+    for task in ALL_TASKS:
+        for method in ("none", *EVAL_METHODS):
+            if not (task == "agreement" and method == "none"):
+                assert (task, method) in seen, (task, method)
+    for r in rows:
+        score = float(r["score"])
+        if r["task"] == "nll":
+            assert 0.5 < score < 10 and math.isfinite(score)
+        else:
+            assert 0.0 <= score <= 1.0
+        if r["method"] != "none":
+            assert int(r["budget_tokens"]) < int(r["prompt_tokens"])
+    full = {r["task"]: float(r["score"]) for r in rows if r["method"] == "none"}
+    # The easy cells: a 135M model finds a pass key and a keyed number in 512 tokens.
+    assert full["needle"] == 1.0 and full["multikey"] == 1.0
+    summary = (out / "summary.md").read_text()
+    assert "| kvslimmer | 50% |" in summary and "needle@512" in summary
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_flags_fail_with_one_clear_line(model_dir, tmp_path):
+    proc = subprocess.run(
+        [CLI, "eval", "--budgets", "0.01", "--lengths", "512", "--tasks", "needle",
+         "--model", model_dir, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "--budgets: 1% of a" in proc.stderr and "outside what the engine allows" in proc.stderr
