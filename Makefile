@@ -4,7 +4,7 @@
 VENV ?= .venv
 export VENV
 
-.PHONY: install model serve test bench-fidelity clean
+.PHONY: install model serve test eval bench-fidelity clean
 
 install:
 	scripts/install.sh
@@ -17,6 +17,10 @@ serve: install
 
 test: model
 	$(VENV)/bin/pytest tests
+
+# Quality of every method vs full KV (EVAL_ARGS: e.g. --quick, --server URL, --lengths ...)
+eval: model
+	$(VENV)/bin/kvslimmer-vllm eval --out results/eval $(EVAL_ARGS)
 
 bench-fidelity: model
 	$(VENV)/bin/python benchmarks/merge_fidelity.py

@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# The end-to-end subset on a CUDA machine: installs the CUDA build of vLLM, fetches the
-# default model and runs the tests that exercise the engine path (offline engine,
-# vllm serve over HTTP, paged state vs the core math, vLLM contracts).
+# Everything that needs a CUDA machine, from one script: installs the CUDA build of vLLM,
+# fetches the default model, then
+#   1. the kernel tests natively (Triton kernels vs core/, CUDA compaction op, dispatch),
+#   2. the engine subset (offline engine, vllm serve over HTTP, reliability, paged state vs
+#      the core math, vLLM contracts) and the quick quality evaluation,
+#   3. the GPU attention benchmark (Triton vs vLLM's unified attention),
+#   4. with two or more GPUs: tensor parallelism (greedy tokens of TP=2 equal TP=1).
 #
 #   scripts/gpu_check.sh [extra pytest args]
-# Output goes to stdout and, if $OUT is set, to $OUT/gpu_check.log.
+# Output goes to stdout and, if $OUT is set, to $OUT/gpu_check.log and $OUT/gpu_attention.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 KVSLIMMER_TARGET=gpu scripts/install.sh
 .venv/bin/kvslimmer-vllm fetch-model
-log=${OUT:-/tmp}/gpu_check.log
-set -o pipefail
+out=${OUT:-/tmp}
+log=$out/gpu_check.log
+status=0
+.venv/bin/python -m pytest -ra tests/kernels tests/core "$@" 2>&1 | tee "$log" || status=1
 .venv/bin/python -m pytest -ra \
-  tests/core tests/engine/test_contracts.py tests/engine/test_slots.py \
-  tests/engine/test_offline.py tests/engine/test_server.py "$@" 2>&1 | tee "$log"
+  tests/engine/test_contracts.py tests/engine/test_slots.py tests/engine/test_offline.py \
+  tests/engine/test_server.py tests/engine/test_reliability.py tests/eval/test_eval_cli.py \
+  "$@" 2>&1 | tee -a "$log" || status=1
+.venv/bin/python benchmarks/gpu_attention.py --out "$out/gpu_attention.md" 2>&1 | tee -a "$log" || status=1
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  KVSLIMMER_TP_TEST=2 .venv/bin/python -m pytest -ra tests/engine/test_tensor_parallel.py \
+    "$@" 2>&1 | tee -a "$log" || status=1
+else
+  echo "gpu_check: one GPU: tensor-parallel check skipped (needs two)" | tee -a "$log"
+fi
+exit $status

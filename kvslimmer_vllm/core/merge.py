@@ -155,6 +155,7 @@ def merge_round(
     rotary: RotarySpec | None,
     key_weights: Literal["hessian", "count"] = "hessian",
     selector: Callable[[torch.Tensor, int], torch.Tensor] = select_pairs,
+    score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -190,6 +191,10 @@ def merge_round(
             count-weighted averaging of the same pairs; an ablation).
         selector: implementation of :func:`~.select.select_pairs` (a faster kernel with the
             same contract and the same result may be passed).
+        score_reduce: applied to the pair scores before selection. Under tensor parallelism
+            each rank holds some KV heads; scores are sums over heads, so summing every
+            rank's scores (an all-reduce) gives all ranks the single-rank pairs, and each
+            rank then merges its own heads exactly as one rank holding all heads would.
 
     Returns:
         :class:`MergeResult` with ``N - k`` slots in the input dtypes. Computation is float32
@@ -207,7 +212,10 @@ def merge_round(
     alpha = normalize_mass(mass[region].to(dtype))
     h_new, _ = hessian_stats(alpha, values[region])
     h = smooth_hessian(h_new, hess[region], round_idx)
-    local = selector(pair_scores(mass[region], gamma), k).to(keys.device)
+    scores = pair_scores(mass[region], gamma)
+    if score_reduce is not None:
+        scores = score_reduce(scores)
+    local = selector(scores, k).to(keys.device)
     left, right = sink + local, sink + local + 1
 
     c_i, c_j = counts[left].to(dtype), counts[right].to(dtype)
@@ -266,16 +274,20 @@ def evict_lowest(
     sink: int,
     recent: int,
     k: int,
+    score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MergeResult:
     """Baseline (H2O/SnapKV style): drop the ``k`` slots of ``[sink, N - recent)`` with the
     lowest observation mass, summed over KV heads.
 
     Requires ``k <= N - sink - recent``. Ties drop the lower index first. Surviving slots keep
     everything, including ``hess``; ``pairs`` holds the dropped slots' input indices; counts of
-    dropped slots are lost. Arguments as in :func:`merge_round`.
+    dropped slots are lost. Arguments as in :func:`merge_round` (``score_reduce`` sums the
+    per-slot scores of all tensor-parallel ranks).
     """
     region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1)
     score = mass[region].to(torch.float64).sum(dim=1)
+    if score_reduce is not None:
+        score = score_reduce(score)
     order = torch.sort(score, stable=True).indices[:k]
     return _drop(keys, values, counts, positions, hess, sink + order.sort().values.to(keys.device))
 

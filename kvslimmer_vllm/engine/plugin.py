@@ -227,9 +227,6 @@ def _prepare_engine_args(ea) -> None:
         _reject("--ec-transfer-config", "is not supported")
     if ea.kv_offloading_size:
         _reject("--kv-offloading-size", "(KV offloading) is not supported")
-    if ea.tensor_parallel_size != 1:
-        _reject("--tensor-parallel-size", "must be 1 (merging each rank's heads under "
-                "one plan is not implemented yet)")
     if ea.pipeline_parallel_size != 1:
         _reject("--pipeline-parallel-size", "must be 1")
     if ea.data_parallel_size != 1:

@@ -65,7 +65,6 @@ class MergeBook:
         # ran, and the longest length it had computed when preempted.
         self.round_points: dict[str, list[int]] = {}
         self.replay_until: dict[str, int] = {}
-        self.preemptions: dict[str, int] = {}
         self.pending: list[MergeRound] = []
         self.totals = metrics.Totals()
 
@@ -185,7 +184,7 @@ class MergeBook:
             "kv_slots": tokens - state.num_merged,
             "tokens": tokens,
             "kv_ratio": round((tokens - state.num_merged) / tokens, 4),
-            "preemptions": self.preemptions.get(request.request_id, 0),
+            "preemptions": getattr(request, "num_preemptions", 0),
         }
 
     def forget(self, request: Request) -> None:
@@ -196,9 +195,7 @@ class MergeBook:
             self.settings.pop(rid, None)
             self.round_points.pop(rid, None)
             self.replay_until.pop(rid, None)
-            self.preemptions.pop(rid, None)
-        elif request.num_computed_tokens > 0:
-            self.preemptions[rid] = self.preemptions.get(rid, 0) + 1
+        elif request.num_computed_tokens > 0:  # preempted
             self.replay_until[rid] = max(self.replay_until.get(rid, 0),
                                          request.num_computed_tokens)
         state = self.states.pop(rid, None)

@@ -78,6 +78,24 @@ def layer_rotary(model: torch.nn.Module, layer_name: str) -> RotarySpec | None:
     )
 
 
+def _tensor_parallel_sum():
+    """Under tensor parallelism each rank holds some KV heads and scores slots by its own
+    heads; the sum over ranks (over the CPU group, in the fixed order every rank runs
+    rounds and layers in) is the score a single rank would compute. None without TP."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return None
+
+    def reduce(scores: torch.Tensor) -> torch.Tensor:
+        total = scores.to("cpu", torch.float64, copy=True)
+        torch.distributed.all_reduce(total, group=group.cpu_group)
+        return total.to(scores.device)
+
+    return reduce
+
+
 class KVMergeRunnerMixin:
     """Added to vLLM's model runner class by :func:`install_runner_mixin`."""
 
@@ -93,12 +111,14 @@ class KVMergeRunnerMixin:
             metrics.WorkerMetricsWriter.attach(self.vllm_config) if rank == 0 else None
         )
         self._kv_merge_profile = make_profile(f"worker {rank}", self.device)
+        self._kv_merge_score_reduce = _tensor_parallel_sum()
 
     def _kv_merge_method(self, name: str) -> MergeMethod:
         """The method a round asks for (each request may pick its own)."""
         method = self._kv_merge_methods.get(name)
         if method is None:
             method = get_method(self.kv_merge_config.model_copy(update={"method": name}))
+            method.score_reduce = self._kv_merge_score_reduce
             self._kv_merge_methods[name] = method
         return method
 

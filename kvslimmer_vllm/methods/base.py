@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -32,6 +33,9 @@ class MergeMethod(ABC):
 
     def __init__(self, config: KVMergeConfig) -> None:
         self.config = config
+        #: Set by the engine under tensor parallelism: sums a rank's selection scores
+        #: (sums over its KV heads) over all ranks, so every rank selects the same slots.
+        self.score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @abstractmethod
     def run_round(

@@ -20,7 +20,7 @@ class Evict(MergeMethod):
         cfg = self.config
         return evict_lowest(
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
-            sink=cfg.sink, recent=cfg.recent, k=k,
+            sink=cfg.sink, recent=cfg.recent, k=k, score_reduce=self.score_reduce,
         )
 
 

@@ -20,5 +20,5 @@ class KVSlimmer(MergeMethod):
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
             sink=cfg.sink, recent=cfg.recent, k=k, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
-            selector=select_pairs,
+            selector=select_pairs, score_reduce=self.score_reduce,
         )

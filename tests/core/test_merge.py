@@ -17,6 +17,7 @@ from kvslimmer_vllm.core import (
     merge_weights,
     merged_attention,
     normalize_mass,
+    pair_scores,
     recover_d,
     smooth_hessian,
 )
@@ -318,3 +319,35 @@ def test_evict_oldest_keeps_sink_and_recent_slots():
     assert evict_oldest(**state, sink=sink, recent=recent, k=0).first_changed == 40
     with pytest.raises(ValueError, match="k=31"):
         evict_oldest(**state, sink=sink, recent=recent, k=31)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_parallel_ranks_merge_their_heads_under_one_plan(ranks):
+    """Each rank holds ``Hkv / ranks`` heads; summing the ranks' pair scores (what an
+    all-reduce does) gives every rank the single-rank pairs, and the heads it merges equal
+    the single-rank result."""
+    state = _state(21, n=64, kv_heads=4, dim=16)
+    rotary = RotarySpec(rotary_dim=16, is_neox=True, inv_freq=default_inv_freq(16, 1e4))
+    common = dict(sink=4, recent=8, k=20, round_idx=2, gamma=GAMMA, eps=1e-21)
+    whole = merge_round(**state, rotary=rotary, **common)
+    heads = torch.arange(4).chunk(ranks)
+
+    def shard(h):
+        return {name: (t[:, h] if t.dim() > 1 else t) for name, t in state.items()}
+
+    partial = [pair_scores(shard(h)["mass"][4:56], GAMMA) for h in heads]
+    for h, own in zip(heads, partial):
+        all_reduce = lambda s, own=own: s - own + sum(partial)  # noqa: E731
+        part = merge_round(**shard(h), rotary=rotary, score_reduce=all_reduce, **common)
+        assert torch.equal(part.pairs, whole.pairs)
+        torch.testing.assert_close(part.keys, whole.keys[:, h])
+        torch.testing.assert_close(part.values, whole.values[:, h])
+        torch.testing.assert_close(part.hess, whole.hess[:, h], equal_nan=True)
+        assert torch.equal(part.counts, whole.counts)
+        assert torch.equal(part.positions, whole.positions)
+    evict_whole = evict_lowest(**state, sink=4, recent=8, k=20)
+    slot_sums = [shard(h)["mass"][4:56].double().sum(1) for h in heads]
+    for h, own in zip(heads, slot_sums):
+        part = evict_lowest(**shard(h), sink=4, recent=8, k=20,
+                            score_reduce=lambda s, own=own: s - own + sum(slot_sums))
+        assert torch.equal(part.pairs, evict_whole.pairs)

@@ -96,7 +96,6 @@ BAD_INPUT = [
       ' "prompt_lookup_max": 3}'), "--speculative-config"),
     ((*MERGE, "--async-scheduling"), "--async-scheduling"),
     ((*MERGE, "--no-enable-chunked-prefill"), "--no-enable-chunked-prefill"),
-    ((*MERGE, "--tensor-parallel-size", "2"), "--tensor-parallel-size"),
     ((*MERGE, "--pipeline-parallel-size", "2"), "--pipeline-parallel-size"),
 ]
 

@@ -165,7 +165,7 @@ def test_a_preempted_request_replays_its_rounds_at_the_same_lengths(
     stop = max(1, int(total * preempt_at))
     before = _run(book, req, stop, prompt, first_caps)
     book.forget(req)  # preempted: blocks freed, recomputed from scratch with its outputs
-    req.num_computed_tokens = 0
+    req.num_computed_tokens, req.num_preemptions = 0, 1
     replayed = _run(book, req, stop, stop, replay_caps)
     assert replayed == before
     # ... and merging goes on as usual afterwards.
@@ -174,4 +174,4 @@ def test_a_preempted_request_replays_its_rounds_at_the_same_lengths(
     assert book.summary(req)["preemptions"] == 1
     req.is_finished = lambda: True
     book.forget(req)
-    assert not (book.round_points or book.replay_until or book.preemptions or book.settings)
+    assert not (book.round_points or book.replay_until or book.settings)
