@@ -49,8 +49,9 @@ def test_transformers_imports_cleanly_beside_the_cpu_torch():
 def test_serve_help_lists_the_kv_merge_flags():
     proc = _run("serve", "--help=KVMerge")
     assert proc.returncode == 0, proc.stderr
-    for flag in ("--kv-merge {none,kvslimmer}", "--kv-merge-budget", "--kv-merge-sink",
-                 "--kv-merge-recent", "--kv-merge-interval", "--kv-merge-config"):
+    for flag in ("--kv-merge {none,kvslimmer,average,evict,streaming}", "--kv-merge-budget",
+                 "--kv-merge-sink", "--kv-merge-recent", "--kv-merge-interval",
+                 "--kv-merge-config"):
         assert flag in proc.stdout
 
 

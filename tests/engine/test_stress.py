@@ -39,17 +39,6 @@ def server(model_dir, tmp_path_factory):
         yield srv
 
 
-def _metrics(server) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=10).text
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name_labels, _, value = line.rpartition(" ")
-            name = name_labels.split("{", 1)[0]
-            samples[name] = samples.get(name, 0.0) + float(value)
-    return samples
-
-
 def _complete(server, prompt, max_tokens=16, **extra):
     return httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=600, json=dict(
         model="smol", prompt=prompt, max_tokens=max_tokens, temperature=0, **extra))
@@ -163,13 +152,13 @@ def test_stress_with_disconnects_loses_no_block(server, tokenizer):
                for i, n in enumerate(lengths * 3)]
     probe = token_prompt(tokenizer, 1400, seed=999)
     answer_before = _complete(server, probe, 24).json()["choices"][0]["text"]
-    before = _metrics(server)
+    before = server.metrics()
 
     tally = asyncio.run(_load(server, prompts, SECONDS))
 
     # The server drains what the disconnected clients left, then idles.
     for _ in range(300):
-        m = _metrics(server)
+        m = server.metrics()
         if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0:
             break
         time.sleep(1)
@@ -177,7 +166,7 @@ def test_stress_with_disconnects_loses_no_block(server, tokenizer):
     fresh = _complete(server, probe, 24)
     assert fresh.status_code == 200
     assert fresh.json()["choices"][0]["text"] == answer_before
-    after = _metrics(server)
+    after = server.metrics()
     errors = {k: v for k, v in tally.items() if k.startswith(("HTTP", "error"))}
     report = (
         f"stress: {CLIENTS} clients for {SECONDS:.0f} s: served {tally['served']}, "
