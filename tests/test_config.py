@@ -84,7 +84,10 @@ def test_every_accepted_config_can_always_run_its_round(budget, sink, recent, in
         return
     n = r.max_physical_slots
     k = n - r.budget
-    assert 1 <= r.prefill_chunk <= r.interval
+    # The chunk is the largest the budget leaves room for (the documented derivation).
+    room = r.budget - r.sink - r.interval
+    expected_chunk = min(r.interval, room // 2 if recent is None else room - r.recent)
+    assert r.prefill_chunk == expected_chunk >= 1
     assert 2 * k <= n - r.sink - r.recent
 
 

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from kvslimmer_vllm.core.merge import MergeResult, merge_round
-from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.kernels import select_pairs
-from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
+from kvslimmer_vllm.methods.base import register
+from kvslimmer_vllm.methods.kvslimmer import KVSlimmer
 
 
 @register
-class Average(MergeMethod):
+class Average(KVSlimmer):
     """Key and value of a merged pair are the count-weighted means of the pair's."""
 
     name = "average"
-
-    def run_round(
-        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
-    ) -> MergeResult:
-        cfg = self.config
-        return merge_round(
-            slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
-            sink=cfg.sink, recent=cfg.recent, k=k, round_idx=round_index,
-            gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
-            key_weights="count", selector=select_pairs,
-        )
+    key_weights = "count"

@@ -11,6 +11,7 @@ from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
 @register
 class KVSlimmer(MergeMethod):
     name = "kvslimmer"
+    key_weights = "hessian"
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
@@ -20,5 +21,6 @@ class KVSlimmer(MergeMethod):
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
             sink=cfg.sink, recent=cfg.recent, k=k, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
-            selector=select_pairs, score_reduce=self.score_reduce,
+            key_weights=self.key_weights, selector=select_pairs,
+            score_reduce=self.score_reduce,
         )
