@@ -9,11 +9,17 @@ smoothed Hessian yet), mass ``[N, Hkv]`` (observation mass since the last round)
 A round merges ``k`` non-overlapping adjacent pairs ``(i, i + 1)`` of ``M`` (the same pairs for
 every KV head) and compacts the cache: the merged slot takes the left slot's place, everything after
 it shifts left, and the result has ``N - k`` slots.
+
+Every function here also takes a leading layer dimension (keys ``[L, N, Hkv, D]``, counts
+``[L, N]``, ...): the ``L`` layers of one request, each with its own statistics and its own
+choice of pairs, ``k`` slots freed in each. The result equals running the layers one by one
+(tested), in a fixed number of tensor operations instead of ``L`` times as many.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,9 +36,12 @@ __all__ = ["MergeResult", "evict_lowest", "evict_oldest", "merge_round", "merge_
 class MergeResult:
     """The compacted state of one request and layer after a round (``N - k`` slots).
 
+    Keys and values are described, not copied: output slot ``j`` holds the input's slot
+    ``source[j]``, except the merged slots ``merged_slots``, which hold ``merged_keys`` and
+    ``merged_values``. :attr:`keys` and :attr:`values` assemble them on first use; the engine
+    instead moves rows inside its paged cache (only ``[first_changed, N - k)`` moves).
+
     Attributes:
-        keys: ``[N - k, Hkv, D]`` post-RoPE keys, input dtype.
-        values: ``[N - k, Hkv, D]`` values (means), input dtype.
         counts: ``[N - k]`` token counts, input dtype; their sum is preserved by merging.
         positions: ``[N - k]`` int64 logical positions, non-decreasing if the input was.
         hess: ``[N - k, Hkv]`` smoothed Hessian proxy to carry into the next round, input dtype.
@@ -40,19 +49,51 @@ class MergeResult:
             merged pairs, or the dropped slots for :func:`evict_lowest`.
         first_changed: smallest output index whose key, value, count or position may differ from
             the input's (``N - k`` when ``k == 0``); slots before it need no rewrite. ``hess``
-            changes over the whole mergeable region regardless.
+            changes over the whole mergeable region regardless. With a layer dimension: the
+            smallest over the layers.
+        source: ``[N - k]`` int64, the input slot each output slot's key and value come from.
+        input_keys, input_values: the round's ``[N, Hkv, D]`` inputs (not copies).
+        merged_slots: ``[k]`` int64 output indices of the merged slots (``[0]`` when slots
+            were dropped), with their ``[k, Hkv, D]`` ``merged_keys`` (post-RoPE) and
+            ``merged_values``, input dtype.
         key_fallback: ``[k, Hkv]`` bool, pairs and heads whose Hessian key weights were rejected
             by the guard of :func:`merge_weights`; ``None`` when no Hessian weights were used.
+
+    With a layer dimension every tensor has a leading ``L`` (``pairs`` is ``[L, k]``).
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
     counts: torch.Tensor
     positions: torch.Tensor
     hess: torch.Tensor
     pairs: torch.Tensor
     first_changed: int
+    source: torch.Tensor
+    input_keys: torch.Tensor
+    input_values: torch.Tensor
+    merged_slots: torch.Tensor
+    merged_keys: torch.Tensor
+    merged_values: torch.Tensor
     key_fallback: torch.Tensor | None = None
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """``[N - k, Hkv, D]`` post-RoPE keys after the round, input dtype."""
+        return self._assemble(self.input_keys, self.merged_keys)
+
+    @functools.cached_property
+    def values(self) -> torch.Tensor:
+        """``[N - k, Hkv, D]`` values (means) after the round, input dtype."""
+        return self._assemble(self.input_values, self.merged_values)
+
+    def _assemble(self, inputs: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+        if self.source.dim() == 1:
+            out = inputs[self.source]
+            out[self.merged_slots] = merged
+            return out
+        layer = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
+        out = inputs[layer, self.source]
+        out[layer, self.merged_slots] = merged
+        return out
 
 
 def merge_weights(
@@ -73,7 +114,8 @@ def merge_weights(
     finite, fall back to the count-weighted mean ``a = c_i / (c_i + c_j)``.
 
     Args:
-        h_i, h_j: ``[P, Hkv]`` diagonal Hessian proxies of the left and right slots.
+        h_i, h_j: ``[P, Hkv]`` diagonal Hessian proxies of the left and right slots (any
+            leading dimensions, shared by all arguments).
         h_ij: ``[P, Hkv]`` cross-term magnitude of the pair.
         c_i, c_j: ``[P]`` token counts of the left and right slots.
         eps: threshold on ``A + B``.
@@ -89,7 +131,7 @@ def merge_weights(
     a = big_a / total
     ok = (total > eps) & (a >= 0) & (a <= 1)
     c_i, c_j = c_i.to(dtype), c_j.to(dtype)
-    count_a = (c_i / (c_i + c_j))[:, None].expand_as(a)
+    count_a = (c_i / (c_i + c_j))[..., None].expand_as(a)
     a = torch.where(ok, a, count_a)
     return a, 1 - a, ~ok
 
@@ -105,25 +147,31 @@ def _mergeable_region(
     recent: int,
     k: int,
     slots_per_freed: int,
+    single: bool,
 ) -> slice:
-    """Validate one round's inputs; return the mergeable region ``[sink, N - recent)``.
+    """Validate one round's inputs (layer-batched: see :func:`_batched`); return the
+    mergeable region ``[sink, N - recent)``.
 
     The region must hold ``slots_per_freed * k`` slots (2 for merging pairs, 1 for eviction).
     """
-    if keys.dim() != 3 or values.shape != keys.shape:
+    if values.shape != keys.shape:
         raise ValueError(
-            "keys and values must both be [N, Hkv, D], "
-            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
+            "keys and values must both be [N, Hkv, D] (or [L, N, Hkv, D]), "
+            f"got {tuple(keys.shape[1:])} and {tuple(values.shape[1:])}"
         )
-    n, num_heads, _ = keys.shape
+    layers, n, num_heads, _ = keys.shape  # after _batched
     for name, tensor, shape in (
         ("counts", counts, (n,)),
         ("positions", positions, (n,)),
         ("hess", hess, (n, num_heads)),
         ("mass", mass, (n, num_heads)),
     ):
-        if tensor.shape != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.shape != (layers, *shape):
+            # name the shapes as the caller passed them (single-layer: without the L)
+            expected, got = list(shape), list(tensor.shape[1:])
+            if not single:
+                expected, got = [layers, *expected], list(tensor.shape)
+            raise ValueError(f"{name} must have shape {expected}, got {got}")
     if sink < 0 or recent < 0 or k < 0:
         raise ValueError(
             f"sink, recent and k must be >= 0, got sink={sink}, recent={recent}, k={k}"
@@ -136,6 +184,50 @@ def _mergeable_region(
             f"fewer than {need} (sink={sink}, recent={recent}, k={k}, N={n})"
         )
     return slice(sink, n - recent)
+
+
+def _batched(keys: torch.Tensor, *others: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
+    """Give single-layer inputs (keys ``[N, Hkv, D]``) a layer dimension of 1.
+
+    Returns whether the input was single-layer, and the tensors, all with a leading ``L``.
+    """
+    if keys.dim() not in (3, 4):
+        raise ValueError(
+            f"keys must be [N, Hkv, D] (or [L, N, Hkv, D]), got {tuple(keys.shape)}"
+        )
+    single = keys.dim() == 3
+    tensors = (keys, *others)
+    return single, [t.unsqueeze(0) for t in tensors] if single else list(tensors)
+
+
+def _unbatched(result: MergeResult, single: bool) -> MergeResult:
+    """Drop the layer dimension :func:`_batched` added."""
+    if not single:
+        return result
+    for field in ("counts", "positions", "hess", "pairs", "source", "input_keys",
+                  "input_values", "merged_slots", "merged_keys", "merged_values",
+                  "key_fallback"):
+        value = getattr(result, field)
+        if value is not None:
+            setattr(result, field, value.squeeze(0))
+    return result
+
+
+def _kept(num_layers: int, n: int, removed: torch.Tensor) -> torch.Tensor:
+    """``[L, N - k]`` sorted input indices that survive when each layer ``l`` loses the
+    ``k`` distinct slots ``removed[l]``."""
+    keep = torch.ones(num_layers, n, dtype=torch.bool, device=removed.device)
+    keep[torch.arange(num_layers, device=removed.device)[:, None], removed] = False
+    return keep.nonzero()[:, 1].view(num_layers, n - removed.shape[1])
+
+
+def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[l, index[l]]`` for every layer ``l`` (``tensor`` ``[L, N, ...]``,
+    ``index`` ``[L, P]``): one ``index_select`` over the flattened ``L * N`` rows."""
+    num_layers, n = tensor.shape[:2]
+    offsets = torch.arange(0, num_layers * n, n, device=index.device)[:, None]
+    rows = tensor.flatten(0, 1).index_select(0, (index + offsets).flatten())
+    return rows.view(*index.shape, *tensor.shape[2:])
 
 
 def merge_round(
@@ -206,61 +298,71 @@ def merge_round(
     """
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
-    region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 2)
+    single, (keys, values, counts, positions, hess, mass) = _batched(
+        keys, values, counts, positions, hess, mass
+    )
+    region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 2,
+                               single)
     dtype = torch.promote_types(keys.dtype, torch.float32)
+    device = keys.device
+    num_layers, n = keys.shape[:2]
 
-    alpha = normalize_mass(mass[region].to(dtype))
-    h_new, _ = hessian_stats(alpha, values[region])
-    h = smooth_hessian(h_new, hess[region], round_idx)
-    scores = pair_scores(mass[region], gamma)
+    alpha = normalize_mass(mass[:, region].to(dtype))
+    h_new, _ = hessian_stats(alpha, values[:, region])
+    h = smooth_hessian(h_new, hess[:, region], round_idx)
+    scores = pair_scores(mass[:, region], gamma)
     if score_reduce is not None:
         scores = score_reduce(scores)
-    local = selector(scores, k).to(keys.device)
+    # Selection is sequential per layer and runs on the host: one transfer for all layers.
+    host_scores = scores.cpu()
+    local = torch.stack([selector(row, k).cpu() for row in host_scores]).to(device)
+    layer = torch.arange(num_layers, device=device)[:, None]
     left, right = sink + local, sink + local + 1
 
-    c_i, c_j = counts[left].to(dtype), counts[right].to(dtype)
-    h_i, h_j = h[local], h[local + 1]
+    c_i, c_j = _take(counts, left).to(dtype), _take(counts, right).to(dtype)
+    h_i, h_j = _take(h, local), _take(h, local + 1)
     if key_weights == "hessian":
-        h_ij = cross_hessian(alpha, recover_d(h, alpha, eps))[local]
+        h_ij = _take(cross_hessian(alpha, recover_d(h, alpha, eps)), local)
         a, b, key_fallback = merge_weights(h_i, h_j, h_ij, c_i, c_j, eps)
     else:
-        a = (c_i / (c_i + c_j))[:, None].expand_as(h_i)
+        a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
         b, key_fallback = 1 - a, None
 
-    k_i, k_j = keys[left].to(dtype), keys[right].to(dtype)
+    k_i, k_j = _take(keys, left).to(dtype), _take(keys, right).to(dtype)
+    p_i, p_j = _take(positions, left).flatten(), _take(positions, right).flatten()
     if rotary is not None:
-        k_i, k_j = rotary.unrotate(k_i, positions[left]), rotary.unrotate(k_j, positions[right])
+        # Rot(p_j) (a Rot(p_i)^-1 k_i + b Rot(p_j)^-1 k_j) = a Rot(p_j - p_i) k_i + b k_j:
+        # one rotation of the left keys ([L * k, Hkv, D] rows) instead of three
+        k_i = rotary.shift(k_i.flatten(0, 1), p_j - p_i).view_as(k_j)
     merged_keys = a[..., None] * k_i + b[..., None] * k_j
-    if rotary is not None:
-        merged_keys = rotary.rotate(merged_keys, positions[right])
+    w_i, w_j = c_i[..., None, None], c_j[..., None, None]
     merged_values = (
-        c_i[:, None, None] * values[left].to(dtype) + c_j[:, None, None] * values[right].to(dtype)
-    ) / (c_i + c_j)[:, None, None]
+        w_i * _take(values, left).to(dtype) + w_j * _take(values, right).to(dtype)
+    ) / (w_i + w_j)
 
     new_hess = hess.clone()
-    new_hess[region] = h.to(hess.dtype)
-    new_hess[left] = (a * a * h_i + b * b * h_j).to(hess.dtype)
+    new_hess[:, region] = h.to(hess.dtype)
+    new_hess[layer, left] = (a * a * h_i + b * b * h_j).to(hess.dtype)
     new_counts = counts.clone()
-    new_counts[left] = (c_i + c_j).to(counts.dtype)
+    new_counts[layer, left] = (c_i + c_j).to(counts.dtype)
     new_positions = positions.clone()
-    new_positions[left] = positions[right]
+    new_positions[layer, left] = p_j.view_as(left)
 
-    keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-    keep[right] = False
-    slots = left - torch.arange(k, device=keys.device)  # merged slots' indices after compaction
-    out_keys, out_values = keys[keep], values[keep]
-    out_keys[slots] = merged_keys.to(keys.dtype)
-    out_values[slots] = merged_values.to(values.dtype)
-    return MergeResult(
-        keys=out_keys,
-        values=out_values,
-        counts=new_counts[keep],
-        positions=new_positions[keep],
-        hess=new_hess[keep],
+    source = _kept(num_layers, n, right)
+    return _unbatched(MergeResult(
+        counts=_take(new_counts, source),
+        positions=_take(new_positions, source),
+        hess=_take(new_hess, source),
         pairs=left,
-        first_changed=int(left[0]) if k else keys.shape[0],
+        first_changed=int(left[:, 0].min()) if k else n,
+        source=source,
+        input_keys=keys,
+        input_values=values,
+        merged_slots=left - torch.arange(k, device=device),  # indices after compaction
+        merged_keys=merged_keys.to(keys.dtype),
+        merged_values=merged_values.to(values.dtype),
         key_fallback=key_fallback,
-    )
+    ), single)
 
 
 def evict_lowest(
@@ -284,12 +386,17 @@ def evict_lowest(
     dropped slots are lost. Arguments as in :func:`merge_round` (``score_reduce`` sums the
     per-slot scores of all tensor-parallel ranks).
     """
-    region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1)
-    score = mass[region].to(torch.float64).sum(dim=1)
+    single, (keys, values, counts, positions, hess, mass) = _batched(
+        keys, values, counts, positions, hess, mass
+    )
+    region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1,
+                               single)
+    score = mass[:, region].to(torch.float64).sum(dim=-1)
     if score_reduce is not None:
         score = score_reduce(score)
-    order = torch.sort(score, stable=True).indices[:k]
-    return _drop(keys, values, counts, positions, hess, sink + order.sort().values.to(keys.device))
+    order = torch.sort(score, dim=-1, stable=True).indices[:, :k]
+    dropped = sink + order.sort(dim=-1).values.to(keys.device)
+    return _unbatched(_drop(keys, values, counts, positions, hess, dropped), single)
 
 
 def evict_oldest(
@@ -309,21 +416,29 @@ def evict_oldest(
 
     Requires ``k <= N - sink - recent``. Arguments and result as in :func:`evict_lowest`.
     """
-    _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1)
-    return _drop(keys, values, counts, positions, hess,
-                 torch.arange(sink, sink + k, device=keys.device))
+    single, (keys, values, counts, positions, hess, mass) = _batched(
+        keys, values, counts, positions, hess, mass
+    )
+    _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1, single)
+    dropped = torch.arange(sink, sink + k, device=keys.device).expand(keys.shape[0], k)
+    return _unbatched(_drop(keys, values, counts, positions, hess, dropped), single)
 
 
 def _drop(keys, values, counts, positions, hess, dropped: torch.Tensor) -> MergeResult:
-    """The slots not in ``dropped`` (sorted input indices), unchanged."""
-    keep = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
-    keep[dropped] = False
+    """The slots not in ``dropped`` (``[L, k]`` sorted input indices), unchanged."""
+    num_layers, n = keys.shape[:2]
+    source = _kept(num_layers, n, dropped)
+    nothing = keys.new_empty(num_layers, 0, *keys.shape[2:])
     return MergeResult(
-        keys=keys[keep],
-        values=values[keep],
-        counts=counts[keep],
-        positions=positions[keep],
-        hess=hess[keep],
+        counts=_take(counts, source),
+        positions=_take(positions, source),
+        hess=_take(hess, source),
         pairs=dropped,
-        first_changed=int(dropped[0]) if dropped.numel() else keys.shape[0],
+        first_changed=int(dropped[:, 0].min()) if dropped.shape[1] else n,
+        source=source,
+        input_keys=keys,
+        input_values=values,
+        merged_slots=dropped.new_empty(num_layers, 0),
+        merged_keys=nothing,
+        merged_values=nothing,
     )

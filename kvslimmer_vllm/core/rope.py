@@ -199,6 +199,17 @@ class RotarySpec:
         cos, sin = self.cos_sin(positions)
         return apply_rotary(x, cos, sin, rotary_dim=self.rotary_dim, is_neox=self.is_neox)
 
+    def shift(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Move ``[N, H, D]`` rotated vectors by ``delta`` ``[N]`` int64 positions:
+        ``rotate(unrotate(x, p), p + delta)`` in one rotation, since RoPE angles are linear
+        in the position. A common scale of the cache rows (YaRN's mscale) is divided out,
+        as that round trip does."""
+        cos, sin = self.cos_sin(delta.abs())
+        norm = torch.sqrt(cos * cos + sin * sin)
+        sign = torch.where(delta < 0, -1.0, 1.0).to(sin.device, sin.dtype)[:, None]
+        return apply_rotary(x, cos / norm, sin * sign / norm, rotary_dim=self.rotary_dim,
+                            is_neox=self.is_neox)
+
     def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Un-rotate ``[N, H, D]`` vectors from their ``[N]`` positions (see invert_rotary)."""
         cos, sin = self.cos_sin(positions)

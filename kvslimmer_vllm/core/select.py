@@ -19,19 +19,20 @@ def pair_scores(mass: torch.Tensor, gamma: float) -> torch.Tensor:
     """Score every adjacent pair of the mergeable region; lower scores are merged first.
 
     Args:
-        mass: ``[M, Hkv]`` un-normalised observation mass ``A`` of the region's slots.
+        mass: ``[M, Hkv]`` un-normalised observation mass ``A`` of the region's slots (or
+            ``[L, M, Hkv]``, scored per batch entry).
         gamma: position decay constant (KVSlimmer uses ``4096 / ln(512)``).
 
     Returns:
-        ``[M - 1]`` float64 scores; entry ``i`` (pair ``(i, i + 1)``, ``t = i + 1``) is
+        ``[M - 1]`` (``[L, M - 1]``) float64 scores; entry ``i`` (pair ``(i, i + 1)``, ``t = i + 1``) is
         ``sum_h (A_{i,h} + A_{i+1,h}) / exp(t / gamma)``. The decay makes pairs later in the region
         cheaper. Computed in float64 (as ``* exp(-t / gamma)``) so long regions do not overflow.
     """
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    per_slot = mass.to(torch.float64).sum(dim=1)
-    t = torch.arange(1, mass.shape[0], dtype=torch.float64, device=mass.device)
-    return (per_slot[:-1] + per_slot[1:]) * torch.exp(-t / gamma)
+    per_slot = mass.to(torch.float64).sum(dim=-1)
+    t = torch.arange(1, mass.shape[-2], dtype=torch.float64, device=mass.device)
+    return (per_slot[..., :-1] + per_slot[..., 1:]) * torch.exp(-t / gamma)
 
 
 def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:

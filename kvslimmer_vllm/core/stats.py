@@ -1,7 +1,8 @@
 """Observation statistics and the Hessian proxy of KVSlimmer (spec section 2).
 
 All functions work on the mergeable region ``M`` of one request and one layer: ``M`` slots,
-``Hkv`` KV heads, head dim ``D``. With ``out = sum_j P_j v_j`` and ``P = softmax(logits)``:
+``Hkv`` KV heads, head dim ``D``. Tensors may carry leading batch dimensions (several layers of
+one request, ``[L, M, Hkv]``); each batch entry is computed independently. With ``out = sum_j P_j v_j`` and ``P = softmax(logits)``:
 
     d out / d logit_j              =  P_j (v_j - out)
     d2 out / d logit_j^2           =  P_j (1 - 2 P_j) (v_j - out)
@@ -35,8 +36,8 @@ def normalize_mass(mass: torch.Tensor) -> torch.Tensor:
         ``alpha_j = A_j / sum_i A_i``; a head whose total mass is 0 gets uniform ``1 / M``.
     """
     mass = mass.to(torch.promote_types(mass.dtype, torch.float32))
-    total = mass.sum(dim=0, keepdim=True)
-    uniform = torch.full_like(mass, 1.0 / max(mass.shape[0], 1))
+    total = mass.sum(dim=-2, keepdim=True)
+    uniform = torch.full_like(mass, 1.0 / max(mass.shape[-2], 1))
     return torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), uniform)
 
 
@@ -54,8 +55,8 @@ def hessian_stats(alpha: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
         second derivative ``d2 o / d logit_j^2``; its sign is the sign of ``1 - 2 alpha_j``.
     """
     values = values.to(alpha.dtype)
-    mean = torch.einsum("mh,mhd->hd", alpha, values)
-    d = (values - mean).abs().sum(dim=-1)
+    mean = torch.einsum("...mh,...mhd->...hd", alpha, values)
+    d = (values - mean.unsqueeze(-3)).abs().sum(dim=-1)
     return alpha * (1 - 2 * alpha) * d, d
 
 
@@ -70,7 +71,7 @@ def cross_hessian(alpha: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         ``[M - 1, Hkv]``, row ``i`` is ``H_{i,i+1} = alpha_i alpha_{i+1} (d_i + d_{i+1})``, an upper
         bound (by the triangle inequality) of the L1 norm of ``d2 o / d logit_i d logit_{i+1}``.
     """
-    return alpha[:-1] * alpha[1:] * (d[:-1] + d[1:])
+    return alpha[..., :-1, :] * alpha[..., 1:, :] * (d[..., :-1, :] + d[..., 1:, :])
 
 
 def smooth_hessian(h_new: torch.Tensor, h_old: torch.Tensor, round_idx: int) -> torch.Tensor:

@@ -47,6 +47,19 @@ class SlotState:
         )
         self.mass = torch.zeros(num_layers, num_slots, num_kv_heads, device=device)
 
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of ``shape`` for gathering a request's slots: rounds run one
+        after another, and reusing warm memory beats allocating it every round."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self._scratch
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+            buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
@@ -70,6 +83,11 @@ class LayerCache:
     rotary: RotarySpec | None
 
 
+#: Most KV elements (slots x layers x heads x 2D) one batched round gathers at once;
+#: longer requests run their layers in several batches (256 MiB of float32).
+MAX_BATCH_ELEMENTS = 1 << 26
+
+
 def apply_round(
     plan: MergeRound,
     layers: list[LayerCache],
@@ -83,41 +101,76 @@ def apply_round(
     the ``plan.num_slots_after`` resulting slots to the front of the same blocks (data is
     only ever moved to lower slot indices, so later sources are read before any write).
     The observation mass of the request's slots is reset: the next round observes anew.
+
+    Layers that share a RoPE run as one layer-batched round (each layer still gets its
+    own pairs), in batches of at most :data:`MAX_BATCH_ELEMENTS` gathered elements.
     """
     if not layers:
         return
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
     dst = src[: plan.num_slots_after]
+    per_layer = plan.num_slots * layers[0].kv[0].numel()
+    batch = max(1, MAX_BATCH_ELEMENTS // max(per_layer, 1))
+    for group in _rotary_groups(layers):
+        for first in range(0, len(group), batch):
+            part = group[first:first + batch]
+            result = method.run_round(
+                gather(part, state, src),
+                k=plan.num_merge,
+                round_index=plan.round_index,
+                rotary=part[0].rotary,
+            )
+            _write_back(part, state, result, src, dst)
+
+
+def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
+    """Layers grouped by their RoPE (most models: one group), in layer order."""
+    groups: dict[int, list[LayerCache]] = {}
     for layer in layers:
-        result = method.run_round(
-            gather(layer, state, src),
-            k=plan.num_merge,
-            round_index=plan.round_index,
-            rotary=layer.rotary,
-        )
-        i = layer.index
-        start = result.first_changed
-        changed = dst[start:]
-        layer.kv.index_copy_(
-            0, changed, torch.cat((result.keys[start:], result.values[start:]), dim=-1)
-        )
-        state.counts[i].index_copy_(0, dst, result.counts)
-        state.positions[i].index_copy_(0, dst, result.positions)
-        state.hess[i].index_copy_(0, dst, result.hess)
-        state.mass[i].index_fill_(0, src, 0.0)
+        groups.setdefault(id(layer.rotary), []).append(layer)
+    return list(groups.values())
 
 
-def gather(layer: LayerCache, state: SlotState, slots: torch.Tensor) -> SlotData:
-    """A request's slots of one layer, gathered into plain tensors."""
-    kv = layer.kv.index_select(0, slots)
+def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst) -> None:
+    """Store a layer-batched round's result in the request's slots ``dst``: move the
+    surviving rows inside each layer's cache (from ``first_changed`` on; every row moves
+    to a lower slot, and each layer reads all its rows before writing any), then write
+    the merged slots."""
+    index = torch.tensor([layer.index for layer in layers], device=dst.device)
+    start = result.first_changed
+    changed = dst[start:]
+    merged = torch.cat((result.merged_keys, result.merged_values), dim=-1)
+    for row, layer in enumerate(layers):
+        moved = layer.kv.index_select(0, src[result.source[row, start:]])
+        layer.kv.index_copy_(0, changed, moved)
+        layer.kv.index_copy_(0, dst[result.merged_slots[row]], merged[row])
+    rows = index[:, None]
+    state.counts[rows, dst] = result.counts
+    state.positions[rows, dst] = result.positions
+    state.hess[rows, dst] = result.hess
+    state.mass[rows, src] = 0.0
+
+
+def gather(layers: LayerCache | list[LayerCache], state: SlotState,
+           slots: torch.Tensor) -> SlotData:
+    """A request's slots of one layer (``[N, ...]`` tensors) or of several layers
+    (``[L, N, ...]``), gathered into plain tensors. Several layers' keys and values live in
+    the state's scratch buffer, valid until the next gather."""
+    if isinstance(layers, LayerCache):  # a copy: the scratch buffer is reused
+        data = gather([layers], state, slots)
+        return SlotData(**{name: t.squeeze(0).clone() for name, t in vars(data).items()})
+    kv = state.scratch((len(layers), len(slots), *layers[0].kv.shape[1:]), layers[0].kv)
+    for row, layer in enumerate(layers):
+        torch.index_select(layer.kv, 0, slots, out=kv[row])
     head_dim = kv.shape[-1] // 2
-    i = layer.index
+    index = torch.tensor([layer.index for layer in layers], device=slots.device)
+    rows = index[:, None]
     return SlotData(
         keys=kv[..., :head_dim],
         values=kv[..., head_dim:],
-        counts=state.counts[i].index_select(0, slots),
-        positions=state.positions[i].index_select(0, slots),
-        hess=state.hess[i].index_select(0, slots),
-        mass=state.mass[i].index_select(0, slots),
+        counts=state.counts[rows, slots],
+        positions=state.positions[rows, slots],
+        hess=state.hess[rows, slots],
+        mass=state.mass[rows, slots],
     )

@@ -141,11 +141,15 @@ class KVMergeRunnerMixin:
         model = self.get_model()
         rope_aware = self.kv_merge_config.rope_aware
         layers = []
+        shared: dict[tuple, RotarySpec] = {}  # layers with one RoPE merge as one batch
         for index, name in enumerate(names):
             attn = context[name]
             setattr(attn, SLOT_BINDING, (state, index))
             setattr(attn, PROFILE_ATTR, self._kv_merge_profile)
             rotary = layer_rotary(model, name) if rope_aware else None
+            if rotary is not None:
+                key = (rotary.cos_sin_cache.data_ptr(), rotary.rotary_dim, rotary.is_neox)
+                rotary = shared.setdefault(key, rotary)
             layers.append(LayerCache(index, slot_major(attn.kv_cache), rotary))
         if rope_aware and all(layer.rotary is None for layer in layers):
             raise NotImplementedError(

@@ -1,7 +1,8 @@
 """KV compression methods, one small class each, registered by name.
 
-A method decides *what* a round keeps: given one request's slots of one layer and the
-number ``k`` of slots to free, it returns the request's ``N - k`` slots
+A method decides *what* a round keeps: given one request's slots (of one layer, or of
+several layers stacked, each decided on its own) and the number ``k`` of slots to free,
+it returns the request's ``N - k`` slots
 (:class:`~kvslimmer_vllm.core.merge.MergeResult`). When rounds run, how pages move and
 which blocks go back to the pool is the engine's business, shared by every method.
 
@@ -14,8 +15,9 @@ which blocks go back to the pool is the engine's business, shared by every metho
 
 Adding a method: subclass :class:`MergeMethod` in a new module of this package, set
 ``name``, implement ``run_round`` on plain tensors (put the math in
-:mod:`kvslimmer_vllm.core`), decorate the class with :func:`register`, import the module
-below and add the name to ``kvslimmer_vllm.core.config.METHODS``. ``--kv-merge NAME`` and
+:mod:`kvslimmer_vllm.core`, accepting an optional leading layer dimension), decorate the
+class with :func:`register`, import the module below and add the name to
+``kvslimmer_vllm.core.config.METHODS``. ``--kv-merge NAME`` and
 the per-request ``kv_merge_method`` then accept it.
 """
 

@@ -16,7 +16,8 @@ from kvslimmer_vllm.core.rope import RotarySpec
 
 @dataclass
 class SlotData:
-    """One request's slots of one layer, slot-major (see :mod:`kvslimmer_vllm.core`)."""
+    """One request's slots, slot-major (see :mod:`kvslimmer_vllm.core`): of one layer as
+    below, or of ``L`` layers with a leading ``L`` on every tensor (the engine's case)."""
 
     keys: torch.Tensor  # [N, Hkv, D] post-RoPE
     values: torch.Tensor  # [N, Hkv, D]
@@ -27,7 +28,12 @@ class SlotData:
 
 
 class MergeMethod(ABC):
-    """Frees ``k`` slots of one request and layer per round."""
+    """Frees ``k`` slots of one request per round, in each layer independently.
+
+    The engine passes all layers that share a RoPE at once (``[L, N, ...]`` slot data);
+    the ``core`` functions take such a leading layer dimension, so a method that calls
+    them needs nothing more. The inputs' keys and values may live in a reused buffer:
+    a method must not keep them past the round."""
 
     name: ClassVar[str]
 
@@ -41,7 +47,8 @@ class MergeMethod(ABC):
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
     ) -> MergeResult:
-        """Return the request's ``N - k`` slots after the round."""
+        """Return the request's ``N - k`` slots after the round (``[L, N - k, ...]`` for
+        ``L`` layers)."""
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

@@ -351,3 +351,62 @@ def test_tensor_parallel_ranks_merge_their_heads_under_one_plan(ranks):
         part = evict_lowest(**shard(h), sink=4, recent=8, k=20,
                             score_reduce=lambda s, own=own: s - own + sum(slot_sums))
         assert torch.equal(part.pairs, evict_whole.pairs)
+
+
+# --- several layers at once ----------------------------------------------------------------
+
+
+def _layers(num_layers, seed, n=40, kv_heads=2, dim=8):
+    """Per-layer states with adversarial layers: zero mass (uniform alpha), tied mass."""
+    layers = [_state(seed + i, n=n, kv_heads=kv_heads, dim=dim) for i in range(num_layers)]
+    if num_layers > 1:
+        layers[1]["mass"].zero_()
+    if num_layers > 2:
+        layers[2]["mass"].fill_(0.5)
+    # layers of one request are merged independently, so their counts and positions
+    # differ too (each _state draws its own)
+    return layers, {name: torch.stack([s[name] for s in layers]) for name in layers[0]}
+
+
+@pytest.mark.parametrize("num_layers", [1, 3, 5])
+@pytest.mark.parametrize("k", [0, 1, 9, 15])
+@pytest.mark.parametrize("method", ["hessian", "count", "evict", "streaming"])
+def test_layer_batched_round_equals_one_layer_at_a_time(num_layers, k, method):
+    """With a leading layer dimension each layer gets exactly the result it gets alone
+    (its own pairs or dropped slots), also for zero and tied mass and k = 0 or the whole
+    region."""
+    layers, stacked = _layers(num_layers, seed=100 + k)
+    rotary = RotarySpec(rotary_dim=8, is_neox=False, inv_freq=default_inv_freq(8, 1e4))
+    sink, recent = 3, 7  # region of 30 slots: k = 15 uses all of it
+
+    def run(state):
+        if method == "evict":
+            return evict_lowest(**state, sink=sink, recent=recent, k=k)
+        if method == "streaming":
+            return evict_oldest(**state, sink=sink, recent=recent, k=k)
+        return merge_round(**state, sink=sink, recent=recent, k=k, round_idx=2, gamma=GAMMA,
+                           eps=EPS, rotary=rotary, key_weights=method)
+
+    together = run(stacked)
+    assert together.pairs.shape == (num_layers, k)
+    assert together.keys.shape == (num_layers, 40 - k, 2, 8)
+    for index, state in enumerate(layers):
+        alone = run(state)
+        assert torch.equal(together.pairs[index], alone.pairs)
+        for name in ("keys", "values", "counts", "positions", "hess"):
+            torch.testing.assert_close(getattr(together, name)[index], getattr(alone, name),
+                                       atol=1e-6, rtol=1e-5, equal_nan=True)
+        assert together.first_changed <= alone.first_changed
+        if alone.key_fallback is not None:
+            assert torch.equal(together.key_fallback[index], alone.key_fallback)
+    if k:
+        assert together.first_changed == min(run(s).first_changed for s in layers)
+
+
+def test_layer_batched_round_validates_shapes():
+    _, stacked = _layers(2, seed=3)
+    bad = {**stacked, "counts": stacked["counts"][:1]}
+    with pytest.raises(ValueError, match=r"counts must have shape \[2, 40\], got \[1, 40\]"):
+        _round(bad, sink=2, recent=2, k=3)
+    with pytest.raises(ValueError, match=r"keys must be \[N, Hkv, D\]"):
+        _round({**stacked, "keys": stacked["keys"][0, :, 0]}, sink=2, recent=2, k=3)

@@ -160,3 +160,23 @@ def test_keys_of_one_unrotated_key_merge_into_it_at_the_later_position(is_neox, 
         assert result.positions[sink] == p + 1
         expected = spec.rotate(base, torch.tensor([p + 1]))[0]
         torch.testing.assert_close(result.keys[sink], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_neox", STYLES)
+@pytest.mark.parametrize("rotary_dim", ROTARY_DIMS)
+def test_shift_is_the_unrotate_rotate_round_trip(is_neox, rotary_dim):
+    """shift(x, delta) = rotate(unrotate(x, p), p + delta), also for a cache with an mscale
+    (YaRN), negative and zero shifts, and far positions."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 3, HEAD_DIM, generator=g)
+    positions = torch.tensor([0, 3, 100, 4000, 8000, 17])
+    delta = torch.tensor([0, 1, 250, 4191, -7999, -17])
+    inv_freq = default_inv_freq(rotary_dim, 500000.0)
+    specs = [
+        RotarySpec(rotary_dim, is_neox, inv_freq=inv_freq),
+        RotarySpec(rotary_dim, is_neox, cos_sin_cache=build_cos_sin_cache(
+            inv_freq, 8192, mscale=1.3)),
+    ]
+    for spec in specs:
+        want = spec.rotate(spec.unrotate(x, positions), positions + delta)
+        torch.testing.assert_close(spec.shift(x, delta), want, atol=2e-5, rtol=1e-4)

@@ -14,11 +14,12 @@ from kvslimmer_vllm.core import (
     merge_round,
 )
 from kvslimmer_vllm.core.config import KVMergeConfig
+from kvslimmer_vllm.engine import slots as slots_module
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, gather, slot_ids
 from kvslimmer_vllm.methods import get_method
 
-BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 3, 8, 2, 40
+BLOCK, HEADS, DIM, LAYERS, BLOCKS = 16, 3, 8, 3, 40
 
 
 def _filled(num_slots, seed):
@@ -46,11 +47,19 @@ def _core_round(method, b, k, cfg, rotary):
 
 @pytest.mark.parametrize("method", ["kvslimmer", "average", "evict", "streaming"])
 @pytest.mark.parametrize("num_slots, num_merge", [(100, 20), (64, 1), (47, 6), (160, 50)])
-def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, method):
+@pytest.mark.parametrize("batching", ["one batch", "two ropes", "one layer per batch"])
+def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, method,
+                                                         batching, monkeypatch):
+    """Layers are merged as layer batches (grouped by RoPE, bounded in size); every
+    layer must still equal the core round on that layer alone."""
     cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
     rotary = RotarySpec(rotary_dim=DIM, is_neox=True, inv_freq=default_inv_freq(DIM, 1e4))
+    other = RotarySpec(rotary_dim=DIM // 2, is_neox=False, inv_freq=default_inv_freq(4, 500))
+    ropes = [other if batching == "two ropes" and i == 1 else rotary for i in range(LAYERS)]
+    if batching == "one layer per batch":
+        monkeypatch.setattr(slots_module, "MAX_BATCH_ELEMENTS", num_slots * HEADS * 2 * DIM)
     state, kvs = _filled(BLOCKS * BLOCK, seed=num_slots)
-    layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
+    layers = [LayerCache(i, kv, rope) for i, (kv, rope) in enumerate(zip(kvs, ropes))]
     # Scattered, non-monotonic blocks, so compaction crosses block boundaries.
     perm = torch.randperm(BLOCKS, generator=torch.Generator().manual_seed(1)).tolist()
     blocks = tuple(perm[: -(-num_slots // BLOCK)])
@@ -67,7 +76,7 @@ def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, m
     dst = src[: num_slots - num_merge]
     for i, layer in enumerate(layers):
         b = before[i]
-        want = _core_round(method, b, num_merge, cfg, rotary)
+        want = _core_round(method, b, num_merge, cfg, ropes[i])
         got = gather(layer, state, dst)
         torch.testing.assert_close(got.keys, want.keys)
         torch.testing.assert_close(got.values, want.values)
