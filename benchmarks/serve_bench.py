@@ -39,12 +39,14 @@ from pathlib import Path
 
 PRESETS = {
     # Prompts of 2,000-4,000 tokens, 64-256 output tokens, a KV cache for ~3 requests.
+    # A level sends max(requests_per_level, concurrency) requests. The merge interval of
+    # one block (128) keeps a merging request within 8 blocks (budget 750 + 2 x 128).
     "default": dict(prompt_tokens=(2000, 4000), output_tokens=(64, 256),
-                    concurrency=(2, 4, 8), requests_per_level=8, budget_ratio=0.25,
-                    cache_requests=3),
+                    concurrency=(2, 4, 8, 16), requests_per_level=8, budget_ratio=0.25,
+                    cache_requests=3, interval=128),
     "small": dict(prompt_tokens=(600, 900), output_tokens=(8, 16),
                   concurrency=(2, 4), requests_per_level=4, budget_ratio=0.4,
-                  cache_requests=3),
+                  cache_requests=3, interval=None),
 }
 BLOCK = 128
 
@@ -214,7 +216,8 @@ def summarize(level: LevelResult) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def build_prompts(tokenizer, args, level_index: int) -> list[tuple[list[int], int]]:
+def build_prompts(tokenizer, args, level_index: int,
+                  count: int) -> list[tuple[list[int], int]]:
     from kvslimmer_vllm.eval.text import documentation_tokens
 
     rng = random.Random(args.seed * 1000 + level_index)
@@ -223,7 +226,7 @@ def build_prompts(tokenizer, args, level_index: int) -> list[tuple[list[int], in
     return [
         (documentation_tokens(tokenizer, rng.randint(lo, hi), seed=rng.randrange(10**6)),
          rng.randint(olo, ohi))
-        for _ in range(args.requests_per_level)
+        for _ in range(count)
     ]
 
 
@@ -278,7 +281,8 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check:
               f"- command: `{' '.join(sys.argv)}`",
               f"- prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens of CPython "
               f"documentation text, {args.output_tokens[0]}-{args.output_tokens[1]} output "
-              f"tokens (ignore_eos), {args.requests_per_level} streaming requests per level",
+              f"tokens (ignore_eos), max({args.requests_per_level}, concurrency) streaming "
+              "requests per level",
               f"- KV cache: {args.blocks} blocks of {BLOCK} slots for both servers",
               f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}"]
@@ -371,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         common += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
-    servers = {"unmodified": common,
-               "kv-merge": common + ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget)]}
+    merging = ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget)]
+    if args.interval is not None:
+        merging += ["--kv-merge-interval", str(args.interval)]
+    servers = {"unmodified": common, "kv-merge": common + merging}
     args.out.mkdir(parents=True, exist_ok=True)
 
     levels: list[LevelResult] = []
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             running[name] = server
             server.wait_ready()
             for i, c in enumerate(args.concurrency):
-                prompts = build_prompts(tokenizer, args, i)
+                prompts = build_prompts(tokenizer, args, i, max(args.requests_per_level, c))
                 log(f"{name}: {len(prompts)} requests at concurrency {c}")
                 level = asyncio.run(run_level(server, prompts, c, args.timeout))
                 levels.append(level)
