@@ -1,0 +1,24 @@
+"""The merge-round benchmark runs both paths, checks they leave the same cache, and
+writes its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_merge_round_benchmark_writes_a_row_per_case(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "merge_round.py"), "--repeats", "1",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "merge_round.md").read_text()
+            .splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1006, 256), (1124, 374), (3104, 1024)]
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
