@@ -18,8 +18,9 @@ choice of pairs, ``k`` slots freed in each. The result equals running the layers
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,9 +91,8 @@ class MergeResult:
             out = inputs[self.source]
             out[self.merged_slots] = merged
             return out
-        layer = torch.arange(inputs.shape[0], device=inputs.device)[:, None]
-        out = inputs[layer, self.source]
-        out[layer, self.merged_slots] = merged
+        out = _take(inputs, self.source)
+        out[torch.arange(out.shape[0], device=out.device)[:, None], self.merged_slots] = merged
         return out
 
 
@@ -204,12 +204,10 @@ def _unbatched(result: MergeResult, single: bool) -> MergeResult:
     """Drop the layer dimension :func:`_batched` added."""
     if not single:
         return result
-    for field in ("counts", "positions", "hess", "pairs", "source", "input_keys",
-                  "input_values", "merged_slots", "merged_keys", "merged_values",
-                  "key_fallback"):
-        value = getattr(result, field)
-        if value is not None:
-            setattr(result, field, value.squeeze(0))
+    for field in dataclasses.fields(result):
+        value = getattr(result, field.name)
+        if isinstance(value, torch.Tensor):
+            setattr(result, field.name, value.squeeze(0))
     return result
 
 
@@ -314,8 +312,7 @@ def merge_round(
     if score_reduce is not None:
         scores = score_reduce(scores)
     # Selection is sequential per layer and runs on the host: one transfer for all layers.
-    host_scores = scores.cpu()
-    local = torch.stack([selector(row, k).cpu() for row in host_scores]).to(device)
+    local = torch.stack([selector(row, k) for row in scores.cpu()]).to(device)
     layer = torch.arange(num_layers, device=device)[:, None]
     left, right = sink + local, sink + local + 1
 

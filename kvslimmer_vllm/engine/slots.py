@@ -15,6 +15,7 @@ never carries a previous request's counts. Nothing here imports vLLM.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +53,7 @@ class SlotState:
     def scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reused buffer of ``shape`` for gathering a request's slots: rounds run one
         after another, and reusing warm memory beats allocating it every round."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buf = self._scratch
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
