@@ -40,7 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in (
         "lengths", "budgets", "methods", "tasks", "cases", "seed", "max_tokens", "interval",
-        "sink")}
+        "sink", "skip_uncalibrated")}
     try:
         spec = load_spec("quick" if args.quick else args.preset, args.config, overrides)
         out = Path(args.out or f"eval-results/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cases", type=int, help="cases per task and length")
     e.add_argument("--seed", type=int)
     e.add_argument("--max-tokens", type=int, help="tokens generated per answer")
+    e.add_argument("--all-cells", dest="skip_uncalibrated", action="store_false",
+                   default=None, help="run every method on every (task, length) cell, also "
+                   "where full KV scores below the calibration (default: skip those cells)")
     e.add_argument("--interval", type=int, help="engine --kv-merge-interval (offline)")
     e.add_argument("--sink", type=int, help="engine --kv-merge-sink (offline)")
     e.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M); "

@@ -132,7 +132,9 @@ def markdown(rows: list[dict], spec: EvalSpec, summary: dict, command: str = "")
             lines.append(f"| {task} | {n} | " + " | ".join(_fmt(v) for v in vals) + " |")
     lines += ["", "Scores: fraction of expected strings found (docqa: words of the "
               "continuation reproduced in order); nll: mean NLL of the continuation in "
-              "nats/token (lower is better); agreement: answer tokens equal to full KV's.", ""]
+              "nats/token (lower is better); agreement: answer tokens equal to full KV's."
+              + (" A method's '-': not run, because full KV scored below the calibration "
+                 "on that cell (--all-cells runs it)." if spec.skip_uncalibrated else ""), ""]
     return "\n".join(lines)
 
 
@@ -151,10 +153,15 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
     xs = list(spec.budgets)
     for ax, task in zip(axes.flat, tasks):
+        # Lengths where the methods ran (skipped cells have only full KV), so that the
+        # full-KV line is the mean over the same cells as the methods' points.
+        ran = [n for n in spec.lengths
+               if any(k[0] == task and k[1] == n and k[2] != "none" for k in cells)]
         for method in spec.methods:
-            ys = [_avg(cells, task, spec.lengths, method, spec.budget_label(b)) for b in xs]
-            ax.plot(xs, ys, marker="o", label=method)
-        full = _avg(cells, task, spec.lengths, "none", "full")
+            ys = [_avg(cells, task, ran, method, spec.budget_label(b)) for b in xs]
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
+                    label=method)
+        full = _avg(cells, task, ran or spec.lengths, "none", "full")
         if full is not None and task != AGREEMENT_TASK:
             ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full KV")
         ax.set_title(task)
@@ -165,7 +172,7 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels))
-    fig.suptitle(f"Score vs KV budget (mean over lengths {spec.lengths})")
+    fig.suptitle(f"Score vs KV budget (mean over the lengths of {spec.lengths} each task ran at)")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,10 @@
 """Run an :class:`~kvslimmer_vllm.eval.spec.EvalSpec` on a backend; one row per case.
 
-For each length, every case of every task is generated once, then sent to the engine
-once with full KV (``kv_merge: off``) and once per (method, budget), all in one batch so
-the engine schedules them together. Rows are plain dicts:
+For each length, every case of every task is generated once and sent to the engine with
+full KV (``kv_merge: off``); then, in one batch so the engine schedules them together,
+once per (method, budget). With ``skip_uncalibrated`` the second batch holds only the
+tasks whose full-KV score at that length reaches ``calibration``: the summary uses only
+those cells, so compressing the others would only spend time (``--all-cells`` runs them). Rows are plain dicts:
 
 ``task, length, case, method, budget, budget_tokens, prompt_tokens, score``
 
@@ -66,28 +68,45 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
     for length in spec.lengths:
         cases = [(t, i, c) for t in gen_tasks
                  for i, c in enumerate(TASKS[t](tokenizer, spec.cases, length, seed=spec.seed))]
+        lens = {(t, i): _chat_len(tokenizer, c.conversation) for t, i, c in cases}
+        # Full KV first: it is the reference of every cell and decides which cells the
+        # compressing methods run on.
+        full = backend.chat(
+            [ChatRequest(c.conversation, {"kv_merge": "off"}, spec.max_tokens)
+             for _, _, c in cases], desc=f"full KV @ {length}") if cases else []
+        reference = {(t, i): text for (t, i, _), text in zip(cases, full)}
+        full_scores: dict[str, list[float]] = {}
+        for (task, i, case), text in zip(cases, full):
+            full_scores.setdefault(task, []).append(case.score(text))
+            if task in spec.tasks:
+                rows.append(_row(spec, task, length, i, "none", None, lens[(task, i)],
+                                 {"kv_merge": "off"}, case.score(text), text))
+        run_tasks = [t for t in full_scores if not spec.skip_uncalibrated
+                     or sum(full_scores[t]) / len(full_scores[t]) >= spec.calibration]
+        skipped = [t for t in full_scores if t not in run_tasks]
         chat, keys = [], []
         for task, i, case in cases:
-            prompt_len = _chat_len(tokenizer, case.conversation)
-            for method, budget in configs:
-                xargs = _xargs(spec, method, budget, prompt_len, min_budget, max_budget)
+            if task not in run_tasks:
+                continue
+            for method, budget in configs[1:]:
+                xargs = _xargs(spec, method, budget, lens[(task, i)], min_budget, max_budget)
                 chat.append(ChatRequest(case.conversation, xargs, spec.max_tokens))
-                keys.append((task, i, case, method, budget, prompt_len, xargs))
-        log(f"length {length}: {len(cases)} cases x {len(configs)} configurations")
+                keys.append((task, i, case, method, budget, xargs))
+        log(f"length {length}: {len(cases)} cases with full KV, then "
+            f"{len(keys) // max(1, len(configs) - 1)} cases x {len(configs) - 1} "
+            "configurations" + (f"; skipped (full KV below {spec.calibration}): "
+                                + ", ".join(f"{t} {sum(full_scores[t]) / len(full_scores[t]):.2f}"
+                                            for t in skipped) if skipped else ""))
         answers = backend.chat(chat, desc=f"generate @ {length}") if chat else []
-        reference = {}
-        for (task, i, case, method, budget, plen, xargs), text in zip(keys, answers):
-            if method == "none":
-                reference[(task, i)] = text
+        for (task, i, case, method, budget, xargs), text in zip(keys, answers):
+            plen = lens[(task, i)]
             if task in spec.tasks:
                 rows.append(_row(spec, task, length, i, method, budget, plen, xargs,
                                  case.score(text), text))
-        if want_agreement:
-            for (task, i, case, method, budget, plen, xargs), text in zip(keys, answers):
-                if method != "none":
-                    rows.append(_row(spec, AGREEMENT_TASK, length, f"{task}-{i}", method,
-                                     budget, plen, xargs,
-                                     token_agreement(tokenizer, text, reference[(task, i)])))
+            if want_agreement:
+                rows.append(_row(spec, AGREEMENT_TASK, length, f"{task}-{i}", method, budget,
+                                 plen, xargs,
+                                 token_agreement(tokenizer, text, reference[(task, i)])))
         if NLL_TASK in spec.tasks:
             nll_reqs, nll_keys = [], []
             for i, case in enumerate(nll_cases(tokenizer, spec.cases, length, spec.seed,

@@ -39,6 +39,9 @@ class EvalSpec(BaseModel):
     nll_tokens: int = Field(64, ge=1, le=1024, description="Continuation tokens scored by NLL.")
     calibration: float = Field(0.6, ge=0.0, le=1.0,
                                description="Full-KV score a cell needs to enter the summary.")
+    skip_uncalibrated: bool = Field(
+        True, description="Run the compressing methods only on (task, length) cells where "
+        "full KV reaches the calibration score (the cells the summary uses).")
 
     @field_validator("lengths")
     @classmethod
@@ -82,7 +85,7 @@ class EvalSpec(BaseModel):
 #: CPU cores with SmolLM2-135M; ``gpu`` is for 8B-class models at 8K-32K on one GPU.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(lengths=[512], budgets=[0.5], cases=1, max_tokens=16, interval=32,
-                  nll_tokens=32),
+                  nll_tokens=32, skip_uncalibrated=False),
     "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=2),
     "gpu": dict(lengths=[8192, 16384, 32768], budgets=[0.5, 0.25, 0.125], cases=10,
                 max_tokens=48, interval=512, sink=32),

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from kvslimmer_vllm.eval.report import summarize
-from kvslimmer_vllm.eval.runner import _chat_len, token_agreement
+from kvslimmer_vllm.eval.runner import _chat_len, run_eval, token_agreement
 from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError, load_spec
 from kvslimmer_vllm.eval.tasks import TASKS, DocCase, nll_cases
 
@@ -73,7 +73,9 @@ def test_bad_settings_name_the_flag(overrides, flag):
 
 
 def test_presets_and_files(tmp_path):
-    assert load_spec("quick").lengths == [512]
+    assert load_spec("quick").lengths == [512] and not load_spec("quick").skip_uncalibrated
+    assert load_spec("default").skip_uncalibrated
+    assert not load_spec("default", None, {"skip_uncalibrated": False}).skip_uncalibrated
     path = tmp_path / "sweep.yaml"
     path.write_text("lengths: [2048, 1024]\nbudgets: [0.25, 512]\nmax-tokens: 8\n")
     spec = load_spec("default", str(path), {"cases": 5})
@@ -113,3 +115,39 @@ def test_summary_uses_only_calibrated_cells():
     verdicts = " ".join(s["verdicts"])
     assert "missed by 45.0 points" in verdicts and "does not beat evict" in verdicts
     assert "smallest NLL increase is kvslimmer's" in verdicts
+
+
+class _ScriptedBackend:
+    """Answers needle cases correctly and everything else wrongly; records requests."""
+
+    def __init__(self, tokenizer, spec):
+        self.right = {}
+        for n in spec.lengths:
+            for case in TASKS["needle"](tokenizer, spec.cases, n, seed=spec.seed):
+                self.right[str(case.conversation)] = " ".join(case.answers)
+        self.sent = []
+
+    def chat(self, requests, desc):
+        self.sent += requests
+        return [self.right.get(str(r.messages), "no idea") for r in requests]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_methods_run_only_on_cells_full_kv_can_do(tokenizer, skip):
+    spec = EvalSpec(lengths=[512], budgets=[0.5, 0.25], methods=["kvslimmer", "evict"],
+                    tasks=["needle", "vartrack", "agreement"], cases=2,
+                    skip_uncalibrated=skip)
+    backend = _ScriptedBackend(tokenizer, spec)
+    logs = []
+    rows = run_eval(spec, backend, tokenizer, min_budget=1, max_budget=4096, log=logs.append)
+    ran = collections.Counter((r["task"], r["method"]) for r in rows)
+    assert ran[("needle", "none")] == ran[("vartrack", "none")] == 2
+    assert ran[("needle", "kvslimmer")] == ran[("needle", "evict")] == 4  # 2 cases x 2 budgets
+    assert ran[("vartrack", "kvslimmer")] == (0 if skip else 4)
+    assert ran[("agreement", "evict")] == (4 if skip else 8)
+    assert len(backend.sent) == 4 + (8 if skip else 16)
+    assert all(r["score"] == 1.0 for r in rows if r["task"] in ("needle", "agreement"))
+    assert ("skipped (full KV below 0.6): vartrack 0.00" in logs[0]) is skip
+    summary = summarize(rows, spec)
+    assert summary["calibrated"] == [("needle", 512)]
+    assert summary["per"][("kvslimmer", "25%")]["kept"] == 1.0
