@@ -8,6 +8,7 @@ on the same cases, side by side.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -68,6 +69,11 @@ class OfflineBackend:
         from kvslimmer_vllm.engine.plugin import engine_kwargs
 
         cpu = not torch.cuda.is_available()
+        if cpu:
+            # vLLM's CPU worker leaves one core to the front-end process by default; an
+            # offline sweep's front end only waits, so give the engine every core (1.8x
+            # the prefill rate on two cores). An explicit setting is kept.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self.llm = LLM(
             model=model,
             dtype="float32" if cpu else "auto",

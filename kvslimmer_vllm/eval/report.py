@@ -53,7 +53,17 @@ def summarize(rows: list[dict], spec: EvalSpec) -> dict:
                 "agreement": mean(agree) if agree else None,
             }
     return {"cells": cells, "calibrated": calibrated, "full_score": full_score, "per": per,
-            "verdicts": _verdicts(spec, per)}
+            "by_depth": _by_depth(rows, calibrated), "verdicts": _verdicts(spec, per)}
+
+
+def _by_depth(rows: list[dict], calibrated: list[tuple]) -> dict[float, dict[tuple, float]]:
+    """Mean score per needle depth and (method, budget), over the calibrated cells."""
+    cells = set(calibrated)
+    groups: dict[float, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if (r["task"], r["length"]) in cells and r.get("depth") not in (None, ""):
+            groups[float(r["depth"])][(r["method"], r["budget"])].append(r["score"])
+    return {d: {k: mean(v) for k, v in g.items()} for d, g in sorted(groups.items())}
 
 
 def _verdicts(spec: EvalSpec, per: dict) -> list[str]:
@@ -118,11 +128,17 @@ def markdown(rows: list[dict], spec: EvalSpec, summary: dict, command: str = "")
                      f" | {_fmt(v['nll_increase'], sign=True)} | {_fmt(v['agreement'])} |")
     if summary["verdicts"]:
         lines += ["", *[f"- {v}" for v in summary["verdicts"]]]
-    lines += ["", "## Every cell", ""]
     configs = [("none", "full")] + [(m, spec.budget_label(b)) for m in spec.methods
                                     for b in spec.budgets]
-    lines.append("| task | length | " + " | ".join(
-        "full KV" if m == "none" else f"{m} {b}" for m, b in configs) + " |")
+    header = " | ".join("full KV" if m == "none" else f"{m} {b}" for m, b in configs)
+    if summary["by_depth"]:
+        lines += ["", "## Score by needle depth (calibrated cells)", "",
+                  f"| depth | {header} |", "|---|" + "---|" * len(configs)]
+        for depth, vals in summary["by_depth"].items():
+            lines.append(f"| {depth:.0%} | " + " | ".join(_fmt(vals.get(c)) for c in configs)
+                         + " |")
+    lines += ["", "## Every cell", ""]
+    lines.append(f"| task | length | {header} |")
     lines.append("|---|---|" + "---|" * len(configs))
     for task in spec.tasks:
         for n in spec.lengths:

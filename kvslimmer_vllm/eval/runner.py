@@ -4,13 +4,15 @@ For each length, every case of every task is generated once and sent to the engi
 full KV (``kv_merge: off``); then, in one batch so the engine schedules them together,
 once per (method, budget). With ``skip_uncalibrated`` the second batch holds only the
 tasks whose full-KV score at that length reaches ``calibration``: the summary uses only
-those cells, so compressing the others would only spend time (``--all-cells`` runs them). Rows are plain dicts:
+those cells, so compressing the others would only spend time (``--all-cells`` runs them).
+Rows are plain dicts:
 
-``task, length, case, method, budget, budget_tokens, prompt_tokens, score``
+``task, length, case, method, budget, budget_tokens, prompt_tokens, score, depth, answer``
 
 ``method`` is ``none`` for full KV (``budget`` ``full``); ``score`` is the task score in
 [0, 1], the continuation's mean NLL in nats per token for ``nll``, and, for
-``agreement``, the fraction of answer tokens equal to full KV's, position by position.
+``agreement``, the fraction of answer tokens equal to full KV's, position by position;
+``depth`` is where the case's (asked) needle sits, as a fraction of the context.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
             full_scores.setdefault(task, []).append(case.score(text))
             if task in spec.tasks:
                 rows.append(_row(spec, task, length, i, "none", None, lens[(task, i)],
-                                 {"kv_merge": "off"}, case.score(text), text))
+                                 {"kv_merge": "off"}, case.score(text), text, case.depth))
         run_tasks = [t for t in full_scores if not spec.skip_uncalibrated
                      or sum(full_scores[t]) / len(full_scores[t]) >= spec.calibration]
         skipped = [t for t in full_scores if t not in run_tasks]
@@ -102,11 +104,12 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
             plen = lens[(task, i)]
             if task in spec.tasks:
                 rows.append(_row(spec, task, length, i, method, budget, plen, xargs,
-                                 case.score(text), text))
+                                 case.score(text), text, case.depth))
             if want_agreement:
                 rows.append(_row(spec, AGREEMENT_TASK, length, f"{task}-{i}", method, budget,
                                  plen, xargs,
-                                 token_agreement(tokenizer, text, reference[(task, i)])))
+                                 token_agreement(tokenizer, text, reference[(task, i)]),
+                                 depth=case.depth))
         if NLL_TASK in spec.tasks:
             nll_reqs, nll_keys = [], []
             for i, case in enumerate(nll_cases(tokenizer, spec.cases, length, spec.seed,
@@ -136,7 +139,8 @@ def _xargs(spec: EvalSpec, method: str, budget: float | None, prompt_len: int,
     return {"kv_merge_method": method, "kv_merge_budget": tokens}
 
 
-def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, text=None):
+def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, text=None,
+         depth=None):
     return {
         "task": task,
         "length": length,
@@ -146,5 +150,6 @@ def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, tex
         "budget_tokens": xargs.get("kv_merge_budget", prompt_len),
         "prompt_tokens": prompt_len,
         "score": float(score),
+        "depth": "" if depth is None else round(depth, 3),
         "answer": text,
     }

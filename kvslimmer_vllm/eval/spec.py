@@ -86,7 +86,7 @@ class EvalSpec(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(lengths=[512], budgets=[0.5], cases=1, max_tokens=16, interval=32,
                   nll_tokens=32, skip_uncalibrated=False),
-    "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=2),
+    "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=4),
     "gpu": dict(lengths=[8192, 16384, 32768], budgets=[0.5, 0.25, 0.125], cases=10,
                 max_tokens=48, interval=512, sink=32),
 }

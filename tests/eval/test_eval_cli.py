@@ -41,6 +41,7 @@ def test_quick_eval_writes_real_results(model_dir, tmp_path):
     assert full["needle"] == 1.0 and full["multikey"] == 1.0
     summary = (out / "summary.md").read_text()
     assert "| kvslimmer | 50% |" in summary and "needle@512" in summary
+    assert "## Score by needle depth" in summary
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from kvslimmer_vllm.eval.report import summarize
+from kvslimmer_vllm.eval.report import markdown, summarize
 from kvslimmer_vllm.eval.runner import _chat_len, run_eval, token_agreement
 from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError, load_spec
 from kvslimmer_vllm.eval.tasks import TASKS, DocCase, nll_cases
@@ -151,3 +151,10 @@ def test_methods_run_only_on_cells_full_kv_can_do(tokenizer, skip):
     summary = summarize(rows, spec)
     assert summary["calibrated"] == [("needle", 512)]
     assert summary["per"][("kvslimmer", "25%")]["kept"] == 1.0
+    # Needle depths spread from 10% to 90%; only calibrated cells count by depth.
+    assert list(summary["by_depth"]) == [0.1, 0.9]
+    assert summary["by_depth"][0.1][("evict", "50%")] == 1.0
+    assert {r["depth"] for r in rows if r["task"] == "needle"} == {0.1, 0.9}
+    report = markdown(rows, spec, summary)
+    assert "| 10% | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in report
+    assert ("| vartrack | 512 | 0.000 | - | - | - | - |" in report) is skip
