@@ -173,6 +173,15 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
         # full-KV line is the mean over the same cells as the methods' points.
         ran = [n for n in spec.lengths
                if any(k[0] == task and k[1] == n and k[2] != "none" for k in cells)]
+        ax.set_title(task)
+        if not ran:
+            full = _avg(cells, task, spec.lengths, "none", "full")
+            ax.text(0.5, 0.5, "methods not run:\nfull KV " + ("-" if full is None else
+                    f"{full:.2f}") + f" < calibration {spec.calibration}",
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         for method in spec.methods:
             ys = [_avg(cells, task, ran, method, spec.budget_label(b)) for b in xs]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
@@ -180,7 +189,6 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
         full = _avg(cells, task, ran or spec.lengths, "none", "full")
         if full is not None and task != AGREEMENT_TASK:
             ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full KV")
-        ax.set_title(task)
         ax.set_xlabel("budget (fraction of prompt)" if xs[0] < 1 else "budget (tokens)")
         ax.set_ylabel("NLL (nats/token)" if task == NLL_TASK else "score")
         ax.grid(alpha=0.3)
