@@ -18,12 +18,13 @@ Rows are plain dicts:
 from __future__ import annotations
 
 from collections.abc import Callable
+from statistics import mean
 
 from kvslimmer_vllm.eval.backends import Backend, ChatRequest, NLLRequest
 from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError
 from kvslimmer_vllm.eval.tasks import AGREEMENT_TASK, NLL_TASK, TASKS, nll_cases
 
-FULL = ("none", "full")
+FULL_CONFIG = ("none", None)
 
 
 def token_agreement(tokenizer, text: str, reference: str) -> float:
@@ -43,7 +44,7 @@ def _chat_len(tokenizer, messages: list[dict]) -> int:
 
 def configurations(spec: EvalSpec) -> list[tuple[str, float | None]]:
     """Full KV first, then every (method, budget)."""
-    return [("none", None)] + [(m, b) for m in spec.methods for b in spec.budgets]
+    return [FULL_CONFIG] + [(m, b) for m in spec.methods for b in spec.budgets]
 
 
 def plan_limits(spec: EvalSpec) -> dict:
@@ -60,7 +61,8 @@ def plan_limits(spec: EvalSpec) -> dict:
 def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
              max_budget: int, log: Callable[[str], None] = print) -> list[dict]:
     """All rows of the sweep. Budgets outside ``[min_budget, max_budget]`` (what the
-    engine's interval, sink and budget allow) are refused before anything runs."""
+    engine's interval, sink and budget allow) are refused before a length's first
+    request is sent."""
     rows: list[dict] = []
     configs = configurations(spec)
     gen_tasks = [t for t in spec.tasks if t in TASKS]
@@ -71,43 +73,43 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
         cases = [(t, i, c) for t in gen_tasks
                  for i, c in enumerate(TASKS[t](tokenizer, spec.cases, length, seed=spec.seed))]
         lens = {(t, i): _chat_len(tokenizer, c.conversation) for t, i, c in cases}
+        # Every budget is checked before anything of this length runs.
+        xargs = {(t, i, m, b): _xargs(spec, m, b, lens[(t, i)], min_budget, max_budget)
+                 for t, i, _ in cases for m, b in configs}
         # Full KV first: it is the reference of every cell and decides which cells the
         # compressing methods run on.
         full = backend.chat(
-            [ChatRequest(c.conversation, {"kv_merge": "off"}, spec.max_tokens)
-             for _, _, c in cases], desc=f"full KV @ {length}") if cases else []
+            [ChatRequest(c.conversation, xargs[(t, i, *FULL_CONFIG)], spec.max_tokens)
+             for t, i, c in cases], desc=f"full KV @ {length}") if cases else []
         reference = {(t, i): text for (t, i, _), text in zip(cases, full)}
         full_scores: dict[str, list[float]] = {}
         for (task, i, case), text in zip(cases, full):
             full_scores.setdefault(task, []).append(case.score(text))
             if task in spec.tasks:
                 rows.append(_row(spec, task, length, i, "none", None, lens[(task, i)],
-                                 {"kv_merge": "off"}, case.score(text), text, case.depth))
-        run_tasks = [t for t in full_scores if not spec.skip_uncalibrated
-                     or sum(full_scores[t]) / len(full_scores[t]) >= spec.calibration]
-        skipped = [t for t in full_scores if t not in run_tasks]
-        chat, keys = [], []
-        for task, i, case in cases:
-            if task not in run_tasks:
-                continue
-            for method, budget in configs[1:]:
-                xargs = _xargs(spec, method, budget, lens[(task, i)], min_budget, max_budget)
-                chat.append(ChatRequest(case.conversation, xargs, spec.max_tokens))
-                keys.append((task, i, case, method, budget, xargs))
+                                 xargs[(task, i, *FULL_CONFIG)], case.score(text), text,
+                                 case.depth))
+        full_mean = {t: mean(v) for t, v in full_scores.items()}
+        skipped = [t for t, v in full_mean.items()
+                   if spec.skip_uncalibrated and v < spec.calibration]
+        keys = [(task, i, case, method, budget) for task, i, case in cases
+                if task not in skipped for method, budget in configs[1:]]
+        chat = [ChatRequest(case.conversation, xargs[(task, i, method, budget)],
+                            spec.max_tokens) for task, i, case, method, budget in keys]
         log(f"length {length}: {len(cases)} cases with full KV, then "
             f"{len(keys) // max(1, len(configs) - 1)} cases x {len(configs) - 1} "
             "configurations" + (f"; skipped (full KV below {spec.calibration}): "
-                                + ", ".join(f"{t} {sum(full_scores[t]) / len(full_scores[t]):.2f}"
-                                            for t in skipped) if skipped else ""))
+                                + ", ".join(f"{t} {full_mean[t]:.2f}" for t in skipped)
+                                if skipped else ""))
         answers = backend.chat(chat, desc=f"generate @ {length}") if chat else []
-        for (task, i, case, method, budget, xargs), text in zip(keys, answers):
-            plen = lens[(task, i)]
+        for (task, i, case, method, budget), text in zip(keys, answers):
+            plen, used = lens[(task, i)], xargs[(task, i, method, budget)]
             if task in spec.tasks:
-                rows.append(_row(spec, task, length, i, method, budget, plen, xargs,
+                rows.append(_row(spec, task, length, i, method, budget, plen, used,
                                  case.score(text), text, case.depth))
             if want_agreement:
                 rows.append(_row(spec, AGREEMENT_TASK, length, f"{task}-{i}", method, budget,
-                                 plen, xargs,
+                                 plen, used,
                                  token_agreement(tokenizer, text, reference[(task, i)]),
                                  depth=case.depth))
         if NLL_TASK in spec.tasks:
