@@ -186,7 +186,7 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
             ys = [_avg(cells, task, ran, method, spec.budget_label(b)) for b in xs]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
                     label=method)
-        full = _avg(cells, task, ran or spec.lengths, "none", "full")
+        full = _avg(cells, task, ran, "none", "full")
         if full is not None and task != AGREEMENT_TASK:
             ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full KV")
         ax.set_xlabel("budget (fraction of prompt)" if xs[0] < 1 else "budget (tokens)")
