@@ -27,10 +27,12 @@ from typing import Literal
 import torch
 
 from .rope import RotarySpec
-from .select import pair_scores, select_pairs
+from .select import pair_scores, pool_mass, select_pairs
 from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
 
-__all__ = ["MergeResult", "evict_lowest", "evict_oldest", "merge_round", "merge_weights"]
+__all__ = [
+    "MergeResult", "evict_lowest", "evict_oldest", "merge_round", "merge_rounds", "merge_weights",
+]
 
 
 @dataclass
@@ -246,6 +248,7 @@ def merge_round(
     key_weights: Literal["hessian", "count"] = "hessian",
     selector: Callable[[torch.Tensor, int], torch.Tensor] = select_pairs,
     score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pool: int = 1,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -285,6 +288,8 @@ def merge_round(
             each rank holds some KV heads; scores are sums over heads, so summing every
             rank's scores (an all-reduce) gives all ranks the single-rank pairs, and each
             rank then merges its own heads exactly as one rank holding all heads would.
+        pool: pair scores use the region's mass max-pooled over ``pool`` slots
+            (:func:`~.select.pool_mass`; 1 = off). The Hessian statistics use the raw mass.
 
     Returns:
         :class:`MergeResult` with ``N - k`` slots in the input dtypes. Computation is float32
@@ -292,7 +297,7 @@ def merge_round(
 
     Raises:
         ValueError: on inconsistent shapes, negative arguments, ``2k > N - sink - recent``, an
-            unknown ``key_weights`` or ``round_idx < 1``.
+            unknown ``key_weights``, ``round_idx < 1`` or an even ``pool``.
     """
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
@@ -308,7 +313,7 @@ def merge_round(
     alpha = normalize_mass(mass[:, region].to(dtype))
     h_new, _ = hessian_stats(alpha, values[:, region])
     h = smooth_hessian(h_new, hess[:, region], round_idx)
-    scores = pair_scores(mass[:, region], gamma)
+    scores = pair_scores(pool_mass(mass[:, region], pool), gamma)
     if score_reduce is not None:
         scores = score_reduce(scores)
     # Selection is sequential per layer and runs on the host: one transfer for all layers.
@@ -362,6 +367,130 @@ def merge_round(
     ), single)
 
 
+def subround_sizes(region: int, k: int, max_fraction: float) -> list[int]:
+    """How a step that frees ``k`` slots of a ``region``-slot mergeable region by merging
+    pairs splits into sub-rounds: each frees ``max(1, floor(max_fraction * m))`` slots of
+    the ``m`` still mergeable, at most ``m // 2`` (the most one round of disjoint pairs
+    can free) and at most what is left; ``[k]`` when one round suffices.
+
+    Raises:
+        ValueError: if ``k`` slots cannot be freed (``k >= region``, so the region would
+            have to vanish) or ``max_fraction`` is outside ``(0, 0.5]``.
+    """
+    if not 0 < max_fraction <= 0.5:
+        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
+    if k < 0 or (k > 0 and k >= region):
+        raise ValueError(
+            f"cannot free k={k} slots of a {region}-slot mergeable region by merging "
+            "pairs (need 0 <= k < region)"
+        )
+    sizes, m = [], region
+    while k > 0:
+        step = min(k, max(1, int(max_fraction * m)), m // 2)
+        sizes.append(step)
+        k -= step
+        m -= step
+    return sizes or [0]
+
+
+def merge_rounds(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    hess: torch.Tensor,
+    mass: torch.Tensor,
+    *,
+    sink: int,
+    recent: int,
+    k: int,
+    max_fraction: float = 0.5,
+    **round_kwargs,
+) -> MergeResult:
+    """Free ``k`` slots by merging pairs in successive sub-rounds of :func:`merge_round`.
+
+    One pairwise round frees at most half of the mergeable region, and near that limit it
+    has to pair (nearly) every slot whatever the scores say. This runs the sub-rounds of
+    :func:`subround_sizes` instead, each over the slots the previous one left: a merged
+    slot's observation mass is the sum of its two slots' (so it scores as the tokens it
+    stands for), its count, value, key and Hessian are those :func:`merge_round` gives.
+    Each sub-round re-measures the Hessian statistics on the current slots and smooths
+    them with what the previous sub-round left, at the same ``round_idx``.
+
+    With a single sub-round the result is exactly :func:`merge_round`'s. Otherwise it is
+    composed relative to the input: ``source`` maps every unchanged output slot to its
+    input slot (merged slots map to themselves, their content is ``merged_keys`` /
+    ``merged_values``), ``merged_slots`` lists the merged slots of each layer, padded up to
+    the layer with the most by unchanged slots (whose ``merged_keys`` / ``merged_values``
+    then equal their input), ``pairs`` is empty and ``key_fallback`` None.
+
+    Args:
+        keys ... mass, sink, recent: as in :func:`merge_round`.
+        k: slots to free; ``k < N - sink - recent``.
+        max_fraction: largest share of the mergeable slots one sub-round frees, in
+            ``(0, 0.5]``; 0.5 runs a single round whenever one can free ``k``.
+        round_kwargs: the other keyword arguments of :func:`merge_round` (``round_idx``,
+            ``gamma``, ``eps``, ``rotary``, ``key_weights``, ``selector``,
+            ``score_reduce``, ``pool``).
+
+    Equal to running :func:`merge_round` on each sub-round's output in turn with the mass
+    carried as above (tested).
+    """
+    single, (keys, values, counts, positions, hess, mass) = _batched(
+        keys, values, counts, positions, hess, mass
+    )
+    num_layers, n = keys.shape[:2]
+    sizes = subround_sizes(n - sink - recent, k, max_fraction)
+    run = functools.partial(merge_round, sink=sink, recent=recent, **round_kwargs)
+    if len(sizes) == 1:
+        return _unbatched(run(keys, values, counts, positions, hess, mass, k=k), single)
+    device = keys.device
+    layer = torch.arange(num_layers, device=device)[:, None]
+    origin = torch.arange(n, device=device).expand(num_layers, n)
+    state = (keys, values, counts, positions, hess, mass)
+    for step in sizes:
+        result = run(*state, k=step)
+        mass = carry_mass(state[-1], result)
+        origin = origin.clone()
+        origin[layer, result.pairs] = -1
+        origin = _take(origin, result.source)
+        state = (result.keys, result.values, result.counts, result.positions, result.hess, mass)
+    out_keys, out_values = state[0], state[1]
+    index = torch.arange(n - k, device=device).expand(num_layers, n - k)
+    merged = origin < 0
+    widest = int(merged.sum(dim=1).max())
+    # Merged slots first (in order), then unchanged ones as padding.
+    order = torch.sort((~merged).to(torch.int8), dim=1, stable=True).indices[:, :widest]
+    unchanged = origin == index
+    first = (~unchanged).to(torch.int8).argmax(dim=1)
+    first_changed = int(torch.where(unchanged.all(dim=1), n - k, first).min())
+    return _unbatched(MergeResult(
+        counts=state[2],
+        positions=state[3],
+        hess=state[4],
+        pairs=origin.new_empty(num_layers, 0),
+        first_changed=first_changed,
+        source=torch.where(merged, index, origin),
+        input_keys=keys,
+        input_values=values,
+        merged_slots=order,
+        merged_keys=_take(out_keys, order),
+        merged_values=_take(out_values, order),
+    ), single)
+
+
+def carry_mass(mass: torch.Tensor, result: MergeResult) -> torch.Tensor:
+    """Observation mass after a pairwise round: a merged slot's is the sum of its pair's.
+
+    ``mass`` ``[L, N, Hkv]`` before the round, ``result`` its (layer-batched)
+    :func:`merge_round` result; returns ``[L, N - k, Hkv]``.
+    """
+    layer = torch.arange(mass.shape[0], device=mass.device)[:, None]
+    summed = mass.clone()
+    summed[layer, result.pairs] += mass[layer, result.pairs + 1]
+    return _take(summed, result.source)
+
+
 def evict_lowest(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -374,9 +503,11 @@ def evict_lowest(
     recent: int,
     k: int,
     score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pool: int = 1,
 ) -> MergeResult:
     """Baseline (H2O/SnapKV style): drop the ``k`` slots of ``[sink, N - recent)`` with the
-    lowest observation mass, summed over KV heads.
+    lowest observation mass, summed over KV heads (after max-pooling it over ``pool``
+    neighbouring slots, SnapKV's rule; 1 = off).
 
     Requires ``k <= N - sink - recent``. Ties drop the lower index first. Surviving slots keep
     everything, including ``hess``; ``pairs`` holds the dropped slots' input indices; counts of
@@ -388,7 +519,7 @@ def evict_lowest(
     )
     region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1,
                                single)
-    score = mass[:, region].to(torch.float64).sum(dim=-1)
+    score = pool_mass(mass[:, region].to(torch.float64), pool).sum(dim=-1)
     if score_reduce is not None:
         score = score_reduce(score)
     order = torch.sort(score, dim=-1, stable=True).indices[:, :k]

@@ -12,7 +12,34 @@ import math
 
 import torch
 
-__all__ = ["pair_scores", "select_pairs"]
+__all__ = ["pair_scores", "pool_mass", "select_pairs"]
+
+
+def pool_mass(mass: torch.Tensor, width: int) -> torch.Tensor:
+    """Max-pool observation mass over ``width`` neighbouring slots (SnapKV's clustering).
+
+    A slot scores as the largest mass within ``width // 2`` slots on either side, per KV
+    head, so the neighbours of a strongly attended token (the other digits of a number, the
+    rest of a name) are kept or merged together with it. The window is cut at the ends of
+    the given slots (no padding mass).
+
+    Args:
+        mass: ``[M, Hkv]`` (or ``[L, M, Hkv]``) observation mass of the scored slots.
+        width: odd window width >= 1; 1 returns ``mass`` itself.
+
+    Returns:
+        Pooled mass, same shape and dtype.
+    """
+    if width < 1 or width % 2 == 0:
+        raise ValueError(f"pool width must be an odd integer >= 1, got {width}")
+    if width == 1 or mass.shape[-2] == 0:
+        return mass
+    rows = mass.movedim(-2, -1)  # [..., Hkv, M]
+    flat = rows.reshape(-1, 1, rows.shape[-1])
+    pooled = torch.nn.functional.max_pool1d(
+        flat, kernel_size=width, stride=1, padding=width // 2
+    )
+    return pooled.view(rows.shape).movedim(-1, -2)
 
 
 def pair_scores(mass: torch.Tensor, gamma: float) -> torch.Tensor:
