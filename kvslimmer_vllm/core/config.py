@@ -38,8 +38,19 @@ DEFAULT_GAMMA = 4096.0 / math.log(512.0)
 DEFAULT_EPS = 1e-21
 
 #: Methods that ``--kv-merge`` accepts. ``none`` leaves vLLM untouched.
-METHODS = ("none", "kvslimmer", "average", "evict", "streaming")
-Method = Literal["none", "kvslimmer", "average", "evict", "streaming"]
+METHODS = ("none", "kvslimmer", "average", "evict", "streaming", "snapkv")
+Method = Literal["none", "kvslimmer", "average", "evict", "streaming", "snapkv"]
+
+#: When a request's rounds observe its queries (see ``KVMergeConfig.observe``).
+OBSERVE_MODES = ("progressive", "prompt-end")
+Observe = Literal["progressive", "prompt-end"]
+#: Observe mode of each method when neither the server nor the request names one.
+DEFAULT_OBSERVE = {m: "progressive" for m in METHODS} | {"snapkv": "prompt-end"}
+#: SnapKV's observation window (the last prompt tokens) and pooling width.
+DEFAULT_WINDOW = 32
+DEFAULT_POOL = 7
+#: Share of the mergeable slots one sub-round of a prompt-end step may merge away.
+PROMPT_END_FRACTION = 0.25
 
 #: Command-line flag of each field that has one (the others live in --kv-merge-config).
 FLAG_OF_FIELD = {
@@ -48,6 +59,10 @@ FLAG_OF_FIELD = {
     "sink": "--kv-merge-sink",
     "recent": "--kv-merge-recent",
     "interval": "--kv-merge-interval",
+    "observe": "--kv-merge-observe",
+    "window": "--kv-merge-window",
+    "pool": "--kv-merge-pool",
+    "prefill_budget": "--kv-merge-prefill-budget",
 }
 
 
@@ -69,7 +84,45 @@ class KVMergeConfig(BaseModel):
         "none",
         description="Compression method: 'kvslimmer' (the paper), 'average' (count-weighted "
         "merge of the same pairs), 'evict' (drop the least-attended slots), 'streaming' "
-        "(keep sink + recent slots); 'none' is unmodified vLLM.",
+        "(keep sink + recent slots), 'snapkv' (drop the slots the end of the prompt "
+        "attends least, pooled; prompt-end by default); 'none' is unmodified vLLM.",
+    )
+    observe: Observe | None = Field(
+        None,
+        description="When rounds observe queries. 'progressive': rounds run while the "
+        "prompt is prefilled, scored by the prompt's own queries (memory bounded by "
+        "budget + interval + prefill chunk throughout; the paper's scheme). 'prompt-end': "
+        "the prompt is prefilled without rounds (up to prefill_budget), then one step "
+        "brings the request to its budget, scored by the attention of the last `window` "
+        "prompt tokens (the question), pooled over `pool` slots; decoding then runs the "
+        "usual rounds. Default: prompt-end for snapkv, progressive otherwise.",
+    )
+    window: int = Field(
+        DEFAULT_WINDOW,
+        ge=1,
+        description="prompt-end: the last prompt tokens whose queries score the slots; "
+        "they are never merged.",
+    )
+    pool: int | None = Field(
+        None,
+        ge=1,
+        description="Max-pool the observation mass over this many neighbouring slots "
+        "before scoring (odd; 1 = off). Default: 7 for prompt-end, 1 for progressive.",
+    )
+    prefill_budget: int | None = Field(
+        None,
+        ge=4,
+        description="prompt-end: most KV slots a request holds while its prompt is "
+        "prefilled; longer prompts run progressive rounds to stay under it. Default: no "
+        "cap (the whole prompt is held until its compression step).",
+    )
+    merge_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Largest share of the mergeable slots one pairwise sub-round merges "
+        "away; a step that must free more runs several sub-rounds. Default: 0.25 for "
+        "prompt-end, 0.5 (one round whenever possible) for progressive.",
     )
     budget: int | None = Field(
         None,
@@ -174,6 +227,24 @@ class KVMergeConfig(BaseModel):
                 f"{option_name('prefill_chunk')} must be between 1 and {chunk_bound} "
                 f"(min(interval, budget - sink - recent - interval)); got {chunk}"
             )
+        if self.pool is not None and self.pool % 2 == 0:
+            raise KVMergeConfigError(
+                f"{option_name('pool')} must be an odd number of slots >= 1 (1 = off); "
+                f"got {self.pool}"
+            )
+        if self.observe_of(self.method) == "prompt-end" and budget <= self.sink + self.window:
+            raise KVMergeConfigError(
+                f"{option_name('budget')} ({budget}) must exceed {option_name('sink')} "
+                f"({self.sink}) + {option_name('window')} ({self.window}) with "
+                "prompt-end observation"
+            )
+        peak = budget + interval + chunk
+        if self.prefill_budget is not None and not peak <= self.prefill_budget < max_model_len:
+            raise KVMergeConfigError(
+                f"{option_name('prefill_budget')} must be from {peak} (budget + interval "
+                f"+ prefill chunk) to {max_model_len - 1} (below the context length); got "
+                f"{self.prefill_budget}"
+            )
         return self.model_copy(
             update=dict(
                 budget=budget, interval=interval, recent=recent, prefill_chunk=chunk
@@ -188,10 +259,42 @@ class KVMergeConfig(BaseModel):
 
     @property
     def min_budget(self) -> int:
-        """Smallest budget a request may ask for with this config's interval, sink,
-        recent and prefill chunk (resolved configs only)."""
+        """Smallest budget a progressive request may ask for with this config's interval,
+        sink, recent and prefill chunk (resolved configs only)."""
         self._require_resolved()
         return self.sink + self.recent + self.interval + self.prefill_chunk
+
+    def min_budget_of(self, observe: str) -> int:
+        """Smallest budget a request observing with ``observe`` may ask for: a
+        prompt-end request keeps its sink and window and merges the rest."""
+        if observe == "prompt-end":
+            return self.sink + self.window + 1
+        return self.min_budget
+
+    def observe_of(self, method: str) -> str:
+        """The observe mode of requests using ``method`` (unless they name their own)."""
+        return self.observe or DEFAULT_OBSERVE[method]
+
+    def pool_of(self, observe: str) -> int:
+        """Pooling width of the rounds of a request observing with ``observe``."""
+        if self.pool is not None:
+            return self.pool
+        return DEFAULT_POOL if observe == "prompt-end" else 1
+
+    def merge_fraction_of(self, observe: str) -> float:
+        """Sub-round share of the rounds of a request observing with ``observe``."""
+        if self.merge_fraction is not None:
+            return self.merge_fraction
+        return PROMPT_END_FRACTION if observe == "prompt-end" else 0.5
+
+    @property
+    def prefill_target(self) -> int | None:
+        """Length a capped prompt-end prefill's progressive rounds bring a request to, so
+        it never holds more than ``prefill_budget`` (None without a cap)."""
+        if self.prefill_budget is None:
+            return None
+        self._require_resolved()
+        return self.prefill_budget - self.interval - self.prefill_chunk
 
     def _require_resolved(self) -> None:
         if None in (self.budget, self.interval, self.recent, self.prefill_chunk):

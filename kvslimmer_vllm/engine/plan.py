@@ -25,19 +25,38 @@ class MergeRound:
     num_merge: int
     round_index: int
     method: str
+    #: Newest slots the round leaves alone (None: the config's ``recent``), pooling width
+    #: of the scores, and the largest share of the mergeable slots one pairwise sub-round
+    #: merges (the scheduler's MergeBook decides all three).
+    recent: int | None = None
+    pool: int = 1
+    max_fraction: float = 0.5
 
     @property
     def num_slots_after(self) -> int:
         return self.num_slots - self.num_merge
 
 
+@dataclass(frozen=True)
+class ObserveFrom:
+    """Start observing a request anew: zero the observation mass of its first
+    ``num_slots`` slots (in ``block_ids``) before this step's forward, so its next round
+    is scored by this step's queries and later ones only (prompt-end observation)."""
+
+    req_id: str
+    block_ids: tuple[int, ...]
+    num_slots: int
+
+
 @dataclass
 class StepPlan:
-    """Merge rounds to run before this step's forward, and, for every scheduled request
-    that has merged, how many tokens it has merged away (logical minus physical length)."""
+    """Merge rounds to run before this step's forward, observation windows that start
+    in it, and, for every scheduled request that has merged, how many tokens it has
+    merged away (logical minus physical length)."""
 
     rounds: list[MergeRound] = field(default_factory=list)
     num_merged: dict[str, int] = field(default_factory=dict)
+    observe: list[ObserveFrom] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.rounds or self.num_merged)
+        return bool(self.rounds or self.num_merged or self.observe)

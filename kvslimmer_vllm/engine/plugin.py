@@ -24,6 +24,7 @@ from typing import Any
 
 from kvslimmer_vllm.core.config import (
     METHODS,
+    OBSERVE_MODES,
     KVMergeConfig,
     KVMergeConfigError,
     option_name,
@@ -53,6 +54,15 @@ _INT_FLAGS = (
     ("kv_merge_interval", "--kv-merge-interval", "interval",
      "A round runs once a request holds more than budget + interval slots "
      "(default: min(512, budget // 4))."),
+    ("kv_merge_window", "--kv-merge-window", "window",
+     "prompt-end: the last prompt tokens whose attention scores the slots; they are "
+     "never merged (default: 32)."),
+    ("kv_merge_pool", "--kv-merge-pool", "pool",
+     "Max-pool slot scores over this many neighbouring slots, odd (default: 7 with "
+     "prompt-end, 1 = off with progressive)."),
+    ("kv_merge_prefill_budget", "--kv-merge-prefill-budget", "prefill_budget",
+     "prompt-end: most KV slots a request holds while its prompt is prefilled "
+     "(default: no cap; longer prompts run progressive rounds under the cap)."),
 )
 
 
@@ -91,8 +101,8 @@ def _int_at_least(minimum: int):
 
 
 _MINIMUM = {
-    name: (KVMergeConfig.model_fields[name].metadata[0].ge)
-    for name in ("budget", "sink", "recent", "interval")
+    field: (KVMergeConfig.model_fields[field].metadata[0].ge)
+    for _dest, _flag, field, _text in _INT_FLAGS
 }
 
 
@@ -106,8 +116,16 @@ def add_kv_merge_arguments(parser) -> None:
         "--kv-merge", dest="kv_merge", choices=METHODS, default=None,
         help="KV compression method: kvslimmer (Hessian-weighted merging), average "
         "(count-weighted merging of the same pairs), evict (drop the least-attended "
-        "slots), streaming (keep sink + recent slots); 'none' (default) runs "
-        "unmodified vLLM.",
+        "slots), streaming (keep sink + recent slots), snapkv (drop the slots the end "
+        "of the prompt attends least, pooled); 'none' (default) runs unmodified vLLM.",
+    )
+    group.add_argument(
+        "--kv-merge-observe", dest="kv_merge_observe", choices=OBSERVE_MODES,
+        default=None,
+        help="When rounds observe queries: progressive (while the prompt is prefilled, "
+        "memory bounded throughout) or prompt-end (one step after the prompt, scored by "
+        "its last --kv-merge-window tokens, i.e. the question). Default: prompt-end for "
+        "snapkv, progressive otherwise.",
     )
     for dest, flag, field, text in _INT_FLAGS:
         group.add_argument(
@@ -118,7 +136,8 @@ def add_kv_merge_arguments(parser) -> None:
         "--kv-merge-config", dest="kv_merge_config", default=None,
         metavar="PATH_OR_JSON",
         help="YAML/JSON file or inline JSON with any KV-merge setting (method, budget, "
-        "sink, recent, interval, prefill_chunk, gamma, eps, rope_aware); flags win.",
+        "sink, recent, interval, prefill_chunk, observe, window, pool, prefill_budget, "
+        "merge_fraction, gamma, eps, rope_aware); flags win.",
     )
 
 
@@ -141,7 +160,8 @@ def _wrap_from_cli_args(engine_args_cls) -> None:
     @functools.wraps(original)
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
-        overrides = {"method": getattr(args, "kv_merge", None)}
+        overrides = {"method": getattr(args, "kv_merge", None),
+                     "observe": getattr(args, "kv_merge_observe", None)}
         for dest, _flag, field, _text in _INT_FLAGS:
             overrides[field] = getattr(args, dest, None)
         source = getattr(args, "kv_merge_config", None)

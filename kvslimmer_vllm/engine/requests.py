@@ -4,10 +4,12 @@
     extra_body={"vllm_xargs": {"kv_merge": "off"}}          # this request never merges
     extra_body={"vllm_xargs": {"kv_merge_budget": 512}}     # keep 512 slots, not the server's
     extra_body={"vllm_xargs": {"kv_merge_method": "evict"}} # another method than the server's
+    extra_body={"vllm_xargs": {"kv_merge_observe": "prompt-end"}}  # score by the question
 
-A request may lower its budget down to the smallest one the server's interval, sink,
-recent and prefill chunk allow, but not raise it above the server's ``--kv-merge-budget``
-(the server sizes admission by it). Invalid values are refused (HTTP 400), never clamped.
+A request may lower its budget down to the smallest its observe mode allows (progressive:
+the server's sink + recent + interval + prefill chunk; prompt-end: sink + window + 1),
+but not raise it above the server's ``--kv-merge-budget`` (the server sizes admission by
+it). Invalid values are refused (HTTP 400), never clamped.
 Nothing here imports vLLM.
 """
 
@@ -15,11 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvslimmer_vllm.core.config import METHODS, KVMergeConfig
+from kvslimmer_vllm.core.config import METHODS, OBSERVE_MODES, KVMergeConfig
 
 MODE_KEY = "kv_merge"
 BUDGET_KEY = "kv_merge_budget"
 METHOD_KEY = "kv_merge_method"
+OBSERVE_KEY = "kv_merge_observe"
+#: Every key this module reads; the API server names them in its errors.
+KEYS = (MODE_KEY, BUDGET_KEY, METHOD_KEY, OBSERVE_KEY)
 #: Methods a request may pick ('none' is spelled ``kv_merge: "off"``).
 REQUEST_METHODS = tuple(m for m in METHODS if m != "none")
 _MODES = {"on": True, "off": False, True: True, False: False}
@@ -36,6 +41,11 @@ class RequestSettings:
     enabled: bool
     budget: int
     method: str
+    observe: str = "progressive"
+
+    @property
+    def prompt_end(self) -> bool:
+        return self.enabled and self.observe == "prompt-end"
 
 
 def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestSettings:
@@ -49,14 +59,6 @@ def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestS
             f"vllm_xargs.{MODE_KEY}",
             f"vllm_xargs.{MODE_KEY} must be 'on' or 'off'; got {mode!r}", mode,
         )
-    budget = extra.get(BUDGET_KEY, config.budget)
-    low, high = config.min_budget, config.budget
-    if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= high:
-        raise RequestSettingsError(
-            f"vllm_xargs.{BUDGET_KEY}",
-            f"vllm_xargs.{BUDGET_KEY} must be an integer from {low} to {high} (this "
-            f"server's --kv-merge-budget); got {budget!r}", budget,
-        )
     method = extra.get(METHOD_KEY, config.method)
     if not isinstance(method, str) or method not in REQUEST_METHODS:
         raise RequestSettingsError(
@@ -64,4 +66,23 @@ def request_settings(extra_args: dict | None, config: KVMergeConfig) -> RequestS
             f"vllm_xargs.{METHOD_KEY} must be one of {', '.join(REQUEST_METHODS)}; "
             f"got {method!r}", method,
         )
-    return RequestSettings(enabled=_MODES[mode], budget=budget, method=method)
+    observe = extra.get(OBSERVE_KEY, config.observe_of(method))
+    if not isinstance(observe, str) or observe not in OBSERVE_MODES:
+        raise RequestSettingsError(
+            f"vllm_xargs.{OBSERVE_KEY}",
+            f"vllm_xargs.{OBSERVE_KEY} must be one of {', '.join(OBSERVE_MODES)}; "
+            f"got {observe!r}", observe,
+        )
+    budget = extra.get(BUDGET_KEY, config.budget)
+    low, high = config.min_budget_of(observe), config.budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or not low <= budget <= high:
+        floor = ("sink + window + 1" if observe == "prompt-end"
+                 else "sink + recent + interval + prefill chunk")
+        raise RequestSettingsError(
+            f"vllm_xargs.{BUDGET_KEY}",
+            f"vllm_xargs.{BUDGET_KEY} must be an integer from {low} ({floor}, with "
+            f"{observe} observation) to {high} (this server's --kv-merge-budget); got "
+            f"{budget!r}", budget,
+        )
+    return RequestSettings(enabled=_MODES[mode], budget=budget, method=method,
+                           observe=observe)

@@ -35,7 +35,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine import metrics
-from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, StepPlan
+from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound, ObserveFrom, StepPlan
 from kvslimmer_vllm.engine.profiling import make_profile
 from kvslimmer_vllm.engine.requests import (
     RequestSettings,
@@ -66,6 +66,7 @@ class MergeBook:
         self.round_points: dict[str, list[int]] = {}
         self.replay_until: dict[str, int] = {}
         self.pending: list[MergeRound] = []
+        self.pending_observe: list[ObserveFrom] = []
         self.totals = metrics.Totals()
 
     def settings_of(self, request: Request) -> RequestSettings:
@@ -99,60 +100,115 @@ class MergeBook:
         index = (state.rounds if state else 0) + ahead
         return points[index] if index < len(points) else None
 
-    def round_due(self, request: Request) -> bool:
+    # ------------------------------------------------------------------ policy
+    # When a round is due, what it observes and how far it compresses, for both observe
+    # modes. Progressive: a round whenever a request holds more than budget + interval
+    # slots, prefill chunks capped so it never holds more than budget + interval + chunk.
+    # Prompt-end: the prompt is prefilled without rounds (or with progressive rounds under
+    # the prefill budget), its last `window` tokens as a chunk of their own whose queries
+    # alone are observed (the mass is reset as it starts); at the prompt's end one step
+    # brings the request to its budget, leaving the window alone; decoding then runs the
+    # usual rounds.
+
+    def _in_prompt(self, request: Request) -> bool:
+        return request.num_computed_tokens < request.num_prompt_tokens
+
+    def _target(self, request: Request) -> int | None:
+        """Slots a round due now brings the request to; None when no round is due."""
         settings = self.settings_of(request)
         if not settings.enabled:
-            return False
+            return None
+        n = self.physical(request)
         point = self._replay_point(request)
         if point is not None:
-            return request.num_computed_tokens == point
-        if request.num_computed_tokens < self.replay_until.get(request.request_id, 0):
-            return False  # no round ran there before the preemption
-        return self.physical(request) > settings.budget + self.config.interval
+            due = request.num_computed_tokens == point
+        elif request.num_computed_tokens < self.replay_until.get(request.request_id, 0):
+            return None  # no round ran there before the preemption
+        elif not settings.prompt_end:
+            due = n > settings.budget + self.config.interval
+        elif self._in_prompt(request):
+            target = self.config.prefill_target
+            return target if target is not None and n > target + self.config.interval else None
+        elif request.num_computed_tokens == request.num_prompt_tokens:
+            due = n > settings.budget  # the prompt-end step
+        else:
+            due = n > settings.budget + self.config.interval
+        if not due:
+            return None
+        if settings.prompt_end and self._in_prompt(request):
+            return self.config.prefill_target  # a replayed prefill round
+        return settings.budget
+
+    def round_due(self, request: Request) -> bool:
+        return self._target(request) is not None
+
+    def observe_starts(self, request: Request) -> bool:
+        """Whether the chunk scheduled now opens a prompt-end request's window."""
+        settings = self.settings_of(request)
+        start = request.num_prompt_tokens - self.config.window
+        return settings.prompt_end and start > 0 and request.num_computed_tokens == start
 
     def peak_slots(self, request: Request) -> int:
-        """Most slots the request will hold (its budget + interval + prefill chunk)."""
+        """Most slots the request will hold: budget + interval + prefill chunk, and with
+        prompt-end observation the whole prompt (or the prefill budget) before its step."""
         settings = self.settings_of(request)
         if not settings.enabled:
             return request.num_tokens
         cfg = self.config
-        return min(request.num_tokens, settings.budget + cfg.interval + cfg.prefill_chunk)
+        peak = settings.budget + cfg.interval + cfg.prefill_chunk
+        if settings.prompt_end:
+            peak = max(peak, cfg.prefill_budget or request.num_prompt_tokens)
+        return min(request.num_tokens, peak)
 
     def max_chunk(self, request: Request) -> int:
-        """Largest chunk that keeps the request within budget + interval + chunk slots
-        (counting the round that is due before the chunk is appended)."""
+        """Largest chunk that keeps the request within its peak (counting the round that
+        is due before the chunk is appended); a prompt-end prompt stops where its window
+        starts, so the window's queries are observed alone."""
         settings = self.settings_of(request)
         if not settings.enabled:
             return 1 << 62
         cfg = self.config
-        due = self.round_due(request)
-        slots = settings.budget if due else self.physical(request)
-        cap = settings.budget + cfg.interval + cfg.prefill_chunk - slots
+        target = self._target(request)
+        slots = target if target is not None else self.physical(request)
+        computed = request.num_computed_tokens
+        if settings.prompt_end and self._in_prompt(request):
+            cap = (cfg.prefill_budget - slots) if cfg.prefill_budget else 1 << 62
+            window = request.num_prompt_tokens - cfg.window
+            stop = window if computed < window else request.num_prompt_tokens
+            cap = min(cap, stop - computed)
+        else:
+            cap = settings.budget + cfg.interval + cfg.prefill_chunk - slots
         # A recomputed request stops its chunks where its rounds ran, and where it was
         # preempted, so that its rounds run at the same lengths as before.
-        target = self._replay_point(request, ahead=1 if due else 0)
-        if target is None:
-            target = self.replay_until.get(request.request_id)
-        if target is not None and target > request.num_computed_tokens:
-            cap = min(cap, target - request.num_computed_tokens)
+        point = self._replay_point(request, ahead=1 if target is not None else 0)
+        if point is None:
+            point = self.replay_until.get(request.request_id)
+        if point is not None and point > computed:
+            cap = min(cap, point - computed)
         return cap
 
     def plan_round(self, request: Request, block_ids: list[int]) -> MergeRound | None:
         cfg = self.config
+        target = self._target(request)
+        if target is None:
+            return None
         n = self.physical(request)
         settings = self.settings_of(request)
-        k = n - settings.budget
-        mergeable = n - cfg.sink - cfg.recent
-        if 2 * k > mergeable:
-            # The chunk cap makes this impossible; never crash the server over it.
+        prompt_end = settings.prompt_end and not self._in_prompt(request)
+        recent = cfg.window if prompt_end else cfg.recent
+        k = n - target
+        mergeable = n - cfg.sink - recent
+        if k >= mergeable:
+            # The chunk caps make this impossible; never crash the server over it.
             logger.warning(
-                "kv-merge: request %s holds %d slots, more than a round can merge "
-                "(%d mergeable); merging %d pairs instead of %d",
-                request.request_id, n, mergeable, mergeable // 2, k,
+                "kv-merge: request %s holds %d slots, more than a round can free "
+                "(%d mergeable); freeing %d instead of %d",
+                request.request_id, n, mergeable, mergeable - 1, k,
             )
-            k = mergeable // 2
+            k = mergeable - 1
         if k <= 0:
             return None
+        observe = "prompt-end" if prompt_end else "progressive"
         state = self.states.setdefault(request.request_id, RequestMergeState())
         points = self.round_points.setdefault(request.request_id, [])
         if state.rounds == len(points):  # a new round, not a replayed one
@@ -166,9 +222,18 @@ class MergeBook:
             num_merge=k,
             round_index=state.rounds,
             method=settings.method,
+            recent=recent,
+            pool=cfg.pool_of(observe),
+            max_fraction=cfg.merge_fraction_of(observe),
         )
         self.pending.append(plan)
         return plan
+
+    def plan_observe(self, request: Request, block_ids: list[int]) -> None:
+        """The request's window starts in this step: its mass is reset first."""
+        self.pending_observe.append(
+            ObserveFrom(request.request_id, tuple(block_ids), self.physical(request))
+        )
 
     def summary(self, request: Request) -> dict | None:
         """What merging did to a request (None before it computed anything)."""
@@ -179,6 +244,7 @@ class MergeBook:
         settings = self.settings.get(request.request_id)
         return {
             "method": settings.method if settings and settings.enabled else "none",
+            "observe": settings.observe if settings and settings.enabled else None,
             "merged_tokens": state.num_merged,
             "rounds": state.rounds,
             "kv_slots": tokens - state.num_merged,
@@ -213,13 +279,15 @@ class MergeBook:
 
     def take_plan(self, scheduled: dict[str, int], dropped: set[str]) -> StepPlan:
         rounds = [r for r in self.pending if r.req_id not in dropped]
-        self.pending = []
+        observe = [o for o in self.pending_observe
+                   if o.req_id in scheduled and o.req_id not in dropped]
+        self.pending, self.pending_observe = [], []
         num_merged = {
             rid: self.states[rid].num_merged
             for rid in scheduled
             if rid in self.states and self.states[rid].num_merged
         }
-        return StepPlan(rounds=rounds, num_merged=num_merged)
+        return StepPlan(rounds=rounds, num_merged=num_merged, observe=observe)
 
 
 class MergingKVCacheManager(KVCacheManager):
@@ -242,14 +310,15 @@ class MergingKVCacheManager(KVCacheManager):
             if not self._peak_fits(request, kwargs):
                 return None
         merged = book.num_merged(request.request_id)
-        if not merged:
-            return super().allocate_slots(request, num_new_tokens, *args, **kwargs)
         # Let vLLM size the request by its physical slots.
         request.num_computed_tokens -= merged
         try:
-            return super().allocate_slots(request, num_new_tokens, *args, **kwargs)
+            blocks = super().allocate_slots(request, num_new_tokens, *args, **kwargs)
         finally:
             request.num_computed_tokens += merged
+        if blocks is not None and book.observe_starts(request):
+            book.plan_observe(request, [b.block_id for b in self._blocks(request.request_id)])
+        return blocks
 
     def free(self, request: Request) -> None:
         self.book.forget(request)

@@ -119,8 +119,19 @@ def apply_round(
                 k=plan.num_merge,
                 round_index=plan.round_index,
                 rotary=part[0].rotary,
+                recent=plan.recent,
+                pool=plan.pool,
+                max_fraction=plan.max_fraction,
             )
             _write_back(part, state, result, src, dst)
+
+
+def reset_mass(state: SlotState, block_ids, num_slots: int, block_size: int) -> None:
+    """Forget the observation mass of a request's first ``num_slots`` slots (every layer):
+    its next round is scored only by the queries that come after this."""
+    if num_slots > 0:
+        slots = slot_ids(block_ids, num_slots, block_size, state.mass.device)
+        state.mass[:, slots] = 0.0
 
 
 def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:

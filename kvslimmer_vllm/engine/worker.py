@@ -35,6 +35,7 @@ from kvslimmer_vllm.engine.slots import (
     SlotState,
     apply_round,
     gather,
+    reset_mass,
     slot_ids,
 )
 from kvslimmer_vllm.methods import MergeMethod, get_method
@@ -189,6 +190,9 @@ class KVMergeRunnerMixin:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             merge_seconds = time.perf_counter() - started
+        for start in plan.observe if plan is not None else ():
+            reset_mass(self._kv_merge_state, start.block_ids, start.num_slots,
+                       self._kv_merge_block_size)
         self._kv_merge_num_merged = plan.num_merged if plan is not None else {}
         output = super().execute_model(scheduler_output, *args, **kwargs)
         elapsed = time.perf_counter() - started

@@ -45,10 +45,16 @@ class MergeMethod(ABC):
 
     @abstractmethod
     def run_round(
-        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None
+        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
     ) -> MergeResult:
         """Return the request's ``N - k`` slots after the round (``[L, N - k, ...]`` for
-        ``L`` layers)."""
+        ``L`` layers).
+
+        ``recent`` newest slots are left alone (None: the config's); scores use the mass
+        max-pooled over ``pool`` slots; a pairwise method frees at most ``max_fraction``
+        of the mergeable slots per sub-round (the engine's policy decides all three per
+        round)."""
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

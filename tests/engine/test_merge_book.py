@@ -66,13 +66,21 @@ def test_dropped_requests_lose_their_rounds():
     assert book.take_plan({}, set()).rounds == []
 
 
-def test_an_oversized_request_merges_what_fits_instead_of_failing():
+def test_an_oversized_request_is_brought_to_its_budget_in_sub_rounds():
+    """A request holding more than one pairwise round can halve (which the chunk caps
+    prevent) still returns to its budget: the round is planned in full and the method
+    splits it into sub-rounds; the server does not fail."""
+    from kvslimmer_vllm.core.merge import subround_sizes
+
     cfg = KVMergeConfig(method="kvslimmer", budget=64, interval=16).resolve(4096)
     book, req = MergeBook(cfg, block_size=16), _request()
     req.num_computed_tokens = 100  # more than a config-respecting schedule allows
     plan = book.plan_round(req, list(range(7)))
     mergeable = 100 - cfg.sink - cfg.recent
-    assert plan.num_merge == mergeable // 2 < 100 - cfg.budget
+    assert plan.num_merge == 100 - cfg.budget > mergeable // 2
+    assert (plan.recent, plan.pool, plan.max_fraction) == (cfg.recent, 1, 0.5)
+    sizes = subround_sizes(mergeable, plan.num_merge, plan.max_fraction)
+    assert sum(sizes) == plan.num_merge and len(sizes) == 2
 
 
 def test_requests_choose_their_own_budget_or_opt_out():
@@ -120,9 +128,10 @@ def test_invalid_request_settings_name_the_field_and_range(extra, field):
         request_settings(extra, cfg)
     assert err.value.field == f"vllm_xargs.{field}"
     if field == "kv_merge_budget":
-        assert "from 192 to 1024" in str(err.value)
+        assert "from 192 (sink + recent + interval + prefill chunk, with progressive " \
+            "observation) to 1024" in str(err.value)
     if field == "kv_merge_method":
-        assert "kvslimmer, average, evict, streaming" in str(err.value)
+        assert "kvslimmer, average, evict, streaming, snapkv" in str(err.value)
 
 
 def _run(book, req, total, prompt, caps):
