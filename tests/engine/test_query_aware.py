@@ -1,0 +1,142 @@
+"""Prompt-end observation in the real engine (vLLM offline, CPU, the default model).
+
+One engine serves every test here; requests choose prompt-end observation and their method
+per request (``vllm_xargs``), as users do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslimmer_vllm.core import RotarySpec, default_inv_freq
+from kvslimmer_vllm.core.config import DEFAULT_EPS, DEFAULT_GAMMA
+from kvslimmer_vllm.core.merge import evict_lowest, merge_rounds
+from kvslimmer_vllm.engine.plugin import engine_kwargs
+from helpers import offline_llm, token_prompt
+
+BUDGET, INTERVAL, WINDOW, LAYER = 256, 128, 32, 7
+KW = dict(max_model_len=1024, **engine_kwargs(budget=BUDGET, interval=INTERVAL))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    with offline_llm(model_dir, num_gpu_blocks_override=40, **KW) as engine:
+        yield engine
+
+
+def _params(max_tokens, **xargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens,
+                          ignore_eos=True, extra_args=xargs or None)
+
+
+def _prompt(tokenizer, length, seed):
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=token_prompt(tokenizer, length, seed=seed))
+
+
+def _traced(llm, prompt, params):
+    llm.collective_rpc("kv_merge_set_trace", args=(LAYER,))
+    try:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        trace = llm.collective_rpc("kv_merge_pop_trace")[0]
+    finally:
+        llm.collective_rpc("kv_merge_set_trace", args=(None,))
+    tensors = [{k: torch.tensor(v) if isinstance(v, list) else v for k, v in r.items()}
+               for r in trace]
+    for record in tensors:
+        for side in ("before", "after"):
+            if side in record:
+                record[side] = {k: torch.tensor(v) for k, v in record[side].items()}
+    return out, tensors
+
+
+ROTARY = RotarySpec(rotary_dim=64, is_neox=True, inv_freq=default_inv_freq(64, 100000.0))
+
+
+def _assert_round_equals(record, want):
+    after = record["after"]
+    torch.testing.assert_close(after["keys"], want.keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after["values"], want.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after["counts"], want.counts)
+    assert torch.equal(after["positions"], want.positions)
+
+
+def test_prompt_end_step_sees_only_the_window_and_equals_core(llm, tokenizer):
+    """Catches: rounds running during the prompt in prompt-end mode, the window's mass
+    mixed with earlier queries (no reset, or a chunk spanning the window's start), the
+    step not reaching the request's budget, or the engine's sub-rounds / pooling / window
+    protection differing from core.merge_rounds."""
+    prompt_len = 800
+    out, trace = _traced(llm, _prompt(tokenizer, prompt_len, seed=3),
+                         _params(140, kv_merge_observe="prompt-end"))
+    rounds = [r for r in trace if r["kind"] == "round"]
+    attention = [r for r in trace if r["kind"] == "attention"]
+    # The prompt's last WINDOW tokens run as a chunk of their own.
+    prefill = [r["query"].shape[0] for r in attention if r["query"].shape[0] > 1]
+    assert prefill[-1] == WINDOW and sum(prefill) == prompt_len
+    first, decode = rounds[0], rounds[1:]
+    assert first["num_slots"] == prompt_len and first["num_merge"] == prompt_len - BUDGET
+    before = first["before"]
+    # One unit of mass per observed query (averaged over each KV head's 3 query heads):
+    # exactly the window's 32 queries.
+    torch.testing.assert_close(before["mass"].sum(0), torch.full((3,), float(WINDOW)),
+                               rtol=1e-4, atol=1e-3)
+    want = merge_rounds(
+        before["keys"], before["values"], before["counts"], before["positions"],
+        before["hess"], before["mass"], sink=32, recent=WINDOW, k=first["num_merge"],
+        max_fraction=0.25, pool=7, round_idx=1, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+        rotary=ROTARY,
+    )
+    _assert_round_equals(first, want)
+    # The window itself (the question) is kept as it was.
+    assert torch.equal(first["after"]["positions"][-WINDOW:],
+                       torch.arange(prompt_len - WINDOW, prompt_len))
+    # Decoding then runs the usual rounds, observed by the decoded tokens since the step.
+    assert len(decode) == 1 and decode[0]["num_slots"] == BUDGET + INTERVAL + 1
+    torch.testing.assert_close(decode[0]["before"]["mass"].sum(0),
+                               torch.full((3,), float(INTERVAL + 1)), rtol=1e-4, atol=1e-3)
+    summary = out.kv_transfer_params["kv_merge"]
+    assert summary["observe"] == "prompt-end" and summary["rounds"] == 2
+    # The last sampled token is never fed back, so 139 of the 140 were computed.
+    assert summary["tokens"] == prompt_len + 139
+    assert summary["kv_slots"] == summary["tokens"] - summary["merged_tokens"] == BUDGET + 10
+
+
+def test_snapkv_keeps_what_the_question_attends(llm, tokenizer):
+    """Catches: snapkv not defaulting to prompt-end, or its eviction not being
+    core.evict_lowest with pooled window scores that spares the sink and the window."""
+    prompt_len = 700
+    out, trace = _traced(llm, _prompt(tokenizer, prompt_len, seed=4),
+                         _params(8, kv_merge_method="snapkv", kv_merge_budget=100))
+    (step,) = [r for r in trace if r["kind"] == "round"]
+    before = step["before"]
+    assert step["num_slots"] == prompt_len and step["num_merge"] == prompt_len - 100
+    want = evict_lowest(before["keys"], before["values"], before["counts"],
+                        before["positions"], before["hess"], before["mass"], sink=32,
+                        recent=WINDOW, k=prompt_len - 100, pool=7)
+    _assert_round_equals(step, want)
+    assert out.kv_transfer_params["kv_merge"]["observe"] == "prompt-end"
+    assert out.kv_transfer_params["kv_merge"]["method"] == "snapkv"
+
+
+def test_prompt_end_requests_survive_preemption_unchanged(llm, model_dir, tokenizer):
+    """Catches: a recomputed prompt-end request whose window, prompt-end step or decode
+    rounds run at other lengths than before its preemption (different greedy tokens), or
+    admission that does not reserve the whole prompt it holds before its step."""
+    prompts = [_prompt(tokenizer, 100, seed=39)] + [
+        _prompt(tokenizer, 400 + 37 * i, seed=40 + i) for i in range(5)]
+    params = [_params(800, kv_merge="off")] + [
+        _params(200, kv_merge_observe="prompt-end", kv_merge_budget=128)] * 5
+    reference = llm.generate(prompts, params, use_tqdm=False)
+    with offline_llm(model_dir, num_gpu_blocks_override=9, **KW) as small:
+        got = small.generate(prompts, params, use_tqdm=False)
+    summaries = [o.kv_transfer_params["kv_merge"] for o in got]
+    preempted = [i for i, s in enumerate(summaries) if s["preemptions"] > 0]
+    assert preempted, "the small cache should force preemptions"
+    assert any(summaries[i]["rounds"] >= 2 for i in preempted)
+    for i, (want, have) in enumerate(zip(reference, got)):
+        assert list(have.outputs[0].token_ids) == list(want.outputs[0].token_ids), (
+            f"request {i} ({summaries[i]}) changed")
