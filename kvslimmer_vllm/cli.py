@@ -39,8 +39,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"kvslimmer-vllm eval: {msg}", file=sys.stderr, flush=True)
 
     overrides = {k: getattr(args, k) for k in (
-        "lengths", "budgets", "methods", "tasks", "cases", "seed", "max_tokens", "interval",
-        "sink", "skip_uncalibrated")}
+        "lengths", "budgets", "methods", "observe", "tasks", "cases", "seed", "max_tokens",
+        "interval", "sink", "skip_uncalibrated")}
     try:
         spec = load_spec("quick" if args.quick else args.preset, args.config, overrides)
         out = Path(args.out or f"eval-results/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -61,7 +61,7 @@ def run_and_report(spec, args, out, log):
 
     from transformers import AutoTokenizer
 
-    from kvslimmer_vllm.core.config import KVMergeConfig
+    from kvslimmer_vllm.core.config import OBSERVE_MODES, KVMergeConfig
     from kvslimmer_vllm.eval.backends import OfflineBackend, ServerBackend
     from kvslimmer_vllm.eval.report import write_results
     from kvslimmer_vllm.eval.runner import plan_limits, run_eval
@@ -81,7 +81,8 @@ def run_and_report(spec, args, out, log):
         cfg = KVMergeConfig(method="kvslimmer", budget=limits["engine_budget"],
                             interval=spec.interval, sink=spec.sink
                             ).resolve(limits["max_model_len"])
-        min_budget, max_budget = cfg.min_budget, cfg.budget
+        min_budget = {mode: cfg.min_budget_of(mode) for mode in OBSERVE_MODES}
+        max_budget = cfg.budget
         log(f"engine: {model}, budget {cfg.budget}, interval {cfg.interval}, sink "
             f"{cfg.sink}, max_model_len {limits['max_model_len']}")
         backend = OfflineBackend(model, engine_budget=cfg.budget, interval=cfg.interval,
@@ -112,14 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare KV compression methods with full KV on generated long-context tasks, "
         "through the real engine (offline) or a running server (--server URL)",
     )
-    e.add_argument("--preset", default="default", help="quick, default or gpu")
+    e.add_argument("--preset", default="default",
+                   help="quick, default, observe (every method under both observe modes) "
+                   "or gpu")
     e.add_argument("--quick", action="store_true", help="same as --preset quick (CI smoke)")
     e.add_argument("--config", help="YAML/JSON file with any setting below")
     e.add_argument("--lengths", type=_csv(int), help="prompt lengths in tokens, e.g. 1024,2048")
     e.add_argument("--budgets", type=_csv(float),
                    help="budgets: fractions of the prompt (0.5,0.25) or tokens (512)")
     e.add_argument("--methods", type=_csv(str),
-                   help="kvslimmer,average,evict,streaming (full KV always runs)")
+                   help="kvslimmer,average,evict,streaming,snapkv (full KV always runs)")
+    e.add_argument("--observe", type=_csv(str),
+                   help="observe modes each method runs with: progressive,prompt-end or "
+                   "default (each method's own)")
     e.add_argument("--tasks", type=_csv(str),
                    help="needle,multikey,multivalue,vartrack,freqwords,docqa,nll,agreement")
     e.add_argument("--cases", type=int, help="cases per task and length")

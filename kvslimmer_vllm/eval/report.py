@@ -8,6 +8,7 @@ drown the comparison. NLL and agreement are reported beside the scores, uncalibr
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -27,27 +28,44 @@ def cell_means(rows: list[dict]) -> dict[tuple, float]:
     return {k: mean(v) for k, v in groups.items()}
 
 
+def wilson(score: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate ``score`` over ``n`` cases."""
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (score + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(score * (1 - score) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def summarize(rows: list[dict], spec: EvalSpec) -> dict:
-    """Per (method, budget): calibrated score, its share of full KV's, NLL increase,
-    agreement; plus the calibrated cells and the targets' verdicts."""
+    """Per (method, budget): calibrated score with its 95% Wilson interval over the
+    calibrated cases, its share of full KV's, NLL increase, agreement; plus the
+    calibrated cells and the verdicts."""
     cells = cell_means(rows)
     calibrated = sorted(
         (t, n) for (t, n, m, _), v in cells.items()
         if m == "none" and t in TASKS and v >= spec.calibration
     )
     full_score = mean(cells[(t, n, "none", "full")] for t, n in calibrated) if calibrated else None
+    cases: dict[tuple, int] = defaultdict(int)
+    for r in rows:
+        if (r["task"], r["length"]) in set(calibrated):
+            cases[(r["method"], r["budget"])] += 1
     per = {}
-    for method in spec.methods:
+    for method in spec.variants:
         for b in spec.budgets:
             label = spec.budget_label(b)
             score = (mean(cells[(t, n, method, label)] for t, n in calibrated)
                      if calibrated else None)
+            count = cases[(method, label)]
             nll = [cells[(NLL_TASK, n, method, label)] - cells[(NLL_TASK, n, "none", "full")]
                    for n in spec.lengths if (NLL_TASK, n, method, label) in cells]
             agree = [cells[(AGREEMENT_TASK, n, method, label)] for n in spec.lengths
                      if (AGREEMENT_TASK, n, method, label) in cells]
             per[(method, label)] = {
                 "score": score,
+                "interval": wilson(score, count) if score is not None else None,
+                "cases": count,
                 "kept": score / full_score if score is not None and full_score else None,
                 "nll_increase": mean(nll) if nll else None,
                 "agreement": mean(agree) if agree else None,
@@ -68,7 +86,15 @@ def _by_depth(rows: list[dict], calibrated: list[tuple]) -> dict[float, dict[tup
 
 def _verdicts(spec: EvalSpec, per: dict) -> list[str]:
     out = []
-    if "kvslimmer" not in spec.methods:
+    for b in spec.budgets:
+        label = spec.budget_label(b)
+        scored = {m: per[(m, label)]["score"] for m in spec.variants
+                  if per[(m, label)]["score"] is not None}
+        if scored:
+            top = max(scored.values())
+            best = [m for m, v in scored.items() if v == top]
+            out.append(f"Best at {label}: {', '.join(best)} ({top:.3f}).")
+    if "kvslimmer" not in spec.variants:
         return out
     for b in spec.budgets:
         label = spec.budget_label(b)
@@ -78,7 +104,7 @@ def _verdicts(spec: EvalSpec, per: dict) -> list[str]:
             verdict = "met" if kept >= target else f"missed by {100 * (target - kept):.1f} points"
             out.append(f"KVSlimmer keeps {kept:.1%} of the full-KV score at a {label} budget "
                        f"(target {target:.0%}): {verdict}.")
-        others = [m for m in spec.methods if m != "kvslimmer"]
+        others = [m for m in spec.variants if m != "kvslimmer"]
         mine = per[("kvslimmer", label)]["score"]
         if mine is not None and others:
             beaten = [m for m in others if per[(m, label)]["score"] is not None
@@ -87,7 +113,7 @@ def _verdicts(spec: EvalSpec, per: dict) -> list[str]:
                 "beats every baseline." if not beaten else
                 f"does not beat {', '.join(beaten)} "
                 "(" + ", ".join(f"{per[(m, label)]['score']:.3f}" for m in beaten) + ")."))
-        nll = {m: per[(m, label)]["nll_increase"] for m in spec.methods
+        nll = {m: per[(m, label)]["nll_increase"] for m in spec.variants
                if per[(m, label)]["nll_increase"] is not None}
         if "kvslimmer" in nll and len(nll) > 1:
             best = min(nll, key=nll.get)
@@ -119,16 +145,19 @@ def markdown(rows: list[dict], spec: EvalSpec, summary: dict, command: str = "")
         + (f"Full-KV score on them: {summary['full_score']:.3f}."
            if summary["full_score"] is not None else ""),
         "",
-        "| method | budget | score | kept vs full KV | NLL increase (nats/token) | "
-        "agreement with full KV |",
-        "|---|---|---|---|---|---|",
+        "| method | budget | score | 95% interval (cases) | kept vs full KV | "
+        "NLL increase (nats/token) | agreement with full KV |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (method, label), v in per.items():
-        lines.append(f"| {method} | {label} | {_fmt(v['score'])} | {_fmt(v['kept'], pct=True)}"
-                     f" | {_fmt(v['nll_increase'], sign=True)} | {_fmt(v['agreement'])} |")
+        interval = ("-" if v["interval"] is None else
+                    f"{v['interval'][0]:.2f}-{v['interval'][1]:.2f} ({v['cases']})")
+        lines.append(f"| {method} | {label} | {_fmt(v['score'])} | {interval} | "
+                     f"{_fmt(v['kept'], pct=True)} | {_fmt(v['nll_increase'], sign=True)} | "
+                     f"{_fmt(v['agreement'])} |")
     if summary["verdicts"]:
         lines += ["", *[f"- {v}" for v in summary["verdicts"]]]
-    configs = [("none", "full")] + [(m, spec.budget_label(b)) for m in spec.methods
+    configs = [("none", "full")] + [(m, spec.budget_label(b)) for m in spec.variants
                                     for b in spec.budgets]
     header = " | ".join("full KV" if m == "none" else f"{m} {b}" for m, b in configs)
     if summary["by_depth"]:
@@ -148,7 +177,10 @@ def markdown(rows: list[dict], spec: EvalSpec, summary: dict, command: str = "")
             lines.append(f"| {task} | {n} | " + " | ".join(_fmt(v) for v in vals) + " |")
     lines += ["", "Scores: fraction of expected strings found (docqa: words of the "
               "continuation reproduced in order); nll: mean NLL of the continuation in "
-              "nats/token (lower is better); agreement: answer tokens equal to full KV's."
+              "nats/token (lower is better; '-' for prompt-end variants, which never "
+              "compress the scored continuation, part of the prompt); agreement: answer "
+              "tokens equal to full KV's. Intervals: 95% Wilson, taking the mean score "
+              "over the calibrated cases as a success rate."
               + (" A method's '-': not run, because full KV scored below the calibration "
                  "on that cell (--all-cells runs it)." if spec.skip_uncalibrated else ""), ""]
     return "\n".join(lines)
@@ -182,7 +214,7 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        for method in spec.methods:
+        for method in spec.variants:
             ys = [_avg(cells, task, ran, method, spec.budget_label(b)) for b in xs]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
                     label=method)

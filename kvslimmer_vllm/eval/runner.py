@@ -13,15 +13,17 @@ Rows are plain dicts:
 [0, 1], the continuation's mean NLL in nats per token for ``nll``, and, for
 ``agreement``, the fraction of answer tokens equal to full KV's, position by position;
 ``depth`` is where the case's (asked) needle sits, as a fraction of the context.
+NLL is scored over a continuation inside the prompt, which prompt-end observation never
+compresses, so prompt-end variants have no NLL rows (their NLL would equal full KV's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from statistics import mean
 
 from kvslimmer_vllm.eval.backends import Backend, ChatRequest, NLLRequest
-from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError
+from kvslimmer_vllm.eval.spec import EvalSpec, EvalSpecError, parse_variant
 from kvslimmer_vllm.eval.tasks import AGREEMENT_TASK, NLL_TASK, TASKS, nll_cases
 
 FULL_CONFIG = ("none", None)
@@ -43,8 +45,8 @@ def _chat_len(tokenizer, messages: list[dict]) -> int:
 
 
 def configurations(spec: EvalSpec) -> list[tuple[str, float | None]]:
-    """Full KV first, then every (method, budget)."""
-    return [FULL_CONFIG] + [(m, b) for m in spec.methods for b in spec.budgets]
+    """Full KV first, then every (method variant, budget) (see ``EvalSpec.variants``)."""
+    return [FULL_CONFIG] + [(m, b) for m in spec.variants for b in spec.budgets]
 
 
 def plan_limits(spec: EvalSpec) -> dict:
@@ -58,11 +60,12 @@ def plan_limits(spec: EvalSpec) -> dict:
     return {"engine_budget": min(budget, longest - 1), "max_model_len": longest + 64}
 
 
-def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
-             max_budget: int, log: Callable[[str], None] = print) -> list[dict]:
+def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *,
+             min_budget: int | Mapping[str, int], max_budget: int,
+             log: Callable[[str], None] = print) -> list[dict]:
     """All rows of the sweep. Budgets outside ``[min_budget, max_budget]`` (what the
-    engine's interval, sink and budget allow) are refused before a length's first
-    request is sent."""
+    engine's interval, sink and budget allow; ``min_budget`` may differ per observe mode,
+    as a mapping) are refused before a length's first request is sent."""
     rows: list[dict] = []
     configs = configurations(spec)
     gen_tasks = [t for t in spec.tasks if t in TASKS]
@@ -118,6 +121,8 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
                                                spec.nll_tokens)):
                 plen = len(case.prompt_ids)
                 for method, budget in configs:
+                    if method != "none" and parse_variant(method)[1] == "prompt-end":
+                        continue  # the scored continuation is prompt: never compressed
                     xargs = _xargs(spec, method, budget, plen, min_budget, max_budget)
                     nll_reqs.append(NLLRequest(case.prompt_ids, case.num_target, xargs))
                     nll_keys.append((i, method, budget, plen, xargs))
@@ -127,10 +132,13 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *, min_budget: int,
     return rows
 
 
-def _xargs(spec: EvalSpec, method: str, budget: float | None, prompt_len: int,
-           min_budget: int, max_budget: int) -> dict:
-    if method == "none":
+def _xargs(spec: EvalSpec, variant: str, budget: float | None, prompt_len: int,
+           min_budget: int | Mapping[str, int], max_budget: int) -> dict:
+    if variant == "none":
         return {"kv_merge": "off"}
+    method, observe = parse_variant(variant)
+    if isinstance(min_budget, Mapping):
+        min_budget = min_budget[observe]
     tokens = spec.budget_tokens(budget, prompt_len)
     if not min_budget <= tokens <= max_budget:
         raise EvalSpecError(
@@ -138,7 +146,7 @@ def _xargs(spec: EvalSpec, method: str, budget: float | None, prompt_len: int,
             f"{tokens} tokens, outside what the engine allows ({min_budget} to {max_budget}: "
             "raise the budget or the length, or lower --interval/--sink)"
         )
-    return {"kv_merge_method": method, "kv_merge_budget": tokens}
+    return {"kv_merge_method": method, "kv_merge_observe": observe, "kv_merge_budget": tokens}
 
 
 def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, text=None,
@@ -148,6 +156,7 @@ def _row(spec, task, length, case, method, budget, prompt_len, xargs, score, tex
         "length": length,
         "case": case,
         "method": method,
+        "observe": xargs.get("kv_merge_observe", ""),
         "budget": "full" if budget is None else spec.budget_label(budget),
         "budget_tokens": xargs.get("kv_merge_budget", prompt_len),
         "prompt_tokens": prompt_len,

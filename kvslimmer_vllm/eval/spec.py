@@ -7,11 +7,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kvslimmer_vllm.core.config import METHODS
+from kvslimmer_vllm.core.config import DEFAULT_OBSERVE, METHODS, OBSERVE_MODES
 from kvslimmer_vllm.eval.tasks import ALL_TASKS
 
 #: Compressing methods (``none`` = full KV is always run, as the reference).
 EVAL_METHODS = tuple(m for m in METHODS if m != "none")
+
+
+def variant_label(method: str, observe: str) -> str:
+    """How results name a method run with an observe mode: the method's name alone when
+    it is the method's default mode, else ``method/observe``."""
+    return method if observe == DEFAULT_OBSERVE[method] else f"{method}/{observe}"
+
+
+def parse_variant(label: str) -> tuple[str, str]:
+    """``(method, observe)`` of a :func:`variant_label`."""
+    method, _, observe = label.partition("/")
+    return method, observe or DEFAULT_OBSERVE[method]
 
 
 class EvalSpecError(ValueError):
@@ -30,6 +42,10 @@ class EvalSpec(BaseModel):
                                  description="KV budgets: fractions (< 1) or tokens (>= 1).")
     methods: list[str] = Field(list(EVAL_METHODS), min_length=1,
                                description="Compressing methods compared with full KV.")
+    observe: list[str] = Field(
+        ["default"], min_length=1,
+        description="Observe modes each method runs with: progressive, prompt-end, or "
+        "default (each method's own: prompt-end for snapkv, progressive otherwise).")
     tasks: list[str] = Field(list(ALL_TASKS), min_length=1, description="Tasks to run.")
     cases: int = Field(3, ge=1, le=1000, description="Cases per task and length.")
     seed: int = Field(0, ge=0, description="Seed of the generated cases.")
@@ -65,6 +81,22 @@ class EvalSpec(BaseModel):
             raise ValueError(f"unknown methods {bad} (allowed: {', '.join(EVAL_METHODS)})")
         return list(dict.fromkeys(v))
 
+    @field_validator("observe")
+    @classmethod
+    def _observe(cls, v: list[str]) -> list[str]:
+        allowed = ("default", *OBSERVE_MODES)
+        bad = [o for o in v if o not in allowed]
+        if bad:
+            raise ValueError(f"unknown observe modes {bad} (allowed: {', '.join(allowed)})")
+        return list(dict.fromkeys(v))
+
+    @property
+    def variants(self) -> list[str]:
+        """Every (method, observe mode) the sweep runs, as :func:`variant_label` s."""
+        labels = [variant_label(m, DEFAULT_OBSERVE[m] if o == "default" else o)
+                  for m in self.methods for o in self.observe]
+        return list(dict.fromkeys(labels))
+
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: list[str]) -> list[str]:
@@ -87,6 +119,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(lengths=[512], budgets=[0.5], cases=1, max_tokens=16, interval=32,
                   nll_tokens=32, skip_uncalibrated=False),
     "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=4),
+    # Every method under both observe modes, on the tasks SmolLM2-135M can do.
+    "observe": dict(lengths=[1024], budgets=[0.5, 0.25], cases=8,
+                    tasks=["needle", "multikey", "nll"],
+                    observe=["progressive", "prompt-end"]),
     "gpu": dict(lengths=[8192, 16384, 32768], budgets=[0.5, 0.25, 0.125], cases=10,
                 max_tokens=48, interval=512, sink=32),
 }
