@@ -22,6 +22,12 @@ def test_each_method_runs_under_each_observe_mode():
     assert EvalSpec(methods=["kvslimmer", "snapkv"]).variants == ["kvslimmer", "snapkv"]
     with pytest.raises(EvalSpecError, match="--observe"):
         load_spec("default", overrides={"observe": ["later"]})
+    # A method may name its mode, outside the observe axis.
+    spec = EvalSpec(methods=["kvslimmer", "snapkv/prompt-end", "evict/prompt-end"],
+                    observe=["progressive", "prompt-end"])
+    assert spec.variants == ["kvslimmer", "kvslimmer/prompt-end", "snapkv", "evict/prompt-end"]
+    with pytest.raises(EvalSpecError, match="METHOD/prompt-end"):
+        load_spec("default", overrides={"methods": ["evict/sometimes"]})
 
 
 def test_requests_carry_the_variant_and_its_own_budget_floor():
