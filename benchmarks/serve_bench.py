@@ -353,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="per request, seconds")
     parser.add_argument("--vllm-flag", action="append", default=[],
                         help="extra flag for both servers (repeatable)")
+    parser.add_argument("--observe", choices=("progressive", "prompt-end"),
+                        default="progressive",
+                        help="--kv-merge-observe of the kv-merge server (prompt-end holds a "
+                        "whole prompt until its compression step)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
@@ -375,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         common += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
-    merging = ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget)]
+    merging = ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget),
+               "--kv-merge-observe", args.observe]
     if args.interval is not None:
         merging += ["--kv-merge-interval", str(args.interval)]
     servers = {"unmodified": common, "kv-merge": common + merging}
