@@ -344,6 +344,61 @@ def _validate_requests_against(config: KVMergeConfig) -> None:
 
     setattr(verify, _PATCHED, True)
     SamplingParams.verify = verify
+    _name_out_of_range_integers(SamplingParams)
+
+
+#: What vLLM's transport carries (``SamplingParams._verify_extra_args``: MessagePack's
+#: signed/unsigned 64-bit integers).
+_INT_RANGE = (-(2**63), 2**64)
+
+
+def _out_of_range_int(value, depth: int = 0):
+    """The first integer in ``value`` (nested lists/dicts too) that vLLM cannot carry."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if _INT_RANGE[0] <= value < _INT_RANGE[1] else value
+    if depth < 32 and isinstance(value, (list, tuple, dict)):
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        for item in items:
+            found = _out_of_range_int(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _name_out_of_range_integers(sampling_params_cls) -> None:
+    """vLLM refuses an integer beyond 64 bits anywhere in ``extra_args`` when the
+    ``SamplingParams`` is built (before ``verify``), with a message that names no field.
+    Under a ``kv_merge*`` key, the 400 names ``vllm_xargs.<key>`` and what it allows."""
+    from vllm.exceptions import VLLMValidationError
+
+    from kvslimmer_vllm.engine.requests import KEYS, RequestSettingsError, request_settings
+
+    original = sampling_params_cls._verify_extra_args
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def _verify_extra_args(self) -> None:
+        extra = self.extra_args
+        if isinstance(extra, dict):
+            for key in KEYS:
+                bad = _out_of_range_int(extra.get(key))
+                if bad is None:
+                    continue
+                field, message = f"vllm_xargs.{key}", None
+                if _request_config is not None:
+                    try:
+                        request_settings(extra, _request_config)
+                    except RequestSettingsError as exc:
+                        field, message = exc.field, str(exc)
+                if message is None:
+                    message = (f"{field} got the integer {bad}, outside what a request can "
+                               f"carry (-2**63 to 2**64 - 1)")
+                raise VLLMValidationError(message, parameter=field, value=bad)
+        original(self)
+
+    setattr(_verify_extra_args, _PATCHED, True)
+    sampling_params_cls._verify_extra_args = _verify_extra_args
 
 
 _request_config: KVMergeConfig | None = None

@@ -110,3 +110,38 @@ def test_per_request_options(extra):
         return
     assert SERVER.min_budget <= got.budget <= SERVER.budget
     assert got.method in METHODS and got.method != "none"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("kv_merge", [-(2**63) - 1]),          # once drawn by the server fuzz test
+    ("kv_merge_budget", 2**64),
+    ("kv_merge_budget", -(2**63) - 1),
+    ("kv_merge_method", {"x": [2**70]}),
+])
+@pytest.mark.parametrize("configured", [True, False], ids=["server", "no config"])
+def test_out_of_range_integers_are_refused_by_their_field(monkeypatch, key, value,
+                                                          configured):
+    """vLLM refuses integers beyond 64 bits in extra_args when the SamplingParams is built
+    (before the plugin's verify hook) with a message naming no field. Catches: that
+    message reaching a user who set a vllm_xargs.kv_merge* option; the plugin's own
+    message (field and allowed values) must win, or name the field without a config."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    from kvslimmer_vllm.engine import plugin
+
+    # The hooks stay installed (as in any process that built a merging engine); the
+    # server settings are put back as they were afterwards.
+    monkeypatch.setattr(plugin, "_request_config", plugin._request_config)
+    plugin._validate_requests_against(SERVER)
+    plugin._request_config = SERVER if configured else None
+    with pytest.raises(VLLMValidationError) as err:
+        SamplingParams(extra_args={key: value})
+    assert err.value.parameter == f"vllm_xargs.{key}"
+    assert f"vllm_xargs.{key}" in str(err.value)
+    if configured and key == "kv_merge_budget":
+        assert f"from {SERVER.min_budget} " in str(err.value)
+    # Other keys keep vLLM's own check, and in-range kv_merge values are unaffected.
+    with pytest.raises(VLLMValidationError, match="extra_args integers"):
+        SamplingParams(extra_args={"other": 2**64})
+    assert SamplingParams(extra_args={"kv_merge": "off"}).extra_args == {"kv_merge": "off"}
