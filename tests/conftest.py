@@ -1,8 +1,32 @@
-"""Session fixtures: the default model and its tokenizer (helpers live in helpers.py)."""
+"""Session fixtures: the default model, its tokenizer and the shared merging server
+(helpers live in helpers.py); fixed seeds for every test.
+
+Property tests run derandomized (the same examples on every run, no example database),
+so a clean run's pass/fail result does not depend on chance. Set
+``KVSLIMMER_HYPOTHESIS=explore`` to draw fresh random examples locally.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("KVSLIMMER_HYPOTHESIS", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds():
+    """Tests that draw from Python's or torch's global generators get the same draws
+    whatever ran before them."""
+    import torch
+
+    random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +41,20 @@ def tokenizer(model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def merge_server(model_dir, tmp_path_factory):
+    """The one merging server of the session (tests/engine/test_server.py,
+    test_stress.py, test_docker.py): the CPU image's entrypoint serving the baked-in
+    default model with ``--kv-merge kvslimmer``, budget 256, interval 128, a KV cache of
+    48 blocks of 128 slots and an API key. Tests read counters as differences."""
+    from helpers import merging_server_via_entrypoint
+
+    log = tmp_path_factory.mktemp("logs") / "merge_server.log"
+    server = merging_server_via_entrypoint(model_dir, log_path=log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,10 +20,11 @@ from pathlib import Path
 from kvslimmer_vllm.eval.text import documentation_text as long_text
 from kvslimmer_vllm.eval.text import documentation_tokens as token_prompt
 
-__all__ = ["Server", "engine_args", "free_port", "long_text", "offline_llm",
-           "running_server", "token_prompt"]
+__all__ = ["MERGE", "Server", "engine_args", "free_port", "long_text",
+           "merging_server_via_entrypoint", "offline_llm", "running_server", "token_prompt"]
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 #: Fraction of the CPU node's memory vLLM may reserve per engine (tests run <= 2 at once).
 CPU_MEMORY_FRACTION = "0.3"
 
@@ -64,9 +66,12 @@ def free_port() -> int:
 class Server:
     """A server process on loopback (``vllm serve``, or any command that starts one)."""
 
-    def __init__(self, cmd: list[str], *, port: int, log_path: Path, env=None):
+    def __init__(self, cmd: list[str], *, port: int, log_path: Path, env=None,
+                 api_key: str | None = None, name: str = "smol"):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.api_key, self.name = api_key, name
+        self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -82,7 +87,7 @@ class Server:
             "--gpu-memory-utilization", CPU_MEMORY_FRACTION, "--seed", "0",
             *flags,
         ]
-        return cls(cmd, port=port, log_path=log_path)
+        return cls(cmd, port=port, log_path=log_path, name=name)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -105,7 +110,7 @@ class Server:
     def post(self, path: str, body: dict, timeout: float = 600) -> dict:
         req = urllib.request.Request(
             self.url + path, data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.auth},
         )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.load(r)
@@ -132,6 +137,30 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class MERGE:
+    """Settings of the session's shared merging server (conftest.merge_server)."""
+
+    BUDGET, INTERVAL, NUM_BLOCKS, BLOCK_SIZE = 256, 128, 48, 128
+    CACHE_SLOTS = NUM_BLOCKS * BLOCK_SIZE
+    API_KEY = "kvslimmer-test-key"
+    NAME = "SmolLM2-135M-Instruct"  # what the entrypoint serves MODEL=default as
+
+
+def merging_server_via_entrypoint(model_dir: str, *, log_path: Path) -> Server:
+    """docker/entrypoint.sh as the CPU image runs it (MODEL=default: the baked-in
+    checkpoint), with the test settings of :class:`MERGE` and an API key."""
+    port = free_port()
+    extra = (f"--dtype float32 --enforce-eager --max-model-len 4096 --seed 0 "
+             f"--gpu-memory-utilization {CPU_MEMORY_FRACTION} "
+             f"--kv-merge-interval {MERGE.INTERVAL} "
+             f"--num-gpu-blocks-override {MERGE.NUM_BLOCKS} --api-key {MERGE.API_KEY}")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "MODEL": "default",
+           "PORT": str(port), "KV_MERGE_BUDGET": str(MERGE.BUDGET),
+           "VLLM_EXTRA_ARGS": extra}
+    return Server([str(ROOT / "docker" / "entrypoint.sh")], port=port, env=env,
+                  log_path=log_path, api_key=MERGE.API_KEY, name=MERGE.NAME)
 
 
 @contextmanager
