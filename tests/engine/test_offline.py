@@ -40,7 +40,21 @@ def _greedy_ids(llm, prompts):
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+#: One merging engine for this module: a budget no prompt here reaches (identity), and
+#: per-request budgets (vllm_xargs) where rounds must run.
+ENGINE_BUDGET, INTERVAL = 3000, 128
+
+
+@pytest.fixture(scope="module")
+def merge_llm(model_dir):
+    with offline_llm(model_dir, num_gpu_blocks_override=64,
+                     **engine_kwargs(budget=ENGINE_BUDGET, interval=INTERVAL)) as llm:
+        yield llm
+
+
 def test_default_model_answers_paris(base_llm):
+    """Catches: the installed vLLM, the plugin's registration or the fetched checkpoint
+    breaking plain generation."""
     from vllm import SamplingParams
 
     out = base_llm.chat(
@@ -52,6 +66,8 @@ def test_default_model_answers_paris(base_llm):
 
 
 def test_merging_off_leaves_vllm_unmodified(base_llm):
+    """Catches: the plugin swapping in its scheduler or worker (or adding settings)
+    when merging is off."""
     config = base_llm.llm_engine.vllm_config
     assert config.scheduler_config.scheduler_cls in (
         None, "vllm.v1.core.sched.scheduler.Scheduler",
@@ -60,17 +76,15 @@ def test_merging_off_leaves_vllm_unmodified(base_llm):
     assert "kv_merge" not in (config.additional_config or {})
 
 
-def test_identity_when_budget_exceeds_every_request(base_llm, model_dir):
-    """kv-merge on with a budget no request reaches: the same greedy tokens as vLLM."""
+def test_identity_when_budget_exceeds_every_request(base_llm, merge_llm):
+    """kv-merge on with a budget no request reaches: the same greedy tokens as vLLM.
+    Catches: the merging scheduler, worker or attention backend changing anything
+    (chunking, slot mapping, attention numerics) for requests that never merge."""
     prompts = _mixed_prompts()
     expected = _greedy_ids(base_llm, prompts)
-    with offline_llm(
-        model_dir, num_gpu_blocks_override=64,
-        **engine_kwargs(budget=3000, interval=512),
-    ) as llm:
-        assert llm.llm_engine.vllm_config.additional_config["kv_merge"]["budget"] == 3000
-        got = _greedy_ids(llm, prompts)
-    assert got == expected
+    cfg = merge_llm.llm_engine.vllm_config.additional_config["kv_merge"]
+    assert cfg["budget"] == ENGINE_BUDGET
+    assert _greedy_ids(merge_llm, prompts) == expected
 
 
 def _as_tensors(record: dict) -> dict:
@@ -96,25 +110,29 @@ def _explicit_attention(query, keys, values, counts, scale, visible):
     return out
 
 
-def test_paged_state_equals_core_math(model_dir):
-    """After several rounds inside the engine, one layer's paged K, V, counts and
-    positions equal what core.merge_round computes from the same inputs, the observation
-    mass covers exactly the queries since the last round, and the backend's attention
-    over merged slots equals the formula."""
+def test_paged_state_equals_core_math(merge_llm):
+    """After several rounds inside the engine (a request budget below the engine's),
+    one layer's paged K, V, counts and positions equal what core.merge_round computes
+    from the same inputs, the observation mass covers exactly the queries since the last
+    round, and the backend's attention over merged slots equals the formula.
+    Catches: any drift between the engine's paged rounds (gather, RoPE, compaction,
+    mass accumulation, count bias) and the reference math."""
     from vllm import SamplingParams
 
-    budget, interval = 256, 128
+    llm, interval = merge_llm, INTERVAL
+    budget = 448  # >= sink + recent + interval + chunk (32 + 3 x 128)
     layer = 7
     prompt = long_text(900, seed=11) + "\nWhat is this text about?"
-    with offline_llm(
-        model_dir, num_gpu_blocks_override=40,
-        **engine_kwargs(budget=budget, interval=interval),
-    ) as llm:
-        cfg = llm.llm_engine.vllm_config.additional_config["kv_merge"]
-        llm.collective_rpc("kv_merge_set_trace", args=(layer,))
-        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=160),
+    cfg = llm.llm_engine.vllm_config.additional_config["kv_merge"]
+    llm.collective_rpc("kv_merge_set_trace", args=(layer,))
+    try:
+        out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=160,
+                                                    extra_args={"kv_merge_budget": budget}),
                            use_tqdm=False)[0]
+    finally:
         trace = llm.collective_rpc("kv_merge_pop_trace")[0]
+        llm.collective_rpc("kv_merge_set_trace", args=(None,))
+    assert out.kv_transfer_params["kv_merge"]["kv_slots"] <= budget + interval + 1
     logical = len(out.prompt_token_ids) + len(out.outputs[0].token_ids)
     rounds = [r for r in trace if r["kind"] == "round"]
     assert len(rounds) >= 4, "expected several rounds, in prefill and in decode"
