@@ -38,14 +38,15 @@ DEFAULT_GAMMA = 4096.0 / math.log(512.0)
 DEFAULT_EPS = 1e-21
 
 #: Methods that ``--kv-merge`` accepts. ``none`` leaves vLLM untouched.
-METHODS = ("none", "kvslimmer", "average", "evict", "streaming", "snapkv")
-Method = Literal["none", "kvslimmer", "average", "evict", "streaming", "snapkv"]
+METHODS = ("none", "kvslimmer", "average", "evict", "streaming", "snapkv", "snapmerge")
+Method = Literal["none", "kvslimmer", "average", "evict", "streaming", "snapkv", "snapmerge"]
 
 #: When a request's rounds observe its queries (see ``KVMergeConfig.observe``).
 OBSERVE_MODES = ("progressive", "prompt-end")
 Observe = Literal["progressive", "prompt-end"]
 #: Observe mode of each method when neither the server nor the request names one.
-DEFAULT_OBSERVE = {m: "progressive" for m in METHODS} | {"snapkv": "prompt-end"}
+DEFAULT_OBSERVE = {m: "progressive" for m in METHODS} | {
+    "snapkv": "prompt-end", "snapmerge": "prompt-end"}
 #: SnapKV's observation window (the last prompt tokens) and pooling width.
 DEFAULT_WINDOW = 32
 DEFAULT_POOL = 7
@@ -85,7 +86,9 @@ class KVMergeConfig(BaseModel):
         description="Compression method: 'kvslimmer' (the paper), 'average' (count-weighted "
         "merge of the same pairs), 'evict' (drop the least-attended slots), 'streaming' "
         "(keep sink + recent slots), 'snapkv' (drop the slots the end of the prompt "
-        "attends least, pooled; prompt-end by default); 'none' is unmodified vLLM.",
+        "attends least, pooled; prompt-end by default), 'snapmerge' (keep what snapkv "
+        "keeps, merge what it would drop; prompt-end by default); 'none' is unmodified "
+        "vLLM.",
     )
     observe: Observe | None = Field(
         None,

@@ -31,7 +31,8 @@ from .select import pair_scores, pool_mass, select_pairs
 from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
 
 __all__ = [
-    "MergeResult", "evict_lowest", "evict_oldest", "merge_round", "merge_rounds", "merge_weights",
+    "MergeResult", "evict_lowest", "evict_oldest", "keep_set", "merge_round", "merge_rounds",
+    "merge_weights",
 ]
 
 
@@ -249,6 +250,7 @@ def merge_round(
     selector: Callable[[torch.Tensor, int], torch.Tensor] = select_pairs,
     score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     pool: int = 1,
+    protect: torch.Tensor | None = None,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -290,6 +292,9 @@ def merge_round(
             rank then merges its own heads exactly as one rank holding all heads would.
         pool: pair scores use the region's mass max-pooled over ``pool`` slots
             (:func:`~.select.pool_mass`; 1 = off). The Hessian statistics use the raw mass.
+        protect: ``[N]`` bool, slots no pair may touch (their pairs score
+            :data:`PROTECTED_SCORE`, so they are chosen only when nothing else is left;
+            :func:`merge_rounds` never lets that happen).
 
     Returns:
         :class:`MergeResult` with ``N - k`` slots in the input dtypes. Computation is float32
@@ -304,6 +309,8 @@ def merge_round(
     single, (keys, values, counts, positions, hess, mass) = _batched(
         keys, values, counts, positions, hess, mass
     )
+    if protect is not None and single:
+        protect = protect.unsqueeze(0)
     region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 2,
                                single)
     dtype = torch.promote_types(keys.dtype, torch.float32)
@@ -316,6 +323,9 @@ def merge_round(
     scores = pair_scores(pool_mass(mass[:, region], pool), gamma)
     if score_reduce is not None:
         scores = score_reduce(scores)
+    if protect is not None:
+        guarded = protect[:, region].to(scores.device)
+        scores = torch.where(guarded[:, :-1] | guarded[:, 1:], PROTECTED_SCORE, scores)
     # Selection is sequential per layer and runs on the host: one transfer for all layers.
     local = torch.stack([selector(row, k) for row in scores.cpu()]).to(device)
     layer = torch.arange(num_layers, device=device)[:, None]
@@ -405,6 +415,7 @@ def merge_rounds(
     recent: int,
     k: int,
     max_fraction: float = 0.5,
+    protect: torch.Tensor | None = None,
     **round_kwargs,
 ) -> MergeResult:
     """Free ``k`` slots by merging pairs in successive sub-rounds of :func:`merge_round`.
@@ -429,6 +440,10 @@ def merge_rounds(
         k: slots to free; ``k < N - sink - recent``.
         max_fraction: largest share of the mergeable slots one sub-round frees, in
             ``(0, 0.5]``; 0.5 runs a single round whenever one can free ``k``.
+        protect: ``[N]`` (``[L, N]``) bool, slots that are never merged (see
+            :func:`merge_within`); a merged slot is unprotected. Each sub-round then frees
+            at most as many slots as there are disjoint adjacent pairs of unprotected
+            slots, so ``k`` must not exceed :func:`mergeable_without` of the mask.
         round_kwargs: the other keyword arguments of :func:`merge_round` (``round_idx``,
             ``gamma``, ``eps``, ``rotary``, ``key_weights``, ``selector``,
             ``score_reduce``, ``pool``).
@@ -440,16 +455,35 @@ def merge_rounds(
         keys, values, counts, positions, hess, mass
     )
     num_layers, n = keys.shape[:2]
+    if protect is not None:
+        protect = protect.unsqueeze(0) if single else protect
+        return _unbatched(_merge_protected(
+            keys, values, counts, positions, hess, mass, protect, sink=sink, recent=recent,
+            k=k, max_fraction=max_fraction, **round_kwargs), single)
     sizes = subround_sizes(n - sink - recent, k, max_fraction)
     run = functools.partial(merge_round, sink=sink, recent=recent, **round_kwargs)
     if len(sizes) == 1:
         return _unbatched(run(keys, values, counts, positions, hess, mass, k=k), single)
+    return _unbatched(_compose(run, (keys, values, counts, positions, hess, mass), sizes, k),
+                      single)
+
+
+def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> MergeResult:
+    """Run ``run(*state, k=step)`` for each step (``sizes``: a list, or a callable of the
+    current state and protect mask giving the next step, 0 to stop) and describe the
+    result relative to the first input (see :func:`merge_rounds`)."""
+    keys, values = state[0], state[1]
+    num_layers, n = keys.shape[:2]
     device = keys.device
     layer = torch.arange(num_layers, device=device)[:, None]
     origin = torch.arange(n, device=device).expand(num_layers, n)
-    state = (keys, values, counts, positions, hess, mass)
-    for step in sizes:
-        result = run(*state, k=step)
+    steps = iter(sizes) if not callable(sizes) else iter(lambda: sizes(state, protect), 0)
+    for step in steps:
+        if protect is None:
+            result = run(*state, k=step)
+        else:
+            result = run(*state, k=step, protect=protect)
+            protect = _take(protect, result.source)
         mass = carry_mass(state[-1], result)
         origin = origin.clone()
         origin[layer, result.pairs] = -1
@@ -464,7 +498,7 @@ def merge_rounds(
     unchanged = origin == index
     first = (~unchanged).to(torch.int8).argmax(dim=1)
     first_changed = int(torch.where(unchanged.all(dim=1), n - k, first).min())
-    return _unbatched(MergeResult(
+    return MergeResult(
         counts=state[2],
         positions=state[3],
         hess=state[4],
@@ -476,7 +510,7 @@ def merge_rounds(
         merged_slots=order,
         merged_keys=_take(out_keys, order),
         merged_values=_take(out_values, order),
-    ), single)
+    )
 
 
 def carry_mass(mass: torch.Tensor, result: MergeResult) -> torch.Tensor:
@@ -489,6 +523,139 @@ def carry_mass(mass: torch.Tensor, result: MergeResult) -> torch.Tensor:
     summed = mass.clone()
     summed[layer, result.pairs] += mass[layer, result.pairs + 1]
     return _take(summed, result.source)
+
+
+#: Pair score of a pair that touches a protected slot (finite: selection needs finite scores).
+PROTECTED_SCORE = 1e200
+
+
+def disjoint_free_pairs(protect: torch.Tensor) -> torch.Tensor:
+    """``[L]`` most disjoint adjacent pairs of unprotected slots per layer (``protect``
+    ``[L, M]`` over the mergeable region): the sum of ``floor(run / 2)`` over its runs of
+    unprotected slots."""
+    free = (~protect).to(torch.int64)
+    # Length of the unprotected run ending at each slot.
+    idx = torch.arange(free.shape[1], device=free.device).expand_as(free)
+    last_break = torch.where(free == 0, idx, -1).cummax(dim=1).values
+    run_len = (idx - last_break) * free
+    ends = free.clone()
+    ends[:, :-1] &= 1 - free[:, 1:]
+    return (run_len * ends // 2).sum(dim=1)
+
+
+def mergeable_without(protect: torch.Tensor) -> torch.Tensor:
+    """``[L]`` most slots merging can free without touching a protected slot (``protect``
+    ``[L, M]``): unprotected slots minus their runs (a run collapses to one slot)."""
+    free = (~protect).to(torch.int64)
+    starts = free.clone()
+    starts[:, 1:] &= 1 - free[:, :-1]
+    return free.sum(dim=1) - starts.sum(dim=1)
+
+
+def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The slots to keep exact when ``k`` slots are freed by merging only the others:
+    ``[L, M]`` bool, True for the highest-scoring slots of each layer such that the rest
+    (the lowest, as SnapKV would drop) can free ``k`` slots by collapsing its runs
+    (:func:`mergeable_without`) -- the largest such keep set.
+
+    Args:
+        scores: ``[L, M]`` per-slot scores of the mergeable region (e.g. pooled mass
+            summed over heads); ties keep the later slot.
+        k: slots to free, ``0 <= k < M``.
+    """
+    num_layers, m = scores.shape
+    if not 0 <= k < max(m, 1):
+        raise ValueError(f"cannot free k={k} of {m} slots by merging runs")
+    order = torch.sort(scores.to(torch.float64), dim=1, stable=True).indices
+    keep = torch.ones(num_layers, m, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return keep
+    rows = torch.arange(num_layers, device=scores.device)[:, None]
+    # Smallest drop count d with (d - runs) >= k; d - runs never decreases with d.
+    lo = torch.full((num_layers,), k, dtype=torch.int64)
+    hi = torch.full((num_layers,), m, dtype=torch.int64)
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        trial = torch.ones(num_layers, m, dtype=torch.bool, device=scores.device)
+        ranks = torch.arange(m, device=scores.device).expand(num_layers, m)
+        trial[rows, order] = ranks >= mid[:, None].to(scores.device)
+        enough = mergeable_without(trial).cpu() >= k
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    ranks = torch.arange(m, device=scores.device).expand(num_layers, m)
+    keep[rows, order] = ranks >= lo[:, None].to(scores.device)
+    return keep
+
+
+def _merge_protected(keys, values, counts, positions, hess, mass, protect, *, sink, recent,
+                     k, max_fraction, **round_kwargs) -> MergeResult:
+    """:func:`merge_rounds` with protected slots ([L, N] inputs). How much a sub-round can
+    free depends on a layer's own protected slots, so layers run one at a time (each
+    result equals the layer run alone) and their results are stacked."""
+    num_layers, n = keys.shape[:2]
+    if num_layers > 1:
+        parts = [
+            _merge_protected(*(t[i:i + 1] for t in (keys, values, counts, positions, hess,
+                                                    mass, protect)),
+                             sink=sink, recent=recent, k=k, max_fraction=max_fraction,
+                             **round_kwargs)
+            for i in range(num_layers)
+        ]
+        return _stack(parts, keys, values)
+    if not 0 < max_fraction <= 0.5:
+        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
+    if k > int(mergeable_without(protect[:, sink:n - recent]).min()):
+        raise ValueError(f"cannot free k={k} slots without merging a protected slot")
+    left = [k]
+
+    def next_step(state, mask) -> int:
+        if left[0] <= 0:
+            return 0
+        size = state[0].shape[1]
+        region = mask[:, sink:size - recent]
+        step = min(left[0], max(1, int(max_fraction * region.shape[1])),
+                   int(disjoint_free_pairs(region).min()))
+        left[0] -= step
+        return step
+
+    run = functools.partial(merge_round, sink=sink, recent=recent, **round_kwargs)
+    if k == 0:
+        return run(keys, values, counts, positions, hess, mass, k=0)
+    return _compose(run, (keys, values, counts, positions, hess, mass), next_step, k,
+                    protect=protect)
+
+
+def _stack(parts: list[MergeResult], keys: torch.Tensor, values: torch.Tensor) -> MergeResult:
+    """One layer-batched description of single-layer results (``[1, ...]`` each) that
+    freed the same number of slots; merged slots are padded per layer by unchanged slots,
+    as :func:`merge_rounds` describes."""
+    widest = max(p.merged_slots.shape[1] for p in parts)
+    slots, merged_keys, merged_values = [], [], []
+    for p in parts:
+        pad = widest - p.merged_slots.shape[1]
+        if pad:
+            taken = torch.zeros(p.source.shape[1], dtype=torch.bool, device=p.source.device)
+            taken[p.merged_slots[0]] = True
+            extra = (~taken).nonzero().flatten()[:pad][None]
+            index = torch.cat((p.merged_slots, extra), dim=1)
+        else:
+            index = p.merged_slots
+        slots.append(index)
+        merged_keys.append(_take(p.keys, index))
+        merged_values.append(_take(p.values, index))
+    return MergeResult(
+        counts=torch.cat([p.counts for p in parts]),
+        positions=torch.cat([p.positions for p in parts]),
+        hess=torch.cat([p.hess for p in parts]),
+        pairs=torch.cat([p.pairs[:, :0] for p in parts]),
+        first_changed=min(p.first_changed for p in parts),
+        source=torch.cat([p.source for p in parts]),
+        input_keys=keys,
+        input_values=values,
+        merged_slots=torch.cat(slots),
+        merged_keys=torch.cat(merged_keys),
+        merged_values=torch.cat(merged_values),
+    )
 
 
 def evict_lowest(

@@ -117,7 +117,8 @@ def add_kv_merge_arguments(parser) -> None:
         help="KV compression method: kvslimmer (Hessian-weighted merging), average "
         "(count-weighted merging of the same pairs), evict (drop the least-attended "
         "slots), streaming (keep sink + recent slots), snapkv (drop the slots the end "
-        "of the prompt attends least, pooled); 'none' (default) runs unmodified vLLM.",
+        "of the prompt attends least, pooled), snapmerge (keep what snapkv keeps, merge "
+        "what it would drop); 'none' (default) runs unmodified vLLM.",
     )
     group.add_argument(
         "--kv-merge-observe", dest="kv_merge_observe", choices=OBSERVE_MODES,

@@ -12,6 +12,7 @@ which blocks go back to the pool is the engine's business, shared by every metho
 ``evict``      drop the least-attended slots since the last round (H2O/SnapKV style)
 ``streaming``  keep the sink and the most recent slots (StreamingLLM)
 ``snapkv``     drop the slots the question attends least, pooled (SnapKV; prompt-end)
+``snapmerge``  keep what SnapKV keeps, merge (KVSlimmer) what it would drop (prompt-end)
 =============  ===========================================================================
 
 Adding a method: subclass :class:`MergeMethod` in a new module of this package, set
@@ -25,9 +26,10 @@ the per-request ``kv_merge_method`` then accept it.
 from kvslimmer_vllm.methods.average import Average
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData, get_method, register
 from kvslimmer_vllm.methods.evict import Evict, SnapKV, Streaming
-from kvslimmer_vllm.methods.kvslimmer import KVSlimmer
+from kvslimmer_vllm.methods.kvslimmer import KVSlimmer, SnapMerge
 
 __all__ = [
-    "Average", "Evict", "KVSlimmer", "MergeMethod", "SlotData", "SnapKV", "Streaming",
+    "Average", "Evict", "KVSlimmer", "MergeMethod", "SlotData", "SnapKV", "SnapMerge",
+    "Streaming",
     "get_method", "register",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from kvslimmer_vllm.core.merge import MergeResult, merge_rounds
+import torch
+
+from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds
+from kvslimmer_vllm.core.select import pool_mass
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.kernels import select_pairs
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
@@ -25,4 +28,41 @@ class KVSlimmer(MergeMethod):
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
             key_weights=self.key_weights, selector=select_pairs,
             score_reduce=self.score_reduce,
+        )
+
+
+@register
+class SnapMerge(KVSlimmer):
+    """Merge-on-select hybrid of SnapKV and KVSlimmer.
+
+    The slots SnapKV would keep (the highest pooled observation mass) stay exact; the
+    others -- what SnapKV would drop -- are merged with KVSlimmer's Hessian-weighted keys
+    into as few slots as the budget needs, pairs never touching a kept slot, instead of
+    being dropped. The keep set is the largest for which the rest can still free the
+    round's ``k`` slots (:func:`~kvslimmer_vllm.core.merge.keep_set`). Prompt-end by
+    default."""
+
+    name = "snapmerge"
+
+    def run_round(
+        self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
+    ) -> MergeResult:
+        cfg = self.config
+        recent = cfg.recent if recent is None else recent
+        mass = slots.mass if slots.mass.dim() == 3 else slots.mass.unsqueeze(0)
+        n = mass.shape[1]
+        scores = pool_mass(mass[:, cfg.sink:n - recent].to(torch.float64), pool).sum(-1)
+        if self.score_reduce is not None:
+            scores = self.score_reduce(scores)
+        protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
+        protect[:, cfg.sink:n - recent] = keep_set(scores, k)
+        if slots.mass.dim() == 2:
+            protect = protect.squeeze(0)
+        return merge_rounds(
+            slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
+            sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction, protect=protect,
+            pool=pool, round_idx=round_index, gamma=cfg.gamma, eps=cfg.eps,
+            rotary=rotary if cfg.rope_aware else None, key_weights=self.key_weights,
+            selector=select_pairs, score_reduce=self.score_reduce,
         )

@@ -191,3 +191,85 @@ def test_pooling_protects_the_neighbours_of_an_attended_slot():
     assert all(int(inputs[3][j]) in kept for j in range(17, 24))
     scores = pair_scores(pool_mass(inputs[-1][sink:n - recent], 7), DEFAULT_GAMMA)
     assert bool((scores[15:22] > 1).all())
+
+
+# ------------------------------------------------------------ merging only what is dropped
+def _runs_free(drop: list[bool]) -> int:
+    """Slots freed by collapsing each run of dropped slots to one (written out)."""
+    freed, run = 0, 0
+    for d in drop + [False]:
+        if d:
+            run += 1
+        else:
+            freed += max(0, run - 1)
+            run = 0
+    return freed
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [0, 1, 7, 20, 38])
+def test_keep_set_is_the_largest_top_set_whose_rest_frees_k(seed, k):
+    from kvslimmer_vllm.core.merge import keep_set, mergeable_without
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(3, 40, generator=g)
+    scores[1] = 0.5  # all tied
+    keep = keep_set(scores, k)
+    for layer in range(3):
+        order = torch.sort(scores[layer].double(), stable=True).indices.tolist()
+        # The smallest prefix of the ascending order (SnapKV's drop order) that frees k.
+        drop_count = next(d for d in range(41)
+                          if _runs_free([i in set(order[:d]) for i in range(40)]) >= k)
+        want = [i not in set(order[:drop_count]) for i in range(40)]
+        assert keep[layer].tolist() == want
+        assert int(mergeable_without(keep[layer:layer + 1])) >= k
+
+
+def test_protected_slots_are_never_merged_and_the_rest_frees_k():
+    from kvslimmer_vllm.core.merge import keep_set
+
+    n, sink, recent, k = 80, 4, 6, 30
+    inputs = _slots(n, layers=2, seed=12)
+    region = inputs[-1][:, sink:n - recent].sum(-1)
+    protect = torch.zeros(2, n, dtype=torch.bool)
+    protect[:, sink:n - recent] = keep_set(region, k)
+    result = merge_rounds(*inputs, sink=sink, recent=recent, k=k, max_fraction=0.25,
+                          protect=protect, **ROUND)
+    for layer in range(2):
+        kept = protect[layer].nonzero().flatten()
+        # Every protected slot survives unchanged (same key, value, count and position).
+        out = {int(p): j for j, p in enumerate(result.positions[layer].tolist())}
+        for slot in kept.tolist():
+            j = out[int(inputs[3][layer, slot])]
+            assert torch.equal(result.keys[layer, j], inputs[0][layer, slot])
+            assert result.counts[layer, j] == inputs[2][layer, slot]
+        assert result.counts[layer].sum() == inputs[2][layer].sum()
+    assert result.keys.shape[1] == n - k
+
+
+def test_protect_refuses_a_k_it_cannot_free():
+    inputs = _slots(20, seed=2)
+    protect = torch.zeros(20, dtype=torch.bool)
+    protect[1::2] = True  # no two unprotected slots are adjacent
+    with pytest.raises(ValueError, match="protected"):
+        merge_rounds(*inputs, sink=0, recent=0, k=1, protect=protect, **ROUND)
+
+
+def test_protected_merges_batched_over_layers_equal_layer_by_layer():
+    from kvslimmer_vllm.core.merge import keep_set
+
+    n, sink, recent, k, layers = 70, 3, 5, 33, 3
+    inputs = _slots(n, layers=layers, seed=21)
+    region = inputs[-1][:, sink:n - recent].sum(-1)
+    region[2] = torch.linspace(0, 1, n - sink - recent)  # one long free run in layer 2
+    protect = torch.zeros(layers, n, dtype=torch.bool)
+    protect[:, sink:n - recent] = keep_set(region, k)
+    together = merge_rounds(*inputs, sink=sink, recent=recent, k=k, max_fraction=0.25,
+                            protect=protect, **ROUND)
+    for i in range(layers):
+        alone = merge_rounds(*(t[i] for t in inputs), sink=sink, recent=recent, k=k,
+                             max_fraction=0.25, protect=protect[i], **ROUND)
+        torch.testing.assert_close(together.keys[i], alone.keys, rtol=0, atol=0)
+        torch.testing.assert_close(together.values[i], alone.values, rtol=0, atol=0)
+        assert torch.equal(together.counts[i], alone.counts)
+        assert torch.equal(together.positions[i], alone.positions)

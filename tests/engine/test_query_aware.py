@@ -122,6 +122,28 @@ def test_snapkv_keeps_what_the_question_attends(llm, tokenizer):
     assert out.kv_transfer_params["kv_merge"]["method"] == "snapkv"
 
 
+def test_snapmerge_keeps_what_snapkv_keeps_and_merges_the_rest(llm, tokenizer):
+    """Catches: the hybrid merging a slot of its keep set, dropping tokens instead of
+    merging them, or differing from its class run on the gathered slots."""
+    from kvslimmer_vllm.core.config import KVMergeConfig
+    from kvslimmer_vllm.methods import SlotData, get_method
+
+    prompt_len = 700
+    out, trace = _traced(llm, _prompt(tokenizer, prompt_len, seed=5),
+                         _params(8, kv_merge_method="snapmerge", kv_merge_budget=200))
+    (step,) = [r for r in trace if r["kind"] == "round"]
+    before, after = step["before"], step["after"]
+    method = get_method(KVMergeConfig(method="snapmerge", budget=BUDGET, interval=INTERVAL
+                                      ).resolve(1024))
+    want = method.run_round(SlotData(**before), k=prompt_len - 200, round_index=1,
+                            rotary=ROTARY, recent=WINDOW, pool=7, max_fraction=0.25)
+    _assert_round_equals(step, want)
+    # Nothing is dropped: the 200 slots still stand for every prompt token.
+    assert float(after["counts"].sum()) == prompt_len
+    summary = out.kv_transfer_params["kv_merge"]
+    assert (summary["method"], summary["observe"]) == ("snapmerge", "prompt-end")
+
+
 def test_prompt_end_requests_survive_preemption_unchanged(llm, model_dir, tokenizer):
     """Catches: a recomputed prompt-end request whose window, prompt-end step or decode
     rounds run at other lengths than before its preemption (different greedy tokens), or
