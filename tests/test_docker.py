@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CPU_MEMORY_FRACTION, Server, free_port
-
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
 BIN = Path(sys.executable).parent
@@ -55,24 +53,19 @@ def test_entrypoint_builds_the_serve_command():
     ]
 
 
-def test_entrypoint_serves_the_default_model_with_merging(model_dir, tmp_path):
-    """What the CPU image runs on start: MODEL=default, baked-in checkpoint, merging on."""
-    port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MODEL": "default",
-           "PORT": str(port), "KV_MERGE_BUDGET": "256",
-           "VLLM_EXTRA_ARGS": f"--dtype float32 --enforce-eager --max-model-len 4096 "
-                              f"--gpu-memory-utilization {CPU_MEMORY_FRACTION}"}
-    server = Server([str(ROOT / "docker" / "entrypoint.sh")], port=port, env=env,
-                    log_path=tmp_path / "entrypoint.log")
-    try:
-        server.wait_ready()
-        models = urllib.request.urlopen(server.url + "/v1/models").read().decode()
-        assert "SmolLM2-135M-Instruct" in models
-        answer = server.post("/v1/chat/completions", {
-            "model": "SmolLM2-135M-Instruct", "max_tokens": 24, "temperature": 0,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        })
-        assert "Paris" in answer["choices"][0]["message"]["content"]
-        assert "vllm:kv_merge_rounds_total" in server.metrics()
-    finally:
-        server.stop()
+def test_entrypoint_serves_the_default_model_with_merging(merge_server):
+    """What the CPU image runs on start: MODEL=default, baked-in checkpoint, merging on
+    (the session's merging server is started through docker/entrypoint.sh).
+    Catches: the entrypoint not resolving MODEL=default to the fetched checkpoint, not
+    naming it, not turning merging on, or mangling VLLM_EXTRA_ARGS (--api-key)."""
+    request = urllib.request.Request(merge_server.url + "/v1/models",
+                                     headers=merge_server.auth)
+    models = urllib.request.urlopen(request).read().decode()
+    assert '"id":"SmolLM2-135M-Instruct"' in models.replace(" ", "")
+    answer = merge_server.post("/v1/chat/completions", {
+        "model": "SmolLM2-135M-Instruct", "max_tokens": 24, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    })
+    assert "Paris" in answer["choices"][0]["message"]["content"]
+    metrics = merge_server.metrics()
+    assert "vllm:kv_merge_rounds_total" in metrics

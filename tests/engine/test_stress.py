@@ -1,81 +1,79 @@
-"""A merging server under load, with an API key: 64 streaming clients with mixed prompt
-and output lengths for about three minutes (``KVSLIMMER_STRESS_SECONDS``), a fifth of
-them disconnecting mid-stream; malformed and fuzzed requests. Afterwards every block is
+"""The session's merging server under load, with an API key: 64 concurrent streaming
+clients with mixed prompt and output lengths, a quarter of them disconnecting
+mid-stream and a quarter giving up before reading anything (their streams closed while
+their requests wait or run); malformed and fuzzed requests. Afterwards every block is
 back in the pool and a fresh request gets exactly the answer it got before the load.
+
+The load is a fixed, seeded workload, not a fixed duration: what is checked does not
+depend on how fast the machine is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import running_server, token_prompt
+from helpers import MERGE, token_prompt
 
-API_KEY = "stress-test-key"
-NUM_BLOCKS = 48
-FLAGS = (
-    "--kv-merge", "kvslimmer", "--kv-merge-budget", "256", "--kv-merge-interval", "128",
-    "--num-gpu-blocks-override", str(NUM_BLOCKS), "--api-key", API_KEY,
-)
 CLIENTS = 64
-SECONDS = float(os.environ.get("KVSLIMMER_STRESS_SECONDS", "180"))
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "stress_server.log"
-    with running_server(model_dir, *FLAGS, log_path=log) as srv:
-        yield srv
+AUTH = {"Authorization": f"Bearer {MERGE.API_KEY}"}
 
 
 def _complete(server, prompt, max_tokens=16, **extra):
     return httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=600, json=dict(
-        model="smol", prompt=prompt, max_tokens=max_tokens, temperature=0, **extra))
+        model=server.name, prompt=prompt, max_tokens=max_tokens, temperature=0, **extra))
 
 
-def test_api_key_is_enforced(server):
-    body = dict(model="smol", prompt="Hello", max_tokens=2)
-    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 401
+def test_api_key_is_enforced(merge_server):
+    """Catches: the plugin's start-up path dropping --api-key (or serving without it)."""
+    body = dict(model=merge_server.name, prompt="Hello", max_tokens=2)
+    url = merge_server.url + "/v1/completions"
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
     wrong = {"Authorization": "Bearer nope"}
-    assert httpx.post(server.url + "/v1/completions", json=body, headers=wrong,
-                      timeout=60).status_code == 401
-    assert _complete(server, "Hello", 2).status_code == 200
+    assert httpx.post(url, json=body, headers=wrong, timeout=60).status_code == 401
+    assert _complete(merge_server, "Hello", 2).status_code == 200
 
 
 MALFORMED = [
     b"{not json",
     b"[]",
-    json.dumps({"model": "smol", "max_tokens": 2}).encode(),  # no prompt
-    json.dumps({"model": "smol", "prompt": "x", "n": 0}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "max_tokens": "many"}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "max_tokens": -5}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "max_tokens": 10**9}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "temperature": "hot"}).encode(),
-    json.dumps({"model": "smol", "prompt": 17}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "vllm_xargs": "kv_merge=off"}).encode(),
-    json.dumps({"model": "smol", "prompt": "x", "vllm_xargs": {"kv_merge": [1]}}).encode(),
-    json.dumps({"model": "smol", "prompt": "x",
+    json.dumps({"model": MERGE.NAME, "max_tokens": 2}).encode(),  # no prompt
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "n": 0}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "max_tokens": "many"}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "max_tokens": -5}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "max_tokens": 10**9}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "temperature": "hot"}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": 17}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "vllm_xargs": "kv_merge=off"}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x", "vllm_xargs": {"kv_merge": [1]}}).encode(),
+    json.dumps({"model": MERGE.NAME, "prompt": "x",
                 "vllm_xargs": {"kv_merge_budget": 1.5}}).encode(),
     json.dumps({"model": "other", "prompt": "x"}).encode(),
 ]
 
 
-@pytest.mark.parametrize("body", MALFORMED, ids=range(len(MALFORMED)))
-def test_malformed_bodies_get_4xx(server, body):
-    r = httpx.post(server.url + "/v1/completions", content=body, timeout=60,
-                   headers={**AUTH, "Content-Type": "application/json"})
-    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+def test_malformed_bodies_get_4xx(merge_server):
+    """Catches: a malformed body (or bad vllm_xargs) crashing the server or the engine
+    (5xx, or a dead server) instead of a client error. The model name is the served one,
+    so each body is refused for what is wrong with it, not for its model."""
+    answers = {}
+    for i, body in enumerate(MALFORMED):
+        r = httpx.post(merge_server.url + "/v1/completions", content=body, timeout=60,
+                       headers={**AUTH, "Content-Type": "application/json"})
+        answers[i] = (r.status_code, r.text[:200])
+    assert all(400 <= code < 500 for code, _ in answers.values()), answers
+    assert merge_server.proc.poll() is None
+    assert _complete(merge_server, "Hello", 2).status_code == 200
 
 
 XARG_VALUES = st.one_of(
@@ -90,99 +88,146 @@ XARG_VALUES = st.one_of(
 @given(xargs=st.dictionaries(
     st.sampled_from(["kv_merge", "kv_merge_budget", "kv_merge_method"]), XARG_VALUES,
     max_size=3))
-def test_fuzzed_per_request_options_get_200_or_400(server, xargs):
-    r = _complete(server, "The weather today is", 2, vllm_xargs=xargs)
+# Beyond 64 bits: vLLM's own check of extra_args fires first; the 400 must still name
+# the field (a random draw once found this).
+@example(xargs={"kv_merge": [-9223372036854775809]})
+@example(xargs={"kv_merge_budget": 2**64})
+@example(xargs={"kv_merge_method": "evict", "kv_merge_budget": -(2**63) - 1})
+def test_fuzzed_per_request_options_get_200_or_400(merge_server, xargs):
+    """Catches: any per-request option value giving a 5xx or a 400 that does not name
+    the vllm_xargs field at fault."""
+    r = _complete(merge_server, "The weather today is", 2, vllm_xargs=xargs)
     assert r.status_code in (200, 400), (xargs, r.status_code, r.text[:300])
     if r.status_code == 400:
-        assert "vllm_xargs.kv_merge" in r.json()["error"]["message"]
+        assert "vllm_xargs.kv_merge" in r.json()["error"]["message"], r.text[:300]
 
 
-async def _load(server, prompts, seconds: float, seed: int = 0) -> Counter:
-    rng = random.Random(seed)
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY,
+@dataclass(frozen=True)
+class Client:
+    prompt: list[int]
+    max_tokens: int
+    role: str  # "served", "disconnected" (after drop_after chunks) or "gave up"
+    drop_after: int | None = None
+    xargs: dict | None = None
+
+
+def _workload(tokenizer) -> list[Client]:
+    """64 clients, fixed by a seed: prompts of 30-1,500 tokens (those above budget +
+    interval = 384 merge), 4-128 output tokens; every fourth disconnects after 1-8
+    chunks (some after 25 or 90, past a decode-time round), every fourth gives up before
+    reading, two opt out of merging (their growth is not reserved at admission)."""
+    rng = random.Random(0)
+    lengths, outputs = [30, 120, 400, 900, 1500], [4, 16, 48, 128]
+    clients = []
+    for i in range(CLIENTS):
+        prompt = token_prompt(tokenizer, rng.choice(lengths), seed=500 + i)
+        max_tokens = rng.choice(outputs)
+        if i % 4 == 0:
+            drop = rng.choice([25, 90]) if i % 16 == 0 else rng.randint(1, 8)
+            # ignore_eos: the stream is still open when the client drops it
+            clients.append(Client(prompt, max(max_tokens, drop + 8), "disconnected", drop))
+        elif i % 4 == 1:
+            clients.append(Client(prompt, max_tokens, "gave up"))
+        else:
+            xargs = {"kv_merge": "off"} if i in (2, 3) else None
+            clients.append(Client(prompt, max_tokens, "served", xargs=xargs))
+    return clients
+
+
+async def _load(server, clients: list[Client], served_before_giving_up: int = 8) -> Counter:
+    """All clients at once. Those that give up open their stream and close it, unread,
+    once ``served_before_giving_up`` other requests have been served (an event, not a
+    clock). Returns the outcome of each client, tallied."""
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=MERGE.API_KEY,
                                 max_retries=0, timeout=900)
     tally: Counter = Counter()
-    deadline = time.monotonic() + seconds
-    in_flight: set[asyncio.Task] = set()
+    enough_served = asyncio.Event()
 
-    async def one(prompt, max_tokens, drop_after):
+    async def one(c: Client) -> str:
+        extra = {"ignore_eos": True} if c.role == "disconnected" else {}
+        if c.xargs:
+            extra["vllm_xargs"] = c.xargs
         stream = await client.completions.create(
-            model="smol", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
-        chunks = 0
-        async for chunk in stream:
-            chunks += 1
-            if drop_after is not None and chunks >= drop_after:
-                await stream.close()
-                return "disconnected"
-            if chunk.choices[0].finish_reason:
-                return "served"
-        return "served"
+            model=server.name, prompt=c.prompt, max_tokens=c.max_tokens, temperature=0,
+            stream=True, extra_body=extra or None)
+        try:
+            if c.role == "gave up":
+                await enough_served.wait()
+                return "gave up"
+            chunks = 0
+            async for chunk in stream:
+                chunks += 1
+                if c.drop_after is not None and chunks >= c.drop_after:
+                    return "disconnected"
+                if chunk.choices[0].finish_reason in ("length", "stop"):
+                    return "served"
+            return "stream ended without a finish reason"
+        finally:
+            await stream.close()
 
-    async def worker():
-        while time.monotonic() < deadline:
-            task = asyncio.ensure_future(one(
-                rng.choice(prompts), rng.choice([4, 16, 48, 128]),
-                rng.randint(1, 8) if rng.random() < 0.2 else None,
-            ))
-            in_flight.add(task)
-            try:
-                tally[await task] += 1
-            except openai.APIStatusError as exc:
-                tally[f"HTTP {exc.status_code}"] += 1
-            except asyncio.CancelledError:
-                tally["cut at the deadline"] += 1
-            except openai.APIError as exc:
-                tally[f"error {type(exc).__name__}"] += 1
-            finally:
-                in_flight.discard(task)
+    async def run(c: Client):
+        try:
+            outcome = await one(c)
+        except openai.APIStatusError as exc:
+            outcome = f"HTTP {exc.status_code}"
+        except openai.APIError as exc:
+            outcome = f"error {type(exc).__name__}"
+        tally[outcome] += 1
+        # Also when every other client is done (then something failed: the tally shows it).
+        if tally["served"] >= served_before_giving_up or sum(tally.values()) >= others:
+            enough_served.set()
 
-    workers = [asyncio.ensure_future(worker()) for _ in range(CLIENTS)]
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1)
-    for task in list(in_flight):  # clients still waiting give up: their streams close
-        task.cancel()
-    await asyncio.gather(*workers)
-    await client.close()
+    others = sum(c.role != "gave up" for c in clients)
+
+    try:
+        await asyncio.gather(*(run(c) for c in clients))
+    finally:
+        await client.close()
     return tally
 
 
-def test_stress_with_disconnects_loses_no_block(server, tokenizer):
-    lengths = [30, 120, 400, 900, 1500]
-    prompts = [token_prompt(tokenizer, n, seed=500 + i)
-               for i, n in enumerate(lengths * 3)]
+def test_stress_with_disconnects_loses_no_block(merge_server, tokenizer):
+    """Catches: blocks or merge bookkeeping leaked by requests aborted while waiting,
+    prefilling, merging or decoding (KV usage or physical KV not back to 0); a server
+    crash or any 4xx/5xx under concurrent load; merged slots left behind that change a
+    later request's greedy answer (probe before == probe after)."""
+    server = merge_server
+    clients = _workload(tokenizer)
+    expected = Counter(c.role for c in clients)
     probe = token_prompt(tokenizer, 1400, seed=999)
     answer_before = _complete(server, probe, 24).json()["choices"][0]["text"]
     before = server.metrics()
 
-    tally = asyncio.run(_load(server, prompts, SECONDS))
+    started = time.monotonic()
+    tally = asyncio.run(_load(server, clients))
+    load_seconds = time.monotonic() - started
 
-    # The server drains what the disconnected clients left, then idles.
-    for _ in range(300):
+    # The server drains what the disconnected clients left, then idles (a hang guard,
+    # not a timing check).
+    for _ in range(600):
         m = server.metrics()
         if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0:
             break
-        time.sleep(1)
+        time.sleep(0.5)
     assert server.proc.poll() is None, "the server died"
     fresh = _complete(server, probe, 24)
     assert fresh.status_code == 200
     assert fresh.json()["choices"][0]["text"] == answer_before
     after = server.metrics()
-    errors = {k: v for k, v in tally.items() if k.startswith(("HTTP", "error"))}
     report = (
-        f"stress: {CLIENTS} clients for {SECONDS:.0f} s: served {tally['served']}, "
-        f"disconnected {tally['disconnected']}, cut at the deadline "
-        f"{tally['cut at the deadline']}, preemptions "
+        f"stress: {CLIENTS} clients in {load_seconds:.0f} s: {dict(tally)}, preemptions "
         f"{after['vllm:num_preemptions_total'] - before['vllm:num_preemptions_total']:.0f}, "
         f"merge rounds "
         f"{after['vllm:kv_merge_rounds_total'] - before['vllm:kv_merge_rounds_total']:.0f}, "
-        f"errors {errors or 0}, KV cache usage after {after['vllm:kv_cache_usage_perc']}"
+        f"KV cache usage after {after['vllm:kv_cache_usage_perc']}"
     )
     print(report)
-    assert not errors, report
-    # Two CPU cores serve a few dozen of these in three minutes; many more wait.
-    assert tally["served"] >= 16 and tally["disconnected"] >= 4, report
+    # Every client got exactly what it asked for: no error, every stream read to its
+    # end was finished, every disconnect happened mid-stream.
+    assert tally == expected, report
     assert after["vllm:kv_merge_rounds_total"] > before["vllm:kv_merge_rounds_total"]
     # Every block is back in the pool, and nothing is left running or merged.
     assert after["vllm:kv_cache_usage_perc"] == 0.0, report
     assert after["vllm:num_requests_running"] == 0
+    assert after["vllm:num_requests_waiting"] == 0
     assert after["vllm:kv_merge_physical_tokens"] == 0
