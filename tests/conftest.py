@@ -1,8 +1,8 @@
 """Session fixtures: the default model, its tokenizer and the shared merging server
 (helpers live in helpers.py); fixed seeds for every test.
 
-Property tests run derandomized (the same examples on every run, no example database),
-so a clean run's pass/fail result does not depend on chance. Set
+Property tests run derandomized (the same examples on every run, no example database,
+no deadline), so a clean run's pass/fail result does not depend on chance or speed. Set
 ``KVSLIMMER_HYPOTHESIS=explore`` to draw fresh random examples locally.
 """
 
@@ -12,10 +12,14 @@ import os
 import random
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
-settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
-settings.register_profile("explore", derandomize=False, print_blob=True)
+# No per-example deadline and no "too slow" health check: both depend on the machine's
+# speed (and on what else runs on it), not on the code.
+_MACHINE_INDEPENDENT = dict(deadline=None, print_blob=True,
+                            suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", derandomize=True, database=None, **_MACHINE_INDEPENDENT)
+settings.register_profile("explore", derandomize=False, **_MACHINE_INDEPENDENT)
 settings.load_profile(os.environ.get("KVSLIMMER_HYPOTHESIS", "ci"))
 
 

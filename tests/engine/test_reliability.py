@@ -40,6 +40,8 @@ def _generate(llm, prompts, params):
 
 
 def test_preempted_requests_keep_their_greedy_output(model_dir, tokenizer):
+    """Catches: a preempted (recomputed) merging request not replaying its rounds at the
+    same lengths (its greedy tokens change), or a small cache not preempting at all."""
     prompts = _prompts(tokenizer, 1, 100, seed=39) + _prompts(tokenizer, 6, 500, seed=40)
     params = [_params(800, kv_merge="off")] + [_params(200)] * 6
     kw = dict(max_model_len=1024, **engine_kwargs(budget=BUDGET, interval=INTERVAL))
@@ -73,6 +75,9 @@ def _scheduler(llm):
 
 
 def test_aborts_and_finishes_in_a_round_step_leak_nothing(inproc_llm, tokenizer):
+    """Catches: blocks or merge bookkeeping leaked by a request aborted right after its
+    round ran, or finishing in the very step of its round, and stale merged state in
+    reused blocks (a later request's greedy tokens change)."""
     from vllm.inputs import TokensPrompt
 
     llm = inproc_llm
@@ -128,6 +133,8 @@ def test_aborts_and_finishes_in_a_round_step_leak_nothing(inproc_llm, tokenizer)
 
 
 def test_merging_one_request_never_changes_another(inproc_llm, tokenizer):
+    """Catches: a round touching another request's slots or state, and per-request
+    methods or budgets leaking into other requests of the same batch."""
     llm = inproc_llm
     a, b = _prompts(tokenizer, 2, 900, seed=70)
     alone_a, sa = _generate(llm, [a], _params(40))
@@ -145,6 +152,8 @@ def test_merging_one_request_never_changes_another(inproc_llm, tokenizer):
 
 
 def test_the_same_greedy_request_twice_gives_the_same_tokens(inproc_llm, tokenizer):
+    """Catches: state left from an earlier request (mass, Hessian, counts in reused
+    blocks) changing a later identical request's rounds or tokens."""
     prompt = _prompts(tokenizer, 1, 1200, seed=80)
     first, s1 = _generate(inproc_llm, prompt, _params(48))
     second, s2 = _generate(inproc_llm, prompt, _params(48))

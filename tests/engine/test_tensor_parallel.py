@@ -72,6 +72,8 @@ def two_ranks(monkeypatch):
 @pytest.mark.skipif(os.environ.get("KVSLIMMER_TP_TEST", "2") == "0",
                     reason="KVSLIMMER_TP_TEST=0")
 def test_two_ranks_give_the_single_rank_tokens(tiny_llama, two_ranks):
+    """Catches: ranks choosing different slots (scores not summed over ranks), ranks
+    running different rounds, or a rank merging heads it does not hold."""
     import random
 
     rng = random.Random(3)

@@ -15,6 +15,8 @@ CLI = str(Path(sys.executable).parent / "kvslimmer-vllm")
 
 
 def test_quick_eval_writes_real_results(model_dir, tmp_path):
+    """Catches: a method or task missing from the sweep, scores out of range, full KV
+    failing the easy cells (the engine path broken), or a report file not written."""
     out = tmp_path / "results"
     proc = subprocess.run(
         [CLI, "eval", "--quick", "--model", model_dir, "--out", str(out)],
@@ -46,6 +48,7 @@ def test_quick_eval_writes_real_results(model_dir, tmp_path):
 
 
 def test_bad_flags_fail_with_one_clear_line(model_dir, tmp_path):
+    """Catches: an impossible budget accepted, or refused with a traceback."""
     proc = subprocess.run(
         [CLI, "eval", "--budgets", "0.01", "--lengths", "512", "--tasks", "needle",
          "--model", model_dir, "--out", str(tmp_path)],
