@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_small_preset_completes_every_request(model_dir, tmp_path):
+    """Catches: the benchmark's servers failing to start or serve (either flag set),
+    requests left incomplete, the merge share not read from /metrics, or a missing
+    report or plot."""
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--preset", "small",
