@@ -110,7 +110,8 @@ def test_serve_help_lists_the_kv_merge_flags(serve_parser):
     text = out.getvalue()
     for flag in ("--kv-merge {" + ",".join(METHODS) + "}", "--kv-merge-budget",
                  "--kv-merge-sink", "--kv-merge-recent", "--kv-merge-interval",
-                 "--kv-merge-config"):
+                 "--kv-merge-config", "--kv-merge-observe {progressive,prompt-end}",
+                 "--kv-merge-window", "--kv-merge-pool", "--kv-merge-prefill-budget"):
         assert flag in text, flag
 
 
@@ -164,6 +165,14 @@ BAD_INPUT = [
     ((*MERGE, "--async-scheduling"), "--async-scheduling"),
     ((*MERGE, "--no-enable-chunked-prefill"), "--no-enable-chunked-prefill"),
     ((*MERGE, "--pipeline-parallel-size", "2"), "--pipeline-parallel-size"),
+    ((*MERGE, "--kv-merge-observe", "later"), "--kv-merge-observe"),
+    ((*MERGE, "--kv-merge-window", "0"), "--kv-merge-window"),
+    ((*MERGE, "--kv-merge-pool", "4"), "--kv-merge-pool"),
+    ((*MERGE, "--kv-merge-budget", "512", "--kv-merge-prefill-budget", "600"),
+     "--kv-merge-prefill-budget"),
+    ((*MERGE, "--kv-merge-observe", "prompt-end", "--kv-merge-budget", "80",
+      "--kv-merge-interval", "8", "--kv-merge-window", "64"), "--kv-merge-window"),
+    ((*MERGE, "--kv-merge-config", '{"merge_fraction": 0.9}'), "'merge_fraction'"),
 ]
 
 
@@ -185,10 +194,16 @@ def test_good_input_passes_the_same_path(serve_parser, model_dir):
     from vllm.usage.usage_lib import UsageContext
 
     args = serve_parser.parse_args(["--model", model_dir, *BASE, *MERGE,
-                                    "--kv-merge-budget", "512"])
+                                    "--kv-merge-budget", "512", "--kv-merge-observe",
+                                    "prompt-end", "--kv-merge-window", "48",
+                                    "--kv-merge-pool", "5", "--kv-merge-prefill-budget",
+                                    "1500"])
     config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
         usage_context=UsageContext.OPENAI_API_SERVER)
-    assert config.additional_config["kv_merge"]["budget"] == 512
+    merge = config.additional_config["kv_merge"]
+    assert merge["budget"] == 512
+    assert (merge["observe"], merge["window"], merge["pool"], merge["prefill_budget"]) == (
+        "prompt-end", 48, 5, 1500)
     assert config.scheduler_config.scheduler_cls.endswith("KVMergeScheduler")
     assert not config.cache_config.enable_prefix_caching
 
