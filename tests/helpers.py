@@ -128,6 +128,18 @@ class Server:
             samples[name] = samples.get(name, 0.0) + float(value)
         return samples
 
+    def wait_idle(self, timeout: float = 300) -> dict[str, float]:
+        """The metrics once no request runs or waits (a hang guard, not a timing check:
+        gauges follow the engine's steps, a response can arrive before them)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = m.get("vllm:num_requests_running", 0) == 0 and m.get(
+                "vllm:num_requests_waiting", 0) == 0
+            if idle or time.monotonic() > deadline:
+                return m
+            time.sleep(0.5)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

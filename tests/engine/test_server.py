@@ -63,7 +63,7 @@ def test_openai_endpoints_answer_a_long_prompt_while_merging(merge_server):
     # Greedy decoding: the stream spells out the same answer as the non-streamed call.
     assert "".join(pieces) == chat.choices[0].message.content
 
-    after = merge_server.metrics()
+    after = merge_server.wait_idle()
     for name in ("vllm:kv_merge_rounds_total", "vllm:kv_merge_tokens_merged_total",
                  "vllm:kv_merge_blocks_freed_total"):
         assert after[name] > before.get(name, 0.0), name

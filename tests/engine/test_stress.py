@@ -202,18 +202,13 @@ def test_stress_with_disconnects_loses_no_block(merge_server, tokenizer):
     tally = asyncio.run(_load(server, clients))
     load_seconds = time.monotonic() - started
 
-    # The server drains what the disconnected clients left, then idles (a hang guard,
-    # not a timing check).
-    for _ in range(600):
-        m = server.metrics()
-        if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0:
-            break
-        time.sleep(0.5)
+    # The server drains what the disconnected clients left, then idles.
+    server.wait_idle()
     assert server.proc.poll() is None, "the server died"
     fresh = _complete(server, probe, 24)
     assert fresh.status_code == 200
     assert fresh.json()["choices"][0]["text"] == answer_before
-    after = server.metrics()
+    after = server.wait_idle()
     report = (
         f"stress: {CLIENTS} clients in {load_seconds:.0f} s: {dict(tally)}, preemptions "
         f"{after['vllm:num_preemptions_total'] - before['vllm:num_preemptions_total']:.0f}, "
