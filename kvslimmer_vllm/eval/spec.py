@@ -123,13 +123,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(lengths=[512], budgets=[0.5], cases=1, max_tokens=16, interval=32,
                   nll_tokens=32, skip_uncalibrated=False),
     "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=4),
-    # The merging and evicting methods under both observe modes, snapkv and streaming in
-    # their own, on the tasks SmolLM2-135M can do at this length (NLL is not defined for
+    # The merging and evicting methods under both observe modes, snapkv, snapmerge and
+    # streaming in their own, on the tasks SmolLM2-135M can do at this length (NLL is not defined for
     # prompt-end; the default preset measures it for the progressive methods).
     "observe": dict(lengths=[1024], budgets=[0.5, 0.25], cases=8,
                     tasks=["needle", "multikey"],
                     methods=["kvslimmer", "average", "evict", "snapkv/prompt-end",
-                             "streaming/progressive"],
+                             "snapmerge/prompt-end", "streaming/progressive"],
                     observe=["progressive", "prompt-end"]),
     "gpu": dict(lengths=[8192, 16384, 32768], budgets=[0.5, 0.25, 0.125], cases=10,
                 max_tokens=48, interval=512, sink=32),
