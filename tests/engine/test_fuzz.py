@@ -93,7 +93,8 @@ def test_flag_strings(parser, method, flag_values, config):
             assert _names_an_option(str(exc)), str(exc)
 
 
-SERVER = KVMergeConfig(method="kvslimmer", budget=1024, interval=64).resolve(8192)
+SERVER = KVMergeConfig(method="kvslimmer", observe="progressive", budget=1024,
+                       interval=64).resolve(8192)
 
 
 @settings(max_examples=400, deadline=None)

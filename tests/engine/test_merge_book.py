@@ -14,6 +14,11 @@ from kvslimmer_vllm.engine.requests import RequestSettingsError, request_setting
 from kvslimmer_vllm.engine.scheduler import MergeBook
 
 
+def _progressive(**settings) -> KVMergeConfig:
+    """KVSlimmer with progressive observation, the mode these tests are about."""
+    return KVMergeConfig(method="kvslimmer", observe="progressive", **settings)
+
+
 def _request(req_id="r"):
     return SimpleNamespace(request_id=req_id, num_computed_tokens=0)
 
@@ -29,7 +34,7 @@ def _request(req_id="r"):
 )
 def test_request_stays_within_its_slots(budget, interval, recent, prompt, decode, batch_cap):
     try:
-        cfg = KVMergeConfig(method="kvslimmer", budget=budget, interval=interval,
+        cfg = _progressive(budget=budget, interval=interval,
                             recent=recent).resolve(16384)
     except KVMergeConfigError:
         return
@@ -54,7 +59,7 @@ def test_request_stays_within_its_slots(budget, interval, recent, prompt, decode
 
 
 def test_dropped_requests_lose_their_rounds():
-    cfg = KVMergeConfig(method="kvslimmer", budget=64, interval=16).resolve(4096)
+    cfg = _progressive(budget=64, interval=16).resolve(4096)
     book = MergeBook(cfg, block_size=16)
     a, b = _request("a"), _request("b")
     a.num_computed_tokens = b.num_computed_tokens = cfg.max_physical_slots
@@ -72,7 +77,7 @@ def test_an_oversized_request_is_brought_to_its_budget_in_sub_rounds():
     splits it into sub-rounds; the server does not fail."""
     from kvslimmer_vllm.core.merge import subround_sizes
 
-    cfg = KVMergeConfig(method="kvslimmer", budget=64, interval=16).resolve(4096)
+    cfg = _progressive(budget=64, interval=16).resolve(4096)
     book, req = MergeBook(cfg, block_size=16), _request()
     req.num_computed_tokens = 100  # more than a config-respecting schedule allows
     plan = book.plan_round(req, list(range(7)))
@@ -84,7 +89,7 @@ def test_an_oversized_request_is_brought_to_its_budget_in_sub_rounds():
 
 
 def test_requests_choose_their_own_budget_or_opt_out():
-    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    cfg = _progressive(budget=1024, interval=64, recent=32).resolve(8192)
     assert cfg.min_budget == 32 + 32 + 64 + 64
     book = MergeBook(cfg, block_size=16)
     low, off, default = _request("low"), _request("off"), _request("default")
@@ -101,7 +106,7 @@ def test_requests_choose_their_own_budget_or_opt_out():
 
 
 def test_requests_choose_their_own_method():
-    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    cfg = _progressive(budget=1024, interval=64, recent=32).resolve(8192)
     book = MergeBook(cfg, block_size=16)
     req = _request("evicting")
     req.sampling_params = SimpleNamespace(
@@ -123,7 +128,7 @@ def test_requests_choose_their_own_method():
     ({"kv_merge_method": "h2o"}, "kv_merge_method"),
 ])
 def test_invalid_request_settings_name_the_field_and_range(extra, field):
-    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    cfg = _progressive(budget=1024, interval=64, recent=32).resolve(8192)
     with pytest.raises(RequestSettingsError) as err:
         request_settings(extra, cfg)
     assert err.value.field == f"vllm_xargs.{field}"
@@ -164,7 +169,7 @@ def test_a_preempted_request_replays_its_rounds_at_the_same_lengths(
     budget, interval, prompt, decode, first_caps, replay_caps, preempt_at
 ):
     try:
-        cfg = KVMergeConfig(method="kvslimmer", budget=budget,
+        cfg = _progressive(budget=budget,
                             interval=interval).resolve(16384)
     except KVMergeConfigError:
         return

@@ -114,7 +114,8 @@ def test_prompt_end_schedules_stay_within_their_peak(budget, interval, window, p
 
 
 def test_requests_pick_their_observe_mode_and_go_as_low_as_it_allows():
-    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64, recent=32).resolve(8192)
+    cfg = KVMergeConfig(method="kvslimmer", observe="progressive", budget=1024, interval=64,
+                        recent=32).resolve(8192)
     assert cfg.min_budget == 192
     low = request_settings({"kv_merge_observe": "prompt-end", "kv_merge_budget": 65}, cfg)
     assert (low.observe, low.budget, low.prompt_end) == ("prompt-end", 65, True)
@@ -128,12 +129,14 @@ def test_requests_pick_their_observe_mode_and_go_as_low_as_it_allows():
         request_settings({"kv_merge_observe": "later"}, cfg)
     assert err.value.field == "vllm_xargs.kv_merge_observe"
     assert "progressive, prompt-end" in str(err.value)
-    # snapkv observes at the prompt's end unless the server or request says otherwise.
-    assert request_settings({"kv_merge_method": "snapkv"}, cfg).observe == "prompt-end"
-    assert request_settings({"kv_merge_method": "snapkv", "kv_merge_observe": "progressive"},
-                            cfg).observe == "progressive"
-    server = cfg.model_copy(update={"observe": "progressive"})
-    assert request_settings({"kv_merge_method": "snapkv"}, server).observe == "progressive"
+    # A server that names its observe mode sets it for every method; a request may
+    # still name its own; with none named, each method has its own default.
+    assert request_settings({"kv_merge_method": "snapkv"}, cfg).observe == "progressive"
+    assert request_settings({"kv_merge_method": "snapkv", "kv_merge_observe": "prompt-end"},
+                            cfg).observe == "prompt-end"
+    default = cfg.model_copy(update={"observe": None})
+    assert request_settings({"kv_merge_method": "snapkv"}, default).observe == "prompt-end"
+    assert request_settings({"kv_merge_method": "evict"}, default).observe == "progressive"
 
 
 def test_a_small_prompt_end_budget_runs_rounds_to_the_end():
