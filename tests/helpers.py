@@ -155,6 +155,8 @@ class MERGE:
     """Settings of the session's shared merging server (conftest.merge_server)."""
 
     BUDGET, INTERVAL, NUM_BLOCKS, BLOCK_SIZE = 256, 128, 48, 128
+    #: Progressive: the capacity test counts on memory bounded during prefill.
+    OBSERVE = "progressive"
     CACHE_SLOTS = NUM_BLOCKS * BLOCK_SIZE
     API_KEY = "kvslimmer-test-key"
     NAME = "SmolLM2-135M-Instruct"  # what the entrypoint serves MODEL=default as
@@ -166,7 +168,7 @@ def merging_server_via_entrypoint(model_dir: str, *, log_path: Path) -> Server:
     port = free_port()
     extra = (f"--dtype float32 --enforce-eager --max-model-len 4096 --seed 0 "
              f"--gpu-memory-utilization {CPU_MEMORY_FRACTION} "
-             f"--kv-merge-interval {MERGE.INTERVAL} "
+             f"--kv-merge-interval {MERGE.INTERVAL} --kv-merge-observe {MERGE.OBSERVE} "
              f"--num-gpu-blocks-override {MERGE.NUM_BLOCKS} --api-key {MERGE.API_KEY}")
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "MODEL": "default",
            "PORT": str(port), "KV_MERGE_BUDGET": str(MERGE.BUDGET),

@@ -126,7 +126,7 @@ def add_kv_merge_arguments(parser) -> None:
         help="When rounds observe queries: progressive (while the prompt is prefilled, "
         "memory bounded throughout) or prompt-end (one step after the prompt, scored by "
         "its last --kv-merge-window tokens, i.e. the question). Default: prompt-end for "
-        "snapkv, progressive otherwise.",
+        "kvslimmer, average, snapkv and snapmerge; progressive for evict and streaming.",
     )
     for dest, flag, field, text in _INT_FLAGS:
         group.add_argument(

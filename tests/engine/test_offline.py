@@ -48,7 +48,8 @@ ENGINE_BUDGET, INTERVAL = 3000, 128
 @pytest.fixture(scope="module")
 def merge_llm(model_dir):
     with offline_llm(model_dir, num_gpu_blocks_override=64,
-                     **engine_kwargs(budget=ENGINE_BUDGET, interval=INTERVAL)) as llm:
+                     **engine_kwargs(budget=ENGINE_BUDGET, interval=INTERVAL,
+                                     observe="progressive")) as llm:
         yield llm
 
 

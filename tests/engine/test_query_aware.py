@@ -144,6 +144,19 @@ def test_snapmerge_keeps_what_snapkv_keeps_and_merges_the_rest(llm, tokenizer):
     assert (summary["method"], summary["observe"]) == ("snapmerge", "prompt-end")
 
 
+def test_admission_reserves_the_whole_prompt_until_its_step(llm, tokenizer):
+    """Eight 1,000-token prompt-end prompts on a 5,120-slot cache: each holds its whole
+    prompt until its step, so at most five are admitted at once and none is preempted.
+    Catches: admission sized by the budget alone (all eight admitted, then preempted as
+    their prompts outgrow the cache)."""
+    prompts = [_prompt(tokenizer, 1000, seed=60 + i) for i in range(8)]
+    out = llm.generate(prompts, _params(4, kv_merge_observe="prompt-end",
+                                        kv_merge_budget=128), use_tqdm=False)
+    summaries = [o.kv_transfer_params["kv_merge"] for o in out]
+    assert all(s["preemptions"] == 0 for s in summaries), summaries
+    assert all(s["rounds"] == 1 and s["kv_slots"] == 128 + 3 for s in summaries), summaries
+
+
 def test_prompt_end_requests_survive_preemption_unchanged(llm, model_dir, tokenizer):
     """Catches: a recomputed prompt-end request whose window, prompt-end step or decode
     rounds run at other lengths than before its preemption (different greedy tokens), or

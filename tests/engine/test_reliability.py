@@ -44,7 +44,8 @@ def test_preempted_requests_keep_their_greedy_output(model_dir, tokenizer):
     same lengths (its greedy tokens change), or a small cache not preempting at all."""
     prompts = _prompts(tokenizer, 1, 100, seed=39) + _prompts(tokenizer, 6, 500, seed=40)
     params = [_params(800, kv_merge="off")] + [_params(200)] * 6
-    kw = dict(max_model_len=1024, **engine_kwargs(budget=BUDGET, interval=INTERVAL))
+    kw = dict(max_model_len=1024, **engine_kwargs(budget=BUDGET, interval=INTERVAL,
+                                                 observe="progressive"))
     with offline_llm(model_dir, num_gpu_blocks_override=LARGE_CACHE, **kw) as llm:
         reference, ref_summaries = _generate(llm, prompts, params)
     with offline_llm(model_dir, num_gpu_blocks_override=SMALL_CACHE, **kw) as llm:
@@ -64,7 +65,7 @@ def inproc_llm(model_dir):
     mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         with offline_llm(model_dir, num_gpu_blocks_override=24, max_model_len=2048,
-                         **engine_kwargs(budget=192, interval=32)) as llm:
+                         **engine_kwargs(budget=192, interval=32, observe="progressive")) as llm:
             yield llm
     finally:
         mp.undo()

@@ -93,6 +93,9 @@ def test_per_request_control_over_the_openai_api(merge_server):
         ({"kv_merge_budget": "lots"}, "kv_merge_budget", "integer"),
         ({"kv_merge": "sometimes"}, "kv_merge", "'on' or 'off'"),
         ({"kv_merge_method": "h2o"}, "kv_merge_method", "kvslimmer, average, evict"),
+        ({"kv_merge_observe": "later"}, "kv_merge_observe", "progressive, prompt-end"),
+        ({"kv_merge_observe": "prompt-end", "kv_merge_budget": 64}, "kv_merge_budget",
+         "from 65 (sink + window + 1, with prompt-end observation)"),
     ]:
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(**ask, extra_body={"vllm_xargs": xargs})

@@ -39,7 +39,7 @@ def _greedy(model, tp, prompts, **extra):
 
     with offline_llm(model, tensor_parallel_size=tp, skip_tokenizer_init=True,
                      max_model_len=2048, num_gpu_blocks_override=64, **extra,
-                     **engine_kwargs(budget=192, interval=32)) as llm:
+                     **engine_kwargs(budget=192, interval=32, observe="progressive")) as llm:
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
             SamplingParams(temperature=0.0, max_tokens=48, min_tokens=48, ignore_eos=True,
