@@ -227,9 +227,10 @@ def plot(summary: dict, spec: EvalSpec, path: Path) -> None:
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels))
+    columns = min(len(labels), 2 * cols)  # many variants: a legend of several rows
+    fig.legend(handles, labels, loc="lower center", ncol=columns)
     fig.suptitle(f"Score vs KV budget (mean over the lengths of {spec.lengths} each task ran at)")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // columns), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
