@@ -172,9 +172,10 @@ def test_merging_runs_twice_as_many_long_requests_on_the_same_cache(
 
 
 def test_eval_against_the_running_server(merge_server, model_dir, tmp_path):
-    """`kvslimmer-vllm eval --server URL --api-key`: methods and budgets picked per
-    request. Catches: the eval's server backend not passing vllm_xargs (no merging, or
-    rows missing for a method), losing the API key, or hiding the server's 400."""
+    """`kvslimmer-vllm eval --server URL --api-key`: methods, observe modes and budgets
+    picked per request. Catches: the eval's server backend not passing vllm_xargs (no
+    merging, or rows missing for a method), losing the API key, or hiding the server's
+    400."""
     import csv
     import subprocess
     import sys
@@ -193,9 +194,13 @@ def test_eval_against_the_running_server(merge_server, model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "ok" / "rows.csv")))
+    # kvslimmer observes at the prompt's end (its default), which never compresses the
+    # NLL continuation (part of the prompt), so it has no NLL rows.
     assert {(r["task"], r["method"]) for r in rows} == {
-        (t, m) for t in ("needle", "nll") for m in ("none", "kvslimmer", "streaming")
-    } | {("agreement", "kvslimmer"), ("agreement", "streaming")}
+        ("needle", m) for m in ("none", "kvslimmer", "streaming")
+    } | {("nll", "none"), ("nll", "streaming"), ("agreement", "kvslimmer"),
+         ("agreement", "streaming")}
+    assert {r["observe"] for r in rows if r["method"] == "kvslimmer"} == {"prompt-end"}
     assert all(float(r["score"]) > 0.5 for r in rows if r["task"] == "nll")
     assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
     # A budget the server cannot grant: its HTTP 400 message reaches the user.
