@@ -17,6 +17,12 @@ with unmodified vLLM at length B. Outputs (in ``--out``): ``serve_bench.csv``,
 
     python benchmarks/serve_bench.py                  # default preset
     python benchmarks/serve_bench.py --preset small   # the CI smoke run
+
+Servers already running (for example, two started with your own flags) are driven
+instead with ``--base-url URL --merge-url URL [--api-key KEY]``: both must report the same
+KV cache size on ``/metrics``, the merging server is recognised by its ``vllm:kv_merge_*``
+metrics, and its requests carry the preset's budget and ``--observe`` per request
+(``vllm_xargs``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import math
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +86,11 @@ class Server:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.cmd = cmd
+        self.model, self.headers, self.xargs = "bench", {}, None
+        self.command = f"`vllm serve {' '.join([model, *flags])}`"
+
+    def describe(self) -> str:
+        return self.command
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -101,6 +114,81 @@ class Server:
         self.log.close()
 
 
+class RemoteServer:
+    """A server someone else started: its served model is read from ``/v1/models``, and
+    ``xargs`` (per-request ``vllm_xargs``) carry the settings the benchmark controls."""
+
+    def __init__(self, name: str, url: str, api_key: str | None, flag: str) -> None:
+        self.name, self.url, self.flag = name, url.rstrip("/"), flag
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.xargs: dict | None = None
+        try:
+            models = _get_json(self.url + "/v1/models", self.headers)
+            self.model = models["data"][0]["id"]
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+                self.metrics_text = r.read().decode()
+        except (OSError, KeyError, IndexError, ValueError) as e:
+            raise SystemExit(f"serve_bench: error: {flag} {url}: no vLLM server answering "
+                             f"/v1/models and /metrics ({e})") from None
+        self.merges = "vllm:kv_merge_" in self.metrics_text
+        self.blocks = _cache_blocks(self.metrics_text)
+
+    def describe(self) -> str:
+        return f"server at {self.url} (model `{self.model}`, {self.blocks} KV blocks)"
+
+    def refusal(self) -> str | None:
+        """The server's error for a one-token request with ``xargs`` (None: accepted)."""
+        body = json.dumps({"model": self.model, "prompt": "Hello", "max_tokens": 1,
+                           "vllm_xargs": self.xargs}).encode()
+        request = urllib.request.Request(self.url + "/v1/completions", data=body,
+                                         headers={**self.headers,
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=300):
+                return None
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code}: {e.read().decode(errors='replace')[:300]}"
+
+    def stop(self) -> None:
+        pass
+
+
+def _get_json(url: str, headers: dict) -> dict:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
+
+
+def _cache_blocks(metrics_text: str) -> int | None:
+    """``num_gpu_blocks`` from vLLM's ``vllm:cache_config_info`` labels."""
+    found = re.search(r'^vllm:cache_config_info\{(?:.*,)?num_gpu_blocks="(\d+)"',
+                      metrics_text, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def remote_servers(args, budget: int) -> dict[str, RemoteServer]:
+    """The two running servers named by --base-url / --merge-url, checked to be
+    comparable: same KV cache size, one merging and one not."""
+    base = RemoteServer("unmodified", args.base_url, args.api_key, "--base-url")
+    merge = RemoteServer("kv-merge", args.merge_url, args.api_key, "--merge-url")
+    if base.merges:
+        raise SystemExit(f"serve_bench: error: --base-url {base.url} merges KV "
+                         "(it reports vllm:kv_merge_* metrics); give an unmodified server")
+    if not merge.merges:
+        raise SystemExit(f"serve_bench: error: --merge-url {merge.url} does not merge KV "
+                         "(no vllm:kv_merge_* metrics); start it with --kv-merge kvslimmer")
+    if base.blocks != merge.blocks:
+        raise SystemExit(f"serve_bench: error: the servers' KV caches differ ({base.blocks} "
+                         f"vs {merge.blocks} blocks): compare them at the same "
+                         "--num-gpu-blocks-override")
+    merge.xargs = {"kv_merge_budget": budget, "kv_merge_observe": args.observe}
+    refused = merge.refusal()
+    if refused:
+        raise SystemExit(f"serve_bench: error: --merge-url {merge.url} refuses the "
+                         f"benchmark's per-request settings {merge.xargs}: {refused}")
+    return {"unmodified": base, "kv-merge": merge}
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
@@ -115,6 +203,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 @dataclass
 class RequestResult:
     ok: bool
+    error: str = ""
     ttft: float = float("nan")
     tpot: float = float("nan")
     output_tokens: int = 0
@@ -132,7 +221,7 @@ class LevelResult:
     execute_seconds: float = 0.0
 
 
-async def run_level(server: Server, prompts: list[tuple[list[int], int]], concurrency: int,
+async def run_level(server: Server | RemoteServer, prompts: list[tuple[list[int], int]], concurrency: int,
                     timeout: float) -> LevelResult:
     import httpx
 
@@ -143,26 +232,30 @@ async def run_level(server: Server, prompts: list[tuple[list[int], int]], concur
 
     async def one(client: httpx.AsyncClient, prompt: list[int], max_tokens: int):
         async with limit:
-            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens,
+            body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
                     "temperature": 0, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
+            if server.xargs:
+                body["vllm_xargs"] = server.xargs
             t0 = time.monotonic()
             stamps: list[float] = []
             try:
                 async with client.stream("POST", server.url + "/v1/completions",
                                          json=body, timeout=timeout) as response:
                     if response.status_code != 200:
-                        return RequestResult(ok=False)
+                        body = (await response.aread()).decode(errors="replace")
+                        return RequestResult(ok=False,
+                                             error=f"HTTP {response.status_code}: {body[:300]}")
                     async for line in response.aiter_lines():
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
                         if chunk.get("choices") and chunk["choices"][0].get("text"):
                             stamps.append(time.monotonic())
-            except (httpx.HTTPError, asyncio.TimeoutError):
-                return RequestResult(ok=False)
+            except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+                return RequestResult(ok=False, error=f"{type(exc).__name__}: {exc}")
             if not stamps:
-                return RequestResult(ok=False)
+                return RequestResult(ok=False, error="no token streamed")
             tpot = ((stamps[-1] - stamps[0]) / (len(stamps) - 1)) if len(stamps) > 1 else 0.0
             return RequestResult(ok=True, ttft=stamps[0] - t0, tpot=tpot,
                                  output_tokens=len(stamps), latency=stamps[-1] - t0)
@@ -177,7 +270,7 @@ async def run_level(server: Server, prompts: list[tuple[list[int], int]], concur
                 pass
             await asyncio.sleep(0.5)
 
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=server.headers) as client:
         before = parse_metrics((await client.get(server.url + "/metrics")).text)
         watcher = asyncio.create_task(watch(client))
         results = await asyncio.gather(*(one(client, p, n) for p, n in prompts))
@@ -230,7 +323,7 @@ def build_prompts(tokenizer, args, level_index: int,
     ]
 
 
-async def decode_check(base: Server, merge: Server, tokenizer, length: int, budget: int,
+async def decode_check(base: Server | RemoteServer, merge: Server | RemoteServer, tokenizer, length: int, budget: int,
                        output: int) -> dict:
     """One request at logical length `length` on the merging server vs one of length
     `budget` on the unmodified server: time per output token."""
@@ -246,7 +339,7 @@ async def decode_check(base: Server, merge: Server, tokenizer, length: int, budg
 
 
 def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check: dict,
-                  args, servers: dict[str, list[str]]) -> str:
+                  args, servers: dict[str, str]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "serve_bench.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -286,8 +379,8 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check:
               f"- KV cache: {args.blocks} blocks of {BLOCK} slots for both servers",
               f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}"]
-    for name, cmd in servers.items():
-        lines.append(f"- {name}: `vllm serve {' '.join(cmd)}`")
+    for name, described in servers.items():
+        lines.append(f"- {name}: {described}")
     text = "\n".join(lines) + "\n"
     (out / "serve_bench.md").write_text(text)
     _plots(out, rows, levels, args)
@@ -357,9 +450,28 @@ def main(argv: list[str] | None = None) -> int:
                         default="progressive",
                         help="--kv-merge-observe of the kv-merge server (prompt-end holds a "
                         "whole prompt until its compression step)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="KV budget in tokens of the kv-merge server (default: the "
+                        "preset's share of the mean prompt length)")
+    parser.add_argument("--base-url", default=None,
+                        help="a running unmodified vLLM server to drive (with --merge-url)")
+    parser.add_argument("--merge-url", default=None,
+                        help="a running --kv-merge server to drive (with --base-url)")
+    parser.add_argument("--api-key", default=None, help="API key of the running servers")
     args = parser.parse_args(argv)
+    if (args.base_url is None) != (args.merge_url is None):
+        parser.error("--base-url and --merge-url go together (or neither: start servers)")
+    if args.budget is not None and args.budget < 1:
+        parser.error(f"--budget must be a positive number of tokens; got {args.budget}")
+    if args.base_url and args.vllm_flag:
+        parser.error("--vllm-flag only applies to servers the benchmark starts")
     for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
+
+    longest = args.prompt_tokens[1] + args.output_tokens[1]
+    budget = args.budget or int(args.budget_ratio * statistics.mean(args.prompt_tokens))
+    # Running servers are checked first: a wrong URL fails before anything loads.
+    remote = remote_servers(args, budget) if args.base_url else None
 
     from transformers import AutoTokenizer
 
@@ -367,12 +479,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(fetch_model())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    longest = args.prompt_tokens[1] + args.output_tokens[1]
-    args.blocks = math.ceil(args.cache_requests * longest / BLOCK)
-    budget = int(args.budget_ratio * statistics.mean(args.prompt_tokens))
     max_len = max(1024, 1 << math.ceil(math.log2(longest + 1)))
     # vLLM insists that one request of max_model_len fits the cache.
-    args.blocks = max(args.blocks, max_len // BLOCK + 1)
+    args.blocks = remote["kv-merge"].blocks if remote else max(
+        math.ceil(args.cache_requests * longest / BLOCK), max_len // BLOCK + 1)
     common = ["--max-model-len", str(max_len), "--num-gpu-blocks-override", str(args.blocks),
               "--seed", "0", *args.vllm_flag]
     import torch
@@ -383,18 +493,21 @@ def main(argv: list[str] | None = None) -> int:
                "--kv-merge-observe", args.observe]
     if args.interval is not None:
         merging += ["--kv-merge-interval", str(args.interval)]
-    servers = {"unmodified": common, "kv-merge": common + merging}
+    launch = {"unmodified": common, "kv-merge": common + merging}
     args.out.mkdir(parents=True, exist_ok=True)
 
     levels: list[LevelResult] = []
-    running: dict[str, Server] = {}
+    running: dict[str, Server | RemoteServer] = {}
     check: dict = {}
     try:
-        for name, flags in servers.items():
-            log(f"starting {name} server")
-            server = Server(name, model, flags, args.out / f"{name}.log")
-            running[name] = server
-            server.wait_ready()
+        for name in launch:
+            if remote:
+                server = running[name] = remote[name]
+            else:
+                log(f"starting {name} server")
+                server = running[name] = Server(name, model, launch[name],
+                                                args.out / f"{name}.log")
+                server.wait_ready()
             for i, c in enumerate(args.concurrency):
                 prompts = build_prompts(tokenizer, args, i, max(args.requests_per_level, c))
                 log(f"{name}: {len(prompts)} requests at concurrency {c}")
@@ -403,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                 s = summarize(level)
                 log(f"{name} c={c}: {s['completed']}/{s['requests']} done, "
                     f"peak running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
+                failed = [r.error for r in level.results if not r.ok]
+                if failed:
+                    log(f"{name} c={c}: first failure: {failed[0]}")
         # Both servers stay up for the decode check.
         check = asyncio.run(decode_check(running["unmodified"], running["kv-merge"],
                                          tokenizer, args.prompt_tokens[1], budget,
@@ -411,8 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         for server in running.values():
             server.stop()
     rows = [summarize(level) for level in levels]
-    text = write_outputs(args.out, rows, levels, check, args,
-                         {k: [model, *v] for k, v in servers.items()})
+    described = {name: server.describe() for name, server in running.items()}
+    if remote:
+        described["kv-merge"] += (" with --kv-merge kvslimmer settings per request: "
+                                  f"`vllm_xargs {json.dumps(remote['kv-merge'].xargs)}`")
+    text = write_outputs(args.out, rows, levels, check, args, described)
     print(text)
     incomplete = sum(r["requests"] - r["completed"] for r in rows)
     if incomplete:

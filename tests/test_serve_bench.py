@@ -1,24 +1,32 @@
-"""The serving benchmark's small preset: both servers complete every request and the
-report, CSV and plots are written."""
+"""The serving benchmark's small preset against the session's two running servers
+(``--base-url`` / ``--merge-url``): both complete every request and the report, CSV and
+plots are written. Starting its own servers is the same code path after start-up
+(``Server`` vs ``RemoteServer``); the servers' start-up itself is covered by
+tests/engine/test_cli.py and the session fixtures."""
 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py")]
 
 
-def test_small_preset_completes_every_request(model_dir, tmp_path):
-    """Catches: the benchmark's servers failing to start or serve (either flag set),
-    requests left incomplete, the merge share not read from /metrics, or a missing
-    report or plot."""
+def test_small_preset_completes_every_request(model_dir, base_server, merge_server, tmp_path):
+    """Catches: requests left incomplete or failing (the API key or the served model name
+    not passed, vllm_xargs refused), the preset's budget not sent to the merging server
+    (nothing merged), the merge share not read from /metrics, or a missing report or
+    plot."""
+    before = merge_server.metrics()["vllm:kv_merge_tokens_merged_total"]
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--preset", "small",
-         "--model", model_dir, "--out", str(out)],
+        [*BENCH, "--preset", "small", "--model", model_dir, "--out", str(out),
+         "--base-url", base_server.url, "--merge-url", merge_server.url,
+         "--api-key", merge_server.api_key, "--budget", "200", "--observe", "prompt-end"],
         capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -29,7 +37,39 @@ def test_small_preset_completes_every_request(model_dir, tmp_path):
         assert float(row["out_tok_per_s"]) > 0
     merge_rows = [r for r in rows if r["server"] == "kv-merge"]
     assert all(0 <= float(r["merge_share"]) < 1 for r in merge_rows)
+    # The small preset's prompts (600-900 tokens) exceed the budget.
+    assert any(float(r["merge_share"]) > 0 for r in merge_rows)
+    assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
     report = (out / "serve_bench.md").read_text()
-    assert "kv-merge / unmodified" in report and "--kv-merge kvslimmer" in report
+    assert "kv-merge / unmodified" in report
+    assert f"server at {merge_server.url}" in report
+    assert json.dumps({"kv_merge_budget": 200, "kv_merge_observe": "prompt-end"}) in report
+    assert "48 KV blocks" in report
     for name in ("throughput.png", "kv_usage.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_servers_that_cannot_be_compared_are_refused(model_dir, base_server, merge_server,
+                                                     tmp_path):
+    """Catches: a benchmark run against two unmodified servers (or a merging server given
+    as the baseline) reporting ratios that compare nothing, or one whose every merging
+    request the server refuses (a budget above the server's) running to the end without
+    saying why."""
+    for base, merge, flag, message, extra in [
+        (base_server, base_server, "--merge-url", "does not merge KV", []),
+        (merge_server, merge_server, "--base-url", "merges KV", []),
+        (base_server, merge_server, "--merge-url", "vllm_xargs.kv_merge_budget",
+         ["--budget", "300"]),
+    ]:
+        proc = subprocess.run(
+            [*BENCH, "--preset", "small", "--model", model_dir, "--out", str(tmp_path),
+             "--base-url", base.url, "--merge-url", merge.url, "--api-key",
+             merge_server.api_key, *extra],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"serve_bench: error: {flag}") and message in last, last
+    alone = subprocess.run([*BENCH, "--base-url", base_server.url], capture_output=True,
+                           text=True, timeout=300)
+    assert alone.returncode == 2 and "--base-url and --merge-url go together" in alone.stderr
