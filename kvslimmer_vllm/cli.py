@@ -64,7 +64,7 @@ def run_and_report(spec, args, out, log):
     from kvslimmer_vllm.core.config import OBSERVE_MODES, KVMergeConfig
     from kvslimmer_vllm.eval.backends import OfflineBackend, ServerBackend
     from kvslimmer_vllm.eval.report import write_results
-    from kvslimmer_vllm.eval.runner import plan_limits, run_eval
+    from kvslimmer_vllm.eval.runner import check_budgets, plan_limits, run_eval
 
     model = args.model
     if model is None:
@@ -83,6 +83,7 @@ def run_and_report(spec, args, out, log):
                             ).resolve(limits["max_model_len"])
         min_budget = {mode: cfg.min_budget_of(mode) for mode in OBSERVE_MODES}
         max_budget = cfg.budget
+        check_budgets(spec, tokenizer, min_budget=min_budget, max_budget=max_budget)
         log(f"engine: {model}, budget {cfg.budget}, interval {cfg.interval}, sink "
             f"{cfg.sink}, max_model_len {limits['max_model_len']}")
         backend = OfflineBackend(model, engine_budget=cfg.budget, interval=cfg.interval,

@@ -60,6 +60,51 @@ def plan_limits(spec: EvalSpec) -> dict:
     return {"engine_budget": min(budget, longest - 1), "max_model_len": longest + 64}
 
 
+def _generation_tasks(spec: EvalSpec) -> list[str]:
+    gen_tasks = [t for t in spec.tasks if t in TASKS]
+    if AGREEMENT_TASK in spec.tasks and not gen_tasks:
+        gen_tasks = list(TASKS)  # agreement is measured on the generation tasks
+    return gen_tasks
+
+
+def _plan_length(spec: EvalSpec, tokenizer, length: int, min_budget, max_budget):
+    """The cases of one length, their prompt lengths and each request's ``vllm_xargs``
+    per (case, variant, budget); raises EvalSpecError for a budget the engine refuses."""
+    configs = configurations(spec)
+    cases = [(t, i, c) for t in _generation_tasks(spec)
+             for i, c in enumerate(TASKS[t](tokenizer, spec.cases, length, seed=spec.seed))]
+    lens = {(t, i): _chat_len(tokenizer, c.conversation) for t, i, c in cases}
+    xargs = {(t, i, m, b): _xargs(spec, m, b, lens[(t, i)], min_budget, max_budget)
+             for t, i, _ in cases for m, b in configs}
+    return cases, lens, xargs
+
+
+def _nll_plan(spec: EvalSpec, tokenizer, length: int, min_budget, max_budget):
+    """NLL requests of one length and what each row needs: (case, variant, budget,
+    prompt length, xargs)."""
+    requests, keys = [], []
+    for i, case in enumerate(nll_cases(tokenizer, spec.cases, length, spec.seed,
+                                       spec.nll_tokens)):
+        plen = len(case.prompt_ids)
+        for method, budget in configurations(spec):
+            if method != "none" and parse_variant(method)[1] == "prompt-end":
+                continue  # the scored continuation is prompt: never compressed
+            xargs = _xargs(spec, method, budget, plen, min_budget, max_budget)
+            requests.append(NLLRequest(case.prompt_ids, case.num_target, xargs))
+            keys.append((i, method, budget, plen, xargs))
+    return requests, keys
+
+
+def check_budgets(spec: EvalSpec, tokenizer, *, min_budget: int | Mapping[str, int],
+                  max_budget: int) -> None:
+    """Every request of the sweep, planned without an engine: a budget the engine would
+    refuse raises :class:`EvalSpecError` (naming ``--budgets``) before one is started."""
+    for length in spec.lengths:
+        _plan_length(spec, tokenizer, length, min_budget, max_budget)
+        if NLL_TASK in spec.tasks:
+            _nll_plan(spec, tokenizer, length, min_budget, max_budget)
+
+
 def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *,
              min_budget: int | Mapping[str, int], max_budget: int,
              log: Callable[[str], None] = print) -> list[dict]:
@@ -68,17 +113,9 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *,
     as a mapping) are refused before a length's first request is sent."""
     rows: list[dict] = []
     configs = configurations(spec)
-    gen_tasks = [t for t in spec.tasks if t in TASKS]
     want_agreement = AGREEMENT_TASK in spec.tasks
-    if want_agreement and not gen_tasks:
-        gen_tasks = list(TASKS)  # agreement is measured on the generation tasks
     for length in spec.lengths:
-        cases = [(t, i, c) for t in gen_tasks
-                 for i, c in enumerate(TASKS[t](tokenizer, spec.cases, length, seed=spec.seed))]
-        lens = {(t, i): _chat_len(tokenizer, c.conversation) for t, i, c in cases}
-        # Every budget is checked before anything of this length runs.
-        xargs = {(t, i, m, b): _xargs(spec, m, b, lens[(t, i)], min_budget, max_budget)
-                 for t, i, _ in cases for m, b in configs}
+        cases, lens, xargs = _plan_length(spec, tokenizer, length, min_budget, max_budget)
         # Full KV first: it is the reference of every cell and decides which cells the
         # compressing methods run on.
         full = backend.chat(
@@ -116,16 +153,7 @@ def run_eval(spec: EvalSpec, backend: Backend, tokenizer, *,
                                  token_agreement(tokenizer, text, reference[(task, i)]),
                                  depth=case.depth))
         if NLL_TASK in spec.tasks:
-            nll_reqs, nll_keys = [], []
-            for i, case in enumerate(nll_cases(tokenizer, spec.cases, length, spec.seed,
-                                               spec.nll_tokens)):
-                plen = len(case.prompt_ids)
-                for method, budget in configs:
-                    if method != "none" and parse_variant(method)[1] == "prompt-end":
-                        continue  # the scored continuation is prompt: never compressed
-                    xargs = _xargs(spec, method, budget, plen, min_budget, max_budget)
-                    nll_reqs.append(NLLRequest(case.prompt_ids, case.num_target, xargs))
-                    nll_keys.append((i, method, budget, plen, xargs))
+            nll_reqs, nll_keys = _nll_plan(spec, tokenizer, length, min_budget, max_budget)
             scores = backend.nll(nll_reqs, desc=f"nll @ {length}")
             for (i, method, budget, plen, xargs), score in zip(nll_keys, scores):
                 rows.append(_row(spec, NLL_TASK, length, i, method, budget, plen, xargs, score))

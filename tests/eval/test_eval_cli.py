@@ -53,7 +53,8 @@ def test_quick_eval_writes_real_results(model_dir, tmp_path):
 
 
 def test_bad_flags_fail_with_one_clear_line(model_dir, tmp_path):
-    """Catches: an impossible budget accepted, or refused with a traceback."""
+    """Catches: an impossible budget accepted, refused with a traceback, or refused only
+    after an engine was started for it (a user waits for the engine before the error)."""
     proc = subprocess.run(
         [CLI, "eval", "--budgets", "0.01", "--lengths", "512", "--tasks", "needle",
          "--model", model_dir, "--out", str(tmp_path)],
@@ -61,3 +62,4 @@ def test_bad_flags_fail_with_one_clear_line(model_dir, tmp_path):
     )
     assert proc.returncode == 2
     assert "--budgets: 1% of a" in proc.stderr and "outside what the engine allows" in proc.stderr
+    assert "LLM engine" not in proc.stderr and "engine: " not in proc.stderr
