@@ -172,6 +172,15 @@ def _wrap_from_cli_args(engine_args_cls) -> None:
             config = KVMergeConfig.from_source(source, overrides)
         except KVMergeConfigError as exc:
             _cli_error(str(exc))
+        # `vllm serve` sets the count (default 1, or --data-parallel-size) before the
+        # engine arguments are built; a single API server leaves it None.
+        api_servers = getattr(args, "api_server_count", None)
+        if config.enabled and api_servers is not None and api_servers > 1:
+            _cli_error(
+                f"--api-server-count {api_servers} (vLLM defaults it to "
+                "--data-parallel-size): with --kv-merge one API server must run, the one "
+                "that validates per-request settings and exports the merge metrics; "
+                "use --api-server-count 1")
         extra = dict(engine_args.additional_config or {})
         extra[CONFIG_KEY] = config.model_dump()
         engine_args.additional_config = extra
@@ -194,10 +203,12 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
     def create_engine_config(self, *args, **kwargs):
         raw = (self.additional_config or {}).get(CONFIG_KEY)
         if not raw:
+            _merging_off_in_this_process()
             return original(self, *args, **kwargs)
         try:
             config = KVMergeConfig.from_mapping(raw)
             if not config.enabled:
+                _merging_off_in_this_process()
                 return original(self, *args, **kwargs)
             _prepare_engine_args(self)
             vllm_config = original(self, *args, **kwargs)
@@ -217,6 +228,18 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
         return vllm_config
 
     engine_args_cls.create_engine_config = create_engine_config
+
+
+def _merging_off_in_this_process() -> None:
+    """An engine without merging is being configured: undo what an earlier merging engine
+    of this process changed (its attention backend, its per-request validation), so this
+    one is unmodified vLLM even in the same process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+    or in processes forked from it."""
+    global _request_config
+    _request_config = None
+    from kvslimmer_vllm.engine.worker import release_attention_backend
+
+    release_attention_backend()
 
 
 def _reject(option: str, why: str):
@@ -338,6 +361,8 @@ def _validate_requests_against(config: KVMergeConfig) -> None:
     @functools.wraps(original)
     def verify(self, *args, **kwargs):
         original(self, *args, **kwargs)
+        if _request_config is None:  # merging off in this process
+            return
         try:
             request_settings(self.extra_args, _request_config)
         except RequestSettingsError as exc:

@@ -301,17 +301,37 @@ def install_runner_mixin(runner, rank: int) -> None:
     runner._kv_merge_init(rank)
 
 
-def _register_attention_backend() -> None:
+def _backend_member():
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     # The CPU platform always selects CPU_ATTN; on CUDA the engine is configured to
     # select CUSTOM (see plugin.py).
-    member = (
-        AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu()
-        else AttentionBackendEnum.CUSTOM
-    )
-    register_backend(member, ATTENTION_BACKEND)
+    return (AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu()
+            else AttentionBackendEnum.CUSTOM)
+
+
+def _forget_selected_backends() -> None:
+    """vLLM caches its backend choice per process; another engine in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) must choose again."""
+    from vllm.v1.attention import selector
+
+    selector._cached_get_attn_backend.cache_clear()
+
+
+def _register_attention_backend() -> None:
+    from vllm.v1.attention.backends.registry import register_backend
+
+    register_backend(_backend_member(), ATTENTION_BACKEND)
+    _forget_selected_backends()
+
+
+def release_attention_backend() -> None:
+    """Give CPU_ATTN / CUSTOM back to vLLM if a merging engine of this process took it."""
+    member = _backend_member()
+    if member.is_overridden() and member.get_path() == ATTENTION_BACKEND:
+        member.clear_override()
+        _forget_selected_backends()
 
 
 def _worker_class(base: type) -> type:

@@ -182,6 +182,26 @@ def test_attention_backend_interface():
     assert not KVMergeAttentionBackend.__abstractmethods__
 
 
+def test_backend_choice_can_be_taken_and_given_back_in_one_process():
+    """worker._register_attention_backend / release_attention_backend: several engines
+    in one process (merging, then not) each choose their backend afresh."""
+    from vllm.v1.attention import selector
+
+    from kvslimmer_vllm.engine.worker import (ATTENTION_BACKEND, _backend_member,
+                                              _register_attention_backend,
+                                              release_attention_backend)
+
+    member = _backend_member()  # CPU_ATTN on CPU, CUSTOM on CUDA
+    original = member.value
+    assert hasattr(selector._cached_get_attn_backend, "cache_clear")
+    _register_attention_backend()
+    try:
+        assert member.get_path() == ATTENTION_BACKEND
+    finally:
+        release_attention_backend()
+    assert not member.is_overridden() and member.value == original
+
+
 def test_cpu_platform_always_selects_cpu_attn():
     from vllm.platforms.cpu import CpuPlatform
 
