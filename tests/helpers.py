@@ -20,13 +20,25 @@ from pathlib import Path
 from kvslimmer_vllm.eval.text import documentation_text as long_text
 from kvslimmer_vllm.eval.text import documentation_tokens as token_prompt
 
-__all__ = ["MERGE", "Server", "engine_args", "free_port", "long_text",
-           "merging_server_via_entrypoint", "offline_llm", "running_server", "token_prompt"]
+__all__ = ["MERGE", "TINY_VOCAB", "Server", "engine_args", "free_port", "long_text",
+           "merging_server_via_entrypoint", "offline_llm", "random_tokens", "token_prompt"]
 
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 #: Fraction of the CPU node's memory vLLM may reserve per engine (tests run <= 2 at once).
 CPU_MEMORY_FRACTION = "0.3"
+
+
+#: Vocabulary of conftest.tiny_llama.
+TINY_VOCAB = 512
+
+
+def random_tokens(length: int, seed: int) -> list[int]:
+    """A reproducible prompt of token ids for the tokenizer-less tiny model."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(3, TINY_VOCAB) for _ in range(length)]
 
 
 def engine_args(model_dir: str, **overrides) -> dict:
@@ -45,10 +57,28 @@ def engine_args(model_dir: str, **overrides) -> dict:
 
 @contextmanager
 def offline_llm(model_dir: str, **overrides):
-    """A `vllm.LLM`, shut down (with its processes) when the block ends."""
+    """A `vllm.LLM`, shut down (with its processes) when the block ends.
+
+    A single-rank engine runs its core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING
+    =0``): the same scheduler, KV manager and worker as in a separate process, 15-20 s
+    less to start (no second interpreter importing torch and vLLM), and its scheduler is
+    reachable from the test (``llm.llm_engine.engine_core.engine_core.scheduler``). The
+    plugin resets what a merging engine changed in the process before a plain one is
+    configured (``plugin._merging_off_in_this_process``)."""
     from vllm import LLM
 
-    llm = LLM(**engine_args(model_dir, **overrides))
+    args = engine_args(model_dir, **overrides)
+    inproc = args.get("tensor_parallel_size", 1) == 1
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if inproc:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        llm = LLM(**args)
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
     try:
         yield llm
     finally:
@@ -175,14 +205,3 @@ def merging_server_via_entrypoint(model_dir: str, *, log_path: Path) -> Server:
            "VLLM_EXTRA_ARGS": extra}
     return Server([str(ROOT / "docker" / "entrypoint.sh")], port=port, env=env,
                   log_path=log_path, api_key=MERGE.API_KEY, name=MERGE.NAME)
-
-
-@contextmanager
-def running_server(model_dir: str, *flags: str, log_path: Path):
-    server = Server.vllm(model_dir, *flags, log_path=log_path)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-

@@ -20,6 +20,8 @@ def _fetch(env: dict | None = None, timeout: float = 900) -> subprocess.Complete
 
 
 def test_fetch_model_is_idempotent_and_prints_the_folder(model_dir):
+    """Catches: a second fetch rebuilding a good cache (minutes of conversion on every
+    `make test`), or the folder not being stdout's last line (scripts read it)."""
     weights = Path(model_dir, "model.safetensors")
     mtime = weights.stat().st_mtime_ns
     proc = _fetch()
@@ -36,6 +38,8 @@ def _linked_copy(model_dir: str, target: Path) -> None:
 
 
 def test_verification_names_what_is_wrong(model_dir, tmp_path):
+    """Catches: a checkpoint with a wrong head count or a missing tokenizer file passing
+    verification (vLLM would load a wrong model or fail later without saying why)."""
     broken = tmp_path / "broken"
     _linked_copy(model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
@@ -49,6 +53,8 @@ def test_verification_names_what_is_wrong(model_dir, tmp_path):
 
 
 def test_a_broken_cache_is_rebuilt(model_dir, tmp_path):
+    """Catches: a truncated weights file in the cache being served instead of rebuilt
+    from the package's GGUF."""
     cache = tmp_path / "cache"
     _linked_copy(model_dir, cache / MODEL_NAME)
     (cache / MODEL_NAME / "model.safetensors").unlink()

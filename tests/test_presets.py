@@ -35,6 +35,8 @@ def test_preset_and_its_profiles_resolve(preset):
 
 
 def test_smollm2_preset_matches_the_checkpoint(model_dir):
+    """Catches: the default model's preset (layers, heads, head dim, RoPE) drifting from
+    the checkpoint `fetch-model` builds."""
     facts = yaml.safe_load((CONFIGS / "smollm2-135m-instruct.yaml").read_text())["model"]
     _check_facts(facts, json.loads(Path(model_dir, "config.json").read_text()))
 

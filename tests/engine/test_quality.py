@@ -1,9 +1,9 @@
-"""Quality smoke test: pass-key retrieval at about 1,500 tokens, merged in the engine.
+"""Quality smoke test: pass-key retrieval at about 1,000 tokens, merged in the engine.
 
 One engine serves every run: full KV through ``vllm_xargs kv_merge: off``, then the
-cases full KV answers at per-request budgets of 85% and 35% of the prompt
-(``kv_merge_budget``), as the eval runner varies budgets, with progressive rounds and
-with the default prompt-end step (``kv_merge_observe``). A 135M model does not survive
+cases full KV answers with progressive rounds at per-request budgets of 85% and 35% of
+the prompt (``kv_merge_budget``), as the eval runner varies budgets, and with the default
+prompt-end step at 35% (``kv_merge_observe``). A 135M model does not survive
 heavy compression of a 5-digit needle, so the assertion is about the engine path working
 (most answers kept at a mild budget); the statistics are the eval suite's job
 (``kvslimmer-vllm eval``).
@@ -17,8 +17,9 @@ from kvslimmer_vllm.engine.plugin import engine_kwargs
 from kvslimmer_vllm.eval.tasks import passkey_cases
 from helpers import offline_llm
 
-NUM_CASES, NUM_TOKENS = 8, 1500
-FRACTIONS = (0.85, 0.35)
+NUM_CASES, NUM_TOKENS = 8, 1000
+#: (observe mode, fraction of the prompt kept)
+RUNS = (("progressive", 0.85), ("progressive", 0.35), ("prompt-end", 0.35))
 #: Several rounds per prompt: a round merges interval + chunk (= 2 x 64) slots.
 INTERVAL = 64
 
@@ -48,9 +49,10 @@ def test_passkey_survives_mild_merging(model_dir, tokenizer, cases):
     """Catches: merging that destroys what a mild budget should keep (wrong merged keys,
     values, positions or counts: the answers at 85% collapse), a budget of 35% doing
     better than 85% (budgets ignored or inverted), and a prompt-end step that is not
-    query-aware (it must keep at least what progressive rounds keep)."""
+    query-aware (at 35% it must keep most answers, and at least what progressive rounds
+    keep)."""
     prompt_len = min(_prompt_len(tokenizer, c) for c in cases)
-    budgets = {f: int(f * prompt_len) for f in FRACTIONS}
+    budgets = {f: int(f * prompt_len) for _, f in RUNS}
     with offline_llm(model_dir, num_gpu_blocks_override=64,
                      **engine_kwargs(budget=max(budgets.values()), interval=INTERVAL)) as llm:
         full, summaries = _answers(llm, cases, kv_merge="off")
@@ -58,28 +60,27 @@ def test_passkey_survives_mild_merging(model_dir, tokenizer, cases):
         answered = [c for c, ok in zip(cases, full) if ok]
         assert len(answered) >= NUM_CASES // 2, "full KV should answer most cases"
         accuracy = {}
-        for observe in ("progressive", "prompt-end"):
-            for fraction, budget in budgets.items():
-                kept, summaries = _answers(llm, answered, kv_merge_budget=budget,
-                                           kv_merge_observe=observe)
-                if observe == "progressive":
-                    assert all(s["rounds"] >= 2 for s in summaries), "rounds during prefill"
-                    assert all(s["kv_slots"] <= budget + 2 * INTERVAL for s in summaries)
-                else:  # one step before the first answer token
-                    assert all(s["rounds"] == 1 for s in summaries), summaries
-                    assert all(s["kv_slots"] <= budget + 12 for s in summaries), summaries
-                accuracy[observe, fraction] = sum(kept) / len(answered)
-                print(f"\n{observe} budget {int(fraction * 100)}% ({budget} slots): kept "
-                      f"{[c.depth for c, ok in zip(answered, kept) if ok]}")
+        for observe, fraction in RUNS:
+            budget = budgets[fraction]
+            kept, summaries = _answers(llm, answered, kv_merge_budget=budget,
+                                       kv_merge_observe=observe)
+            if observe == "progressive":
+                # Rounds during prefill: one per interval past the budget.
+                assert all(s["rounds"] >= (1 if fraction > 0.5 else 2) for s in summaries)
+                assert all(s["kv_slots"] <= budget + 2 * INTERVAL for s in summaries)
+            else:  # one step before the first answer token
+                assert all(s["rounds"] == 1 for s in summaries), summaries
+                assert all(s["kv_slots"] <= budget + 12 for s in summaries), summaries
+            accuracy[observe, fraction] = sum(kept) / len(answered)
+            print(f"\n{observe} budget {int(fraction * 100)}% ({budget} slots): kept "
+                  f"{[c.depth for c, ok in zip(answered, kept) if ok]}")
     print(f"pass-key accuracy over the {len(answered)}/{NUM_CASES} cases full KV answers "
           f"({prompt_len}+ token prompts): " + ", ".join(
               f"{o} {int(f * 100)}%: {a:.0%}" for (o, f), a in accuracy.items()))
-    # Progressive: 3 of 8 measured at 85% on the 2-core CI machine; a broken merge loses
-    # them all.
+    # Measured on a 2-core CPU (1,009+ token prompts, all 8 answered with full KV):
+    # progressive 4 of 8 at 85%, 1 of 8 at 35%; prompt-end 7 of 8 at 35%. A broken merge
+    # loses them all.
     assert accuracy["progressive", 0.85] >= 0.25
-    for observe in ("progressive", "prompt-end"):
-        assert accuracy[observe, 0.85] >= accuracy[observe, 0.35]
-    assert accuracy["prompt-end", 0.35] >= accuracy["progressive", 0.35]
-    assert accuracy["prompt-end", 0.85] >= accuracy["progressive", 0.85]
-    # Prompt-end: 8 of 8 kept at both budgets when measured (progressive: 3 and 1).
+    assert accuracy["progressive", 0.85] >= accuracy["progressive", 0.35]
     assert accuracy["prompt-end", 0.35] >= 0.5
+    assert accuracy["prompt-end", 0.35] >= accuracy["progressive", 0.35]

@@ -12,9 +12,8 @@ import httpx
 import openai
 import pytest
 
-from helpers import MERGE, long_text, running_server, token_prompt
+from helpers import MERGE, long_text, token_prompt
 
-NUM_BLOCKS = MERGE.NUM_BLOCKS
 CACHE_SLOTS = MERGE.CACHE_SLOTS
 
 
@@ -145,7 +144,7 @@ async def _drive(server, requests, poll=0.2):
 
 
 def test_merging_runs_twice_as_many_long_requests_on_the_same_cache(
-    merge_server, model_dir, tokenizer, tmp_path_factory
+    merge_server, base_server, tokenizer
 ):
     """Unmodified vLLM fits at most three 2,000-token requests in 6,144 slots; with
     merging (budget 256, interval 128) at least six run at once and all complete.
@@ -160,11 +159,8 @@ def test_merging_runs_twice_as_many_long_requests_on_the_same_cache(
     # were handed to other requests.
     assert logical > CACHE_SLOTS, f"peak logical tokens {logical}"
 
-    log = tmp_path_factory.mktemp("logs") / "base_server.log"
-    flags = ("--num-gpu-blocks-override", str(NUM_BLOCKS))
-    with running_server(model_dir, *flags, log_path=log) as base:
-        # Four are enough to fill it: three run, one waits.
-        results, base_running, _ = asyncio.run(_drive(base, requests[:4]))
+    # Four are enough to fill the unmodified server's cache: three run, one waits.
+    results, base_running, _ = asyncio.run(_drive(base_server, requests[:4]))
     assert all(finish == "length" for _, finish in results)
     # 48 blocks hold exactly three requests of 2,032 tokens (16 blocks each).
     assert base_running == 3, f"peak running requests without merging: {base_running}"

@@ -2,7 +2,7 @@
 scheduler's rounds, and slot selection scores summed over ranks), so greedy tokens with
 ``tensor_parallel_size=2`` equal the single-rank run.
 
-A tiny random-weight Llama (8 query / 4 KV heads, built here from a config) keeps it fast.
+The tiny random-weight Llama of conftest (8 query / 4 KV heads) keeps it fast.
 On CPU it runs when vLLM's CPU backend starts two ranks here; ``scripts/gpu_check.sh`` runs
 it on machines with two GPUs (``KVSLIMMER_TP_TEST=2``).
 """
@@ -14,23 +14,7 @@ import os
 import pytest
 
 from kvslimmer_vllm.engine.plugin import engine_kwargs
-from helpers import offline_llm
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-        initializer_range=0.08, torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return str(path)
+from helpers import offline_llm, random_tokens
 
 
 def _greedy(model, tp, prompts, **extra):
@@ -74,10 +58,7 @@ def two_ranks(monkeypatch):
 def test_two_ranks_give_the_single_rank_tokens(tiny_llama, two_ranks):
     """Catches: ranks choosing different slots (scores not summed over ranks), ranks
     running different rounds, or a rank merging heads it does not hold."""
-    import random
-
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (300, 700, 1100)]
+    prompts = [random_tokens(n, seed=3 + i) for i, n in enumerate((300, 700, 1100))]
     single, s1 = _greedy(tiny_llama, 1, prompts)
     double, s2 = _greedy(tiny_llama, 2, prompts)  # fails without the ranks' score sum
     assert all(s["rounds"] >= 3 for s in s1)
