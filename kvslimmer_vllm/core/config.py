@@ -20,11 +20,13 @@ naming the fields.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# The math's reference constants live beside it (importable without pydantic).
+from .merge import DEFAULT_EPS, DEFAULT_GAMMA
 
 #: Sink slots at the start of every request that are never merged (reference: 32).
 DEFAULT_SINK = 32
@@ -32,10 +34,6 @@ DEFAULT_SINK = 32
 DEFAULT_INTERVAL = 512
 #: Reference budget of recent tokens kept besides the sink (2048 + 32 sink).
 REFERENCE_BUDGET = 2048 + DEFAULT_SINK
-#: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
-DEFAULT_GAMMA = 4096.0 / math.log(512.0)
-#: Guard of the closed-form key weights and of ``d`` recovery (reference: 1e-21).
-DEFAULT_EPS = 1e-21
 
 #: Methods that ``--kv-merge`` accepts. ``none`` leaves vLLM untouched.
 METHODS = ("none", "kvslimmer", "average", "evict", "streaming", "snapkv", "snapmerge")

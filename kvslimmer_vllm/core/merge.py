@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -31,9 +32,14 @@ from .select import pair_scores, pool_mass, select_pairs
 from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
 
 __all__ = [
-    "MergeResult", "evict_lowest", "evict_oldest", "keep_set", "merge_round", "merge_rounds",
-    "merge_weights",
+    "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "evict_lowest", "evict_oldest", "keep_set",
+    "merge_round", "merge_rounds", "merge_weights",
 ]
+
+#: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
+DEFAULT_GAMMA = 4096.0 / math.log(512.0)
+#: Guard of the closed-form key weights and of ``d`` recovery (reference: 1e-21).
+DEFAULT_EPS = 1e-21
 
 
 @dataclass

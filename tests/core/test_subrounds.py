@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvslimmer_vllm.core import RotarySpec, default_inv_freq
-from kvslimmer_vllm.core.config import DEFAULT_EPS, DEFAULT_GAMMA
 from kvslimmer_vllm.core.merge import (
+    DEFAULT_EPS,
+    DEFAULT_GAMMA,
     carry_mass,
     evict_lowest,
     merge_round,
