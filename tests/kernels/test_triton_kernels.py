@@ -440,10 +440,22 @@ def test_compact_layers_moves_every_layer():
 # --------------------------------------------------------------------------- sm_90 compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import importlib.util
+    import sys
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kvslimmer_vllm.triton_kernels import compact as cm, paged_attention as pa
+
+    def load(name, path):
+        # The kernel files the parent process tested (installed package or not).
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    pa = load("kvslimmer_paged_attention", sys.argv[1])
+    cm = load("kvslimmer_compact", sys.argv[2])
 
     def build(fn, types, consts, warps):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
@@ -483,7 +495,8 @@ def test_kernels_compile_for_sm90_offline():
         pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, pa.__file__,
+                           compact_mod.__file__], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas is not available")
