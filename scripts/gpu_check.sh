@@ -11,6 +11,7 @@
 #   scripts/gpu_check.sh [extra pytest args]
 # Output goes to stdout and, if $OUT is set, to $OUT/gpu_check.log, $OUT/gpu_attention.md
 # and $OUT/merge_round/merge_round.md.
+# On a bare CUDA machine (no vLLM, no network) use scripts/device_check.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null && nvidia-smi -L

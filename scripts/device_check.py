@@ -1,0 +1,572 @@
+"""Device check for a bare CUDA machine: the core and kernel tests, then two benchmarks.
+
+Run it through ``scripts/device_check.sh``. It needs only torch, triton, pytest, hypothesis,
+pyyaml and numpy: no vLLM, no pydantic, no model weights, no network, no installed package
+(the repository root is on ``PYTHONPATH``) and no compiled C++ op.
+
+1. ``pytest tests/core tests/kernels -p no:cacheprovider`` in a child process; tests that
+   need vLLM, pydantic or the C++ op skip themselves.
+2. Paged attention: the Triton kernel with the ``log(count)`` bias (alone, and with the
+   observation mass) against PyTorch SDPA over the same keys and values, gathered from
+   the paged cache beforehand (not timed), with the bias and the causal limit as a float
+   mask and the query heads of a KV head stacked as rows (no per-head K/V copy). Decode
+   (one row per request) and a prefill chunk, 4K to 32K slots: median times, ratios,
+   the largest output difference, and the mass total (every row spreads a mass of 1 per
+   KV head).
+3. Merge round: :func:`kvslimmer_vllm.core.merge.merge_rounds` on layer-batched tensors,
+   the compacted keys and values assembled, 16K slots down to 8K and 2K, for one layer
+   and for 32; the pair selection (on the host) is timed on its own as well.
+
+Without CUDA the same runs on CPU tensors with the Triton kernel under Triton's
+interpreter (``TRITON_INTERPRET=1``) at small shapes: a smoke test, not a measurement.
+
+Writes ``device_check.md`` to ``--out``. Exits 1 when a test fails or a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run directly rather than through device_check.sh
+    sys.path.insert(0, str(ROOT))
+
+from kvslimmer_vllm import kernels  # noqa: E402 - needs ROOT on sys.path
+from kvslimmer_vllm.core.merge import (  # noqa: E402
+    DEFAULT_EPS,
+    DEFAULT_GAMMA,
+    MergeResult,
+    merge_rounds,
+    subround_sizes,
+)
+from kvslimmer_vllm.core.rope import (  # noqa: E402
+    RotarySpec,
+    build_cos_sin_cache,
+    default_inv_freq,
+)
+
+TEST_PATHS = ["tests/core", "tests/kernels"]
+PYTEST_CHILD = "--pytest-child"
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+# Merge rounds: sink and recent slots as in benchmarks/merge_round.py, Llama-3's RoPE base,
+# and the largest share of the mergeable slots one sub-round frees (merge_rounds' default).
+SINK, RECENT, ROPE_THETA, MAX_FRACTION = 32, 128, 500000.0, 0.5
+CPU_NOTICE = ("CPU smoke mode: no CUDA device, so the Triton kernel runs under Triton's "
+              "interpreter (TRITON_INTERPRET=1) on small shapes; the times are not "
+              "measurements.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """Shapes, dtype, repetitions and tolerance of one kind of run."""
+
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    slots: tuple[int, ...]  # attention: slots per request
+    decode_requests: int
+    prefill_rows: int
+    merge_slots: int
+    merge_targets: tuple[int, ...]
+    merge_layers: tuple[int, ...]
+    attention_repeats: int
+    merge_repeats: int
+    tolerance: float  # largest accepted |Triton - SDPA| of an output element
+
+
+# 8B-class (Llama-3-8B: 32 query and 8 KV heads of 128) on CUDA.
+CUDA_PROFILE = Profile(
+    q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
+    slots=(4096, 8192, 16384, 32768), decode_requests=8, prefill_rows=512,
+    merge_slots=16384, merge_targets=(8192, 2048), merge_layers=(1, 32),
+    attention_repeats=15, merge_repeats=3, tolerance=1e-2,
+)
+# Small enough for the interpreter (seconds per call, not minutes).
+CPU_PROFILE = Profile(
+    q_heads=2, kv_heads=1, head_dim=64, block_size=16, dtype=torch.float32,
+    slots=(256, 1024), decode_requests=2, prefill_rows=16,
+    merge_slots=1024, merge_targets=(512, 256), merge_layers=(1, 4),
+    attention_repeats=1, merge_repeats=1, tolerance=1e-4,
+)
+MASS_TOLERANCE = 1e-3  # relative error of the total mass
+
+
+def say(message: str) -> None:
+    """One progress line on stdout."""
+    print(f"[device_check] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------- imports
+
+
+def expose_triton_kernels() -> None:
+    """Make ``kvslimmer_vllm.triton_kernels`` importable from a plain checkout.
+
+    setup.py installs the top-level ``triton_kernels/`` folder as that subpackage; without
+    an installed package the folder is mapped the same way here (it must not go on
+    ``sys.path`` itself: an unrelated ``triton_kernels`` distribution exists)."""
+    name = "kvslimmer_vllm.triton_kernels"
+    if importlib.util.find_spec(name) is not None:
+        return
+    folder = ROOT / "triton_kernels"
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    importlib.import_module("kvslimmer_vllm").triton_kernels = module
+
+
+def load_paged_attention(interpret: bool):
+    """The Triton paged-attention module; built for Triton's interpreter when ``interpret``
+    (``TRITON_INTERPRET`` must be set before Triton builds the kernels)."""
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    expose_triton_kernels()
+    module = importlib.import_module("kvslimmer_vllm.triton_kernels.paged_attention")
+    if module.is_interpreted() != interpret:
+        raise RuntimeError("TRITON_INTERPRET=1 is set on a CUDA machine: unset it")
+    return module
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+def pytest_child(summary_path: str, pytest_args: list[str]) -> int:
+    """Body of the test child process: pytest in-process, the outcome counts to a file."""
+    expose_triton_kernels()
+    import pytest
+
+    class Summary:
+        def pytest_terminal_summary(self, terminalreporter):
+            stats = terminalreporter.stats
+            counts = {key: len(stats[key]) for key in OUTCOMES if stats.get(key)}
+            Path(summary_path).write_text(json.dumps(counts), encoding="utf-8")
+
+    return int(pytest.main(pytest_args, plugins=[Summary()]))
+
+
+def run_tests(timeout_s: float) -> dict:
+    """Run the test child; returns its command, outcome counts, seconds and verdict."""
+    pytest_args = [*TEST_PATHS, "-p", "no:cacheprovider"]
+    command = f"python3 -m pytest {' '.join(pytest_args)}"
+    say(f"tests: {command} (stopped after {timeout_s:.0f} s)")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        try:
+            code = subprocess.run(
+                [sys.executable, __file__, PYTEST_CHILD, str(summary), *pytest_args],
+                cwd=ROOT, timeout=timeout_s, check=False).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        counts = json.loads(summary.read_text()) if summary.exists() else {}
+    seconds = time.perf_counter() - started
+    ok = code == 0 and counts.get("passed", 0) > 0
+    verdict = "timed out" if code is None else ("PASS" if ok else f"FAIL (pytest exit {code})")
+    say(f"tests: {format_counts(counts)} in {seconds:.0f} s: {verdict}")
+    return dict(command=command, counts=counts, seconds=seconds, ok=ok, verdict=verdict)
+
+
+def format_counts(counts: dict) -> str:
+    """``12 passed, 3 skipped`` (``no result`` when pytest reported nothing)."""
+    return ", ".join(f"{counts[k]} {k}" for k in OUTCOMES if k in counts) or "no result"
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def median_ms_host(calls: dict, repeats: int, sync) -> dict:
+    """Median wall time (ms) of each call over ``repeats`` runs, the calls interleaved;
+    ``sync`` waits for the device. The caller's checks have run every call once (the
+    warm-up)."""
+    samples = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            sync()
+            started = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append((time.perf_counter() - started) * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def median_ms(calls: dict, repeats: int, cuda: bool) -> dict:
+    """Median time (ms) per call: CUDA events over calibrated back-to-back calls
+    (``benchmarks/gpu_attention.py``'s ``bench``) on CUDA, wall time on CPU."""
+    if cuda:
+        from benchmarks.gpu_attention import bench
+
+        return bench(calls, repeats)
+    return median_ms_host(calls, repeats, sync=lambda: None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention_cases(p: Profile) -> list[tuple[str, int, int, int]]:
+    """``(name, requests, query rows per request, slots per request)`` of every case."""
+    cases = []
+    for slots in p.slots:
+        cases.append(("decode", p.decode_requests, 1, slots))
+        cases.append(("prefill", 1, p.prefill_rows, slots))
+    return cases
+
+
+def build_paged_batch(p: Profile, num_reqs: int, rows: int, slots: int,
+                      device: torch.device, seed: int) -> dict:
+    """Random queries and a paged cache: every request holds ``slots`` slots in blocks
+    scattered over the cache, each slot a random count of 1-4 tokens."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    blocks = -(-slots // p.block_size)
+    num_blocks = num_reqs * blocks
+    kv = torch.randn(num_blocks * p.block_size, p.kv_heads, 2 * p.head_dim, device=device,
+                     dtype=p.dtype, generator=gen)
+    table = torch.randperm(num_blocks, device=device, generator=gen)
+    return dict(
+        query=torch.randn(num_reqs * rows, p.q_heads, p.head_dim, device=device,
+                          dtype=p.dtype, generator=gen),
+        kv=kv,
+        counts=torch.randint(1, 5, (kv.shape[0],), device=device, generator=gen).float(),
+        block_table=table.to(torch.int32).view(num_reqs, blocks),
+        seq_lens=torch.full((num_reqs,), slots, dtype=torch.int32, device=device),
+        query_start_loc=torch.arange(0, num_reqs * rows + 1, rows, dtype=torch.int32,
+                                     device=device),
+    )
+
+
+def sdpa_inputs(batch: dict, p: Profile, rows: int, slots: int):
+    """The batch as dense SDPA inputs: ``q`` ``[R, Hkv, T*G, D]`` (the ``G`` query heads of
+    a KV head stacked as rows, row ``t*G + g``), ``k`` and ``v`` ``[R, Hkv, N, D]`` gathered
+    in block-table order, and the float mask ``[R, 1, T*G, N]``: ``log(count)`` where the
+    row sees the slot (row ``t`` sees the first ``N - T + t + 1``), ``-inf`` elsewhere."""
+    table = batch["block_table"].long()
+    num_reqs, group, dim = table.shape[0], p.q_heads // p.kv_heads, p.head_dim
+    offsets = torch.arange(p.block_size, device=table.device)
+    slot = (table[:, :, None] * p.block_size + offsets).flatten(1)[:, :slots]  # [R, N]
+    gathered = batch["kv"][slot].transpose(1, 2)  # [R, Hkv, N, 2D]
+    keys, values = gathered[..., :dim].contiguous(), gathered[..., dim:].contiguous()
+    q = (batch["query"].view(num_reqs, rows, p.kv_heads, group, dim)
+         .permute(0, 2, 1, 3, 4).reshape(num_reqs, p.kv_heads, rows * group, dim))
+    limit = slots - rows + 1 + torch.arange(rows, device=table.device)
+    seen = torch.arange(slots, device=table.device)[None, :] < limit[:, None]  # [T, N]
+    log_counts = batch["counts"][slot].log()[:, None, :]  # [R, 1, N]
+    mask = torch.where(seen[None], log_counts, -math.inf).repeat_interleave(group, dim=1)
+    return q.contiguous(), keys, values, mask[:, None].to(p.dtype)
+
+
+def sdpa_output_rows(out: torch.Tensor, p: Profile, rows: int) -> torch.Tensor:
+    """SDPA's ``[R, Hkv, T*G, D]`` output back in the kernel's ``[R*T, Hq, D]`` layout."""
+    num_reqs, group = out.shape[0], p.q_heads // p.kv_heads
+    return (out.view(num_reqs, p.kv_heads, rows, group, p.head_dim)
+            .permute(0, 2, 1, 3, 4).reshape(num_reqs * rows, p.q_heads, p.head_dim))
+
+
+def attention_row(kernel, p: Profile, case: tuple, device: torch.device, seed: int) -> dict:
+    """Time one case (Triton, Triton with mass, SDPA) and check Triton against SDPA."""
+    name, num_reqs, rows, slots = case
+    batch = build_paged_batch(p, num_reqs, rows, slots, device, seed)
+    q, keys, values, mask = sdpa_inputs(batch, p, rows, slots)
+    scale = p.head_dim ** -0.5
+    args = [batch[k] for k in ("query", "kv", "counts", "block_table", "seq_lens",
+                               "query_start_loc")]
+    out = torch.empty_like(batch["query"])
+    mass = torch.zeros(batch["kv"].shape[:2], dtype=torch.float32, device=device)
+
+    def triton(with_mass: bool = False):
+        return kernel.paged_attention(*args, scale, p.block_size, mass if with_mass else None,
+                                      out=out)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+    calls = {"triton": triton, "triton+mass": lambda: triton(True), "sdpa": sdpa}
+    # Checks first, on fresh outputs: the timed calls keep adding mass.
+    expected = sdpa_output_rows(calls["sdpa"](), p, rows).float()
+    calls["triton+mass"]()
+    synchronize(device)
+    max_err = (out.float() - expected).abs().max().item()
+    mass_err = (mass.sum(dim=0) / (num_reqs * rows) - 1).abs().max().item()
+    times = median_ms(calls, p.attention_repeats, device.type == "cuda")
+    ok = max_err <= p.tolerance and mass_err <= MASS_TOLERANCE
+    return dict(case=name, requests=num_reqs, rows=rows, slots=slots, times=times,
+                max_err=max_err, mass_err=mass_err, ok=ok)
+
+
+
+# ---------------------------------------------------------------------------- merge round
+
+
+class TimedSelector:
+    """A pair selector that adds up the seconds spent in it (it runs on the host)."""
+
+    def __init__(self, select):
+        self.select, self.seconds = select, 0.0
+
+    def __call__(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            return self.select(scores, k)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+def merge_state(p: Profile, layers: int, device: torch.device, seed: int) -> tuple:
+    """Random layer-batched slots of one request: keys, values ``[L, N, Hkv, D]``, counts
+    of 1-3 tokens, their positions, carried Hessians and observation mass."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (layers, p.merge_slots, p.kv_heads)
+    keys, values = (torch.randn(*shape, p.head_dim, device=device, dtype=p.dtype,
+                                generator=gen) for _ in range(2))
+    counts = torch.randint(1, 4, shape[:2], device=device, generator=gen).float()
+    positions = torch.cumsum(counts.long(), dim=1) - 1
+    hess = torch.rand(shape, device=device, generator=gen)
+    mass = torch.rand(shape, device=device, generator=gen) ** 4
+    return keys, values, counts, positions, hess, mass
+
+
+def merge_once(state: tuple, k: int, rotary: RotarySpec, selector) -> MergeResult:
+    """One KVSlimmer round freeing ``k`` slots (sub-rounds as needed), with the compacted
+    keys and values assembled as the engine's cache would hold them."""
+    result = merge_rounds(*state, sink=SINK, recent=RECENT, k=k, max_fraction=MAX_FRACTION,
+                          round_idx=2, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS, rotary=rotary,
+                          selector=selector)
+    _ = result.keys, result.values  # assembled on first use
+    return result
+
+
+def merge_result_ok(state: tuple, result: MergeResult, k: int) -> bool:
+    """``N - k`` slots per layer, token counts preserved, positions still in order, finite
+    keys and values."""
+    counts, n = state[2], state[2].shape[1]
+    return (tuple(result.counts.shape) == (counts.shape[0], n - k)
+            and torch.equal(result.counts.sum(dim=1), counts.sum(dim=1))
+            and bool((result.positions.diff(dim=1) >= 0).all())
+            and bool(torch.isfinite(result.keys.float()).all())
+            and bool(torch.isfinite(result.values.float()).all()))
+
+
+def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: int) -> dict:
+    """Time one round of ``layers`` layers from ``p.merge_slots`` slots to ``target``."""
+    state = merge_state(p, layers, device, seed)
+    k = p.merge_slots - target
+    inv_freq = default_inv_freq(p.head_dim, ROPE_THETA)
+    rotary = RotarySpec(p.head_dim, True,
+                        cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
+    selector = TimedSelector(kernels.select_pairs)
+    ok = merge_result_ok(state, merge_once(state, k, rotary, selector), k)  # and warm-up
+    selector.seconds = 0.0
+    times = median_ms_host({"round": lambda: merge_once(state, k, rotary, selector)},
+                           p.merge_repeats, sync=lambda: synchronize(device))
+    return dict(layers=layers, slots=p.merge_slots, target=target,
+                subrounds=len(subround_sizes(p.merge_slots - SINK - RECENT, k, MAX_FRACTION)),
+                round_ms=times["round"], select_ms=selector.seconds * 1e3 / p.merge_repeats,
+                ok=ok)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def fmt_ms(ms: float) -> str:
+    """Milliseconds with about four significant digits."""
+    return f"{ms:.4f}" if ms < 1 else (f"{ms:.3f}" if ms < 100 else f"{ms:.1f}")
+
+
+def attention_table(rows: list[dict], p: Profile) -> list[str]:
+    """Markdown section of the attention rows."""
+    lines = [
+        "## Paged attention: Triton (log-count bias) vs PyTorch SDPA", "",
+        f"Hq {p.q_heads}, Hkv {p.kv_heads}, D {p.head_dim}, "
+        f"{str(p.dtype).removeprefix('torch.')}, block {p.block_size}, scattered blocks, "
+        "counts 1-4. SDPA runs on keys and values gathered beforehand (not timed), with "
+        "log(count) and the causal limit as a float mask. Median ms per call; "
+        f"max abs err: Triton vs SDPA output (limit {p.tolerance:g}); mass err: relative "
+        f"error of the total mass (limit {MASS_TOLERANCE:g}).", "",
+        "| case | requests x rows | slots/request | Triton (ms) | Triton+mass (ms) "
+        "| SDPA (ms) | Triton/SDPA | Triton+mass/SDPA | max abs err | mass err | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["times"]
+        lines.append(
+            f"| {r['case']} | {r['requests']} x {r['rows']} | {r['slots']} "
+            f"| {fmt_ms(t['triton'])} | {fmt_ms(t['triton+mass'])} | {fmt_ms(t['sdpa'])} "
+            f"| {t['triton'] / t['sdpa']:.2f} | {t['triton+mass'] / t['sdpa']:.2f} "
+            f"| {r['max_err']:.2e} | {r['mass_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+    return lines
+
+
+def merge_table(rows: list[dict], p: Profile) -> list[str]:
+    """Markdown section of the merge-round rows."""
+    lines = [
+        "## Merge round: core.merge_rounds, layers batched", "",
+        f"Hkv {p.kv_heads}, D {p.head_dim}, {str(p.dtype).removeprefix('torch.')}, sink "
+        f"{SINK}, recent {RECENT}, RoPE-aware; the round's compacted keys and values "
+        "assembled. Pair selection runs on the host: "
+        f"{selector_name()}. Median ms per round of {p.merge_repeats} run(s).", "",
+        "| layers | slots | to slots | sub-rounds | round (ms) | of which pair selection "
+        "(ms) | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layers']} | {r['slots']} | {r['target']} | {r['subrounds']} "
+            f"| {fmt_ms(r['round_ms'])} | {fmt_ms(r['select_ms'])} "
+            f"| {'yes' if r['ok'] else 'NO'} |")
+    return lines
+
+
+def selector_name() -> str:
+    """Which pair selection :func:`kvslimmer_vllm.kernels.select_pairs` runs."""
+    cpp = kernels.attention_backend_name(torch.device("cpu")) == "cpp"
+    return "the C++ op" if cpp else "the Python reference (C++ op not loadable)"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def header(device: torch.device, tests: dict | None, passed: bool) -> list[str]:
+    """Title and run facts of the report."""
+    import triton
+
+    command = os.environ.get("DEVICE_CHECK_COMMAND") or " ".join(["python3", *sys.argv])
+    lines = [f"# Device check: {device_name(device)}", ""]
+    if device.type != "cuda":
+        lines += [f"**{CPU_NOTICE}**", ""]
+    lines += [
+        f"- result: {'PASS' if passed else 'FAIL'}",
+        f"- command: `{command}`",
+        f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+    ]
+    if tests is None:
+        lines.append("- tests: not run (--bench-only)")
+    else:
+        lines.append(f"- tests: `{tests['command']}`: {format_counts(tests['counts'])} in "
+                     f"{tests['seconds']:.0f} s: {tests['verdict']}")
+    return lines
+
+
+def all_passed(tests: dict | None, attention: list, merges: list) -> bool:
+    """Whether the tests (if run) and every benchmark check passed."""
+    return (tests is None or tests["ok"]) and all(r["ok"] for r in attention + merges)
+
+
+def report(device, p: Profile, tests, attention: list, merges: list, notes: list) -> str:
+    """The whole markdown report."""
+    lines = header(device, tests, all_passed(tests, attention, merges))
+    lines += [f"- note: {note}" for note in notes]
+    if attention:
+        lines += ["", *attention_table(attention, p)]
+    if merges:
+        lines += ["", *merge_table(merges, p)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: list):
+    """Every attention case, then every merge round, until ``budget_s`` seconds have
+    passed (cases not started then are listed in ``notes``)."""
+    kernel = load_paged_attention(interpret=device.type != "cuda")
+    deadline = time.monotonic() + budget_s
+    attention, merges = [], []
+    jobs = [("attention", case) for case in attention_cases(p)]
+    jobs += [("merge", (layers, target)) for layers in p.merge_layers
+             for target in p.merge_targets]
+    for seed, (kind, job) in enumerate(jobs):
+        if time.monotonic() > deadline:
+            notes.append(f"{kind} {job} not run: time budget of {budget_s:.0f} s spent")
+            say(notes[-1])
+            continue
+        started = time.perf_counter()
+        if kind == "attention":
+            row = attention_row(kernel, p, job, device, seed)
+            attention.append(row)
+            say(f"attention {job}: " + ", ".join(
+                f"{k} {fmt_ms(v)} ms" for k, v in row["times"].items())
+                + f", max abs err {row['max_err']:.2e}, mass err {row['mass_err']:.1e}"
+                + ("" if row["ok"] else " DISAGREE"))
+        else:
+            row = merge_row(p, *job, device, seed)
+            merges.append(row)
+            say(f"merge round {row['layers']} layer(s) {row['slots']} -> {row['target']}: "
+                f"{fmt_ms(row['round_ms'])} ms (selection {fmt_ms(row['select_ms'])} ms)"
+                + ("" if row["ok"] else " CHECK FAILED"))
+        say(f"  ({time.perf_counter() - started:.1f} s)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return attention, merges
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for device_check.md (default: $OUT or a new temp dir)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--bench-only", action="store_true", help="skip the tests")
+    which.add_argument("--tests-only", action="store_true", help="skip the benchmarks")
+    parser.add_argument("--tests-timeout-s", type=float, default=300.0,
+                        help="stop the tests (a failure) after this many seconds")
+    parser.add_argument("--bench-budget-s", type=float, default=120.0,
+                        help="start no benchmark case after this many seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Tests, benchmarks, report; 0 when everything passed."""
+    args = parse_args(argv)
+    out = args.out or Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="device_check."))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    profile = CUDA_PROFILE if device.type == "cuda" else CPU_PROFILE
+    say(f"device: {device_name(device)}; torch {torch.__version__}")
+    if device.type != "cuda":
+        say(CPU_NOTICE)
+    tests = None if args.bench_only else run_tests(args.tests_timeout_s)
+    notes, attention, merges = [], [], []
+    if not args.tests_only:
+        attention, merges = run_benchmarks(profile, device, args.bench_budget_s, notes)
+    text = report(device, profile, tests, attention, merges, notes)
+    (out / "device_check.md").write_text(text, encoding="utf-8")
+    print(text, flush=True)
+    say(f"report written to {out / 'device_check.md'}")
+    return 0 if all_passed(tests, attention, merges) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == PYTEST_CHILD:
+        sys.exit(pytest_child(sys.argv[2], sys.argv[3:]))
+    sys.exit(main())

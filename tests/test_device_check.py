@@ -1,0 +1,102 @@
+"""scripts/device_check.sh runs its benchmarks on a machine without vLLM, pydantic, the C++
+op or an installed package (simulated here), in its CPU smoke mode, and writes its report.
+
+The tests it would run first (tests/core, tests/kernels) are run by the suite itself, so
+``--bench-only`` skips them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# sitecustomize.py of the simulated bare machine: what it lacks cannot be imported, and the
+# repository is not installed (the editable install's finder is dropped), only on PYTHONPATH.
+BARE_MACHINE = '''
+import sys
+
+ABSENT = ("vllm", "pydantic", "pydantic_core", "transformers", "kvslimmer_vllm._C")
+
+
+class _Absent:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if any(name == a or name.startswith(a + ".") for a in ABSENT):
+            raise ModuleNotFoundError(f"No module named {name!r} (simulated bare machine)",
+                                      name=name)
+        return None
+
+
+sys.meta_path[:] = [_Absent] + [f for f in sys.meta_path
+                                if not getattr(f, "__module__", "").startswith("__editable__")]
+'''
+
+# CPU profile of scripts/device_check.py.
+ATTENTION_CASES = {(case, slots) for case in ("decode", "prefill") for slots in (256, 1024)}
+MERGE_CASES = {(layers, 1024, target) for layers in (1, 4) for target in (512, 256)}
+
+
+def _bare_env(tmp_path: Path) -> dict:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BARE_MACHINE, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHON=sys.executable, PYTHONPATH=str(site), CUDA_VISIBLE_DEVICES="",
+               OUT=str(tmp_path / "out"))
+    return env
+
+
+def _table(markdown: str, keep) -> list[list[str]]:
+    """Cells of the markdown table rows whose first cell ``keep`` accepts."""
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in markdown.splitlines()
+            if line.startswith("| ")]
+    return [r for r in rows if keep(r[0])]
+
+
+def _number(cell: str) -> float:
+    value = float(cell)
+    assert math.isfinite(value), cell
+    return value
+
+
+def test_simulated_machine_lacks_pydantic(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "import pydantic"], env=_bare_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "simulated bare machine" in proc.stderr
+
+
+def test_cpu_smoke_mode_writes_every_row(tmp_path):
+    env = _bare_env(tmp_path)
+    proc = subprocess.run([str(ROOT / "scripts" / "device_check.sh"), "--bench-only"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = Path(env["OUT"])
+    markdown = (out / "device_check.md").read_text(encoding="utf-8")
+    log = (out / "device_check.log").read_text(encoding="utf-8")
+    assert "CPU smoke mode" in markdown and "CPU smoke mode" in proc.stdout
+    assert "[device_check] report written to" in log
+    assert "- result: PASS" in markdown
+    assert "- command: `scripts/device_check.sh --bench-only`" in markdown
+    assert "- tests: not run (--bench-only)" in markdown
+    assert "the Python reference (C++ op not loadable)" in markdown  # _C was blocked
+
+    attention = _table(markdown, lambda cell: cell in ("decode", "prefill"))
+    assert {(r[0], int(r[2])) for r in attention} == ATTENTION_CASES
+    for row in attention:
+        times, ratios = [_number(c) for c in row[3:6]], [_number(c) for c in row[6:8]]
+        assert all(t > 0 for t in times) and all(r > 0 for r in ratios), row
+        assert _number(row[8]) < 1e-4, f"Triton disagrees with SDPA: {row}"
+        assert _number(row[9]) < 1e-3, f"mass total off: {row}"
+        assert row[10] == "yes", row
+
+    merges = _table(markdown, str.isdigit)
+    assert {(int(r[0]), int(r[1]), int(r[2])) for r in merges} == MERGE_CASES
+    for row in merges:
+        assert int(row[3]) >= 1 and row[6] == "yes", row
+        round_ms, select_ms = _number(row[4]), _number(row[5])
+        assert 0 < select_ms <= round_ms, row
