@@ -168,7 +168,8 @@ def pytest_child(summary_path: str, pytest_args: list[str]) -> int:
 def run_tests(timeout_s: float) -> dict:
     """Run the test child; returns its command, outcome counts, seconds and verdict."""
     pytest_args = [*TEST_PATHS, "-p", "no:cacheprovider"]
-    command = f"python3 -m pytest {' '.join(pytest_args)}"
+    # Not a plain `python3 -m pytest`: the child maps kvslimmer_vllm.triton_kernels first.
+    command = f"pytest {' '.join(pytest_args)} (run by device_check.py)"
     say(f"tests: {command} (stopped after {timeout_s:.0f} s)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
