@@ -11,6 +11,11 @@ same id vLLM's slot mapping uses. Beside it, for every layer, :class:`SlotState`
 
 A slot's state is reset whenever a new token's KV is written into it, so a reused block
 never carries a previous request's counts. Nothing here imports vLLM.
+
+The memory this costs is known before anything is allocated (:func:`state_bytes_per_slot`,
+:func:`scratch_bytes`, :func:`blocks_within`): the worker takes it from the KV budget
+before vLLM sizes the cache, so KV cache, state and scratch together fit the budget vLLM
+would have given the KV cache alone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ TRACE_ATTR = "kv_merge_trace"
 PROFILE_ATTR = "kv_merge_profile"
 
 
+#: dtypes of :class:`SlotState`'s tensors (per slot and layer: one count, one position;
+#: per slot, layer and KV head: one Hessian proxy, one mass).
+COUNT_DTYPE, POSITION_DTYPE, HEAD_STATE_DTYPE = torch.float32, torch.int64, torch.float32
+
+
+def state_bytes_per_slot(num_kv_heads: int) -> int:
+    """Bytes :class:`SlotState` keeps for one slot of one layer."""
+    return (COUNT_DTYPE.itemsize + POSITION_DTYPE.itemsize
+            + 2 * num_kv_heads * HEAD_STATE_DTYPE.itemsize)
+
+
 class SlotState:
     """Side state of every slot of every attention layer (see module docstring)."""
 
@@ -41,12 +57,13 @@ class SlotState:
         self, num_layers: int, num_slots: int, num_kv_heads: int, device: torch.device
     ) -> None:
         self.num_slots = num_slots
-        self.counts = torch.ones(num_layers, num_slots, dtype=torch.float32, device=device)
-        self.positions = torch.zeros(num_layers, num_slots, dtype=torch.int64, device=device)
-        self.hess = torch.full(
-            (num_layers, num_slots, num_kv_heads), float("nan"), device=device
-        )
-        self.mass = torch.zeros(num_layers, num_slots, num_kv_heads, device=device)
+        self.counts = torch.ones(num_layers, num_slots, dtype=COUNT_DTYPE, device=device)
+        self.positions = torch.zeros(num_layers, num_slots, dtype=POSITION_DTYPE,
+                                     device=device)
+        self.hess = torch.full((num_layers, num_slots, num_kv_heads), float("nan"),
+                               dtype=HEAD_STATE_DTYPE, device=device)
+        self.mass = torch.zeros(num_layers, num_slots, num_kv_heads,
+                                dtype=HEAD_STATE_DTYPE, device=device)
 
         self._scratch: torch.Tensor | None = None
 
@@ -56,8 +73,17 @@ class SlotState:
         numel = math.prod(shape)
         buf = self._scratch
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+            # Drop the old buffer first: old and new never exist together, so the
+            # buffer never takes more than scratch_bytes() reserves.
+            self._scratch = buf = None
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """Bytes the scratch buffer holds now (0 before the first layer-batched round)."""
+        buf = self._scratch
+        return 0 if buf is None else buf.numel() * buf.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +113,37 @@ class LayerCache:
 MAX_BATCH_ELEMENTS = 1 << 26
 
 
+def layers_per_batch(slot_elements: int) -> int:
+    """Layers one batched round gathers at once when each layer contributes
+    ``slot_elements`` KV elements (at least one, however long the request)."""
+    return max(1, MAX_BATCH_ELEMENTS // max(slot_elements, 1))
+
+
+def scratch_elements(num_layers: int, max_slots: int, num_kv_heads: int,
+                     head_dim: int) -> int:
+    """Most KV elements the scratch buffer holds for rounds over at most ``max_slots``
+    slots of ``num_layers`` layers: ``min(L * N * c, max(MAX_BATCH_ELEMENTS, N * c))``
+    with ``c = Hkv * 2 * D``, an upper bound of ``layers_per_batch(n * c) * n * c`` over
+    every ``n <= N`` (one layer alone may exceed ``MAX_BATCH_ELEMENTS``)."""
+    per_layer = max_slots * num_kv_heads * 2 * head_dim
+    return min(num_layers * per_layer, max(MAX_BATCH_ELEMENTS, per_layer))
+
+
+def scratch_bytes(num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
+                  dtype: torch.dtype) -> int:
+    """Worst-case bytes of :meth:`SlotState.scratch` with a KV cache of ``dtype``."""
+    return scratch_elements(num_layers, max_slots, num_kv_heads, head_dim) * dtype.itemsize
+
+
+def blocks_within(budget: int, kv_bytes_per_block: int, state_bytes_per_block: int,
+                  scratch: int) -> int:
+    """Most KV blocks such that their KV, their slots' state and the scratch together
+    take at most ``budget`` bytes (0 when not even the scratch fits)."""
+    if budget <= scratch:
+        return 0
+    return (budget - scratch) // (kv_bytes_per_block + state_bytes_per_block)
+
+
 def apply_round(
     plan: MergeRound,
     layers: list[LayerCache],
@@ -109,8 +166,7 @@ def apply_round(
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
     dst = src[: plan.num_slots_after]
-    per_layer = plan.num_slots * layers[0].kv[0].numel()
-    batch = max(1, MAX_BATCH_ELEMENTS // max(per_layer, 1))
+    batch = layers_per_batch(plan.num_slots * layers[0].kv[0].numel())
     for group in _rotary_groups(layers):
         for first in range(0, len(group), batch):
             part = group[first:first + batch]

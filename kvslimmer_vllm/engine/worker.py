@@ -4,6 +4,9 @@
 :class:`KVMergeGPUWorker`. They register the merging attention backend before the
 model is built and extend vLLM's (V1) model runner with :class:`KVMergeRunnerMixin`:
 
+* when vLLM asks how much memory the KV cache may take (``determine_available_memory``):
+  take the per-slot side state and the worst-case round scratch out of that budget, so
+  KV cache, state and scratch together fit what vLLM would have given the KV cache alone;
 * after the KV cache exists: allocate the per-slot side state, bind it to every
   attention layer, find each layer's rotary embedding;
 * before each step's forward: run the step's merge rounds (compact each request in
@@ -34,9 +37,12 @@ from kvslimmer_vllm.engine.slots import (
     LayerCache,
     SlotState,
     apply_round,
+    blocks_within,
     gather,
     reset_mass,
+    scratch_bytes,
     slot_ids,
+    state_bytes_per_slot,
 )
 from kvslimmer_vllm.methods import MergeMethod, get_method
 
@@ -124,6 +130,37 @@ class KVMergeRunnerMixin:
         return method
 
     # --------------------------------------------------------------- KV cache setup
+    def kv_merge_memory_plan(self, available: int) -> dict[str, int]:
+        """How a KV budget of ``available`` bytes is shared: the most blocks whose KV
+        and per-slot state, plus the worst-case round scratch, fit in it
+        (``engine.slots.blocks_within``); ``kv_budget`` is what vLLM is told the KV cache
+        may take, so that it sizes exactly ``num_blocks`` blocks."""
+        specs = list(self.get_kv_cache_spec().values())
+        if not specs:
+            raise RuntimeError("kv-merge: the model has no attention layer with a KV cache")
+        first = specs[0]
+        shapes = {(s.block_size, s.num_kv_heads, s.head_size, s.dtype) for s in specs}
+        if len(shapes) != 1:
+            raise RuntimeError(
+                "kv-merge needs every attention layer to have the same KV shape (block "
+                f"size, KV heads, head size, dtype); found {sorted(map(str, shapes))}"
+            )
+        num_layers = len(specs)
+        kv_per_block = sum(s.page_size_bytes for s in specs)
+        state_per_block = num_layers * first.block_size * state_bytes_per_slot(
+            first.num_kv_heads)
+        # A round gathers at most a whole request: max_model_len slots.
+        scratch = scratch_bytes(num_layers, self.max_model_len, first.num_kv_heads,
+                                first.head_size, first.dtype)
+        num_blocks = blocks_within(available, kv_per_block, state_per_block, scratch)
+        return {
+            "available": available, "num_blocks": num_blocks,
+            "kv_bytes_per_block": kv_per_block, "state_bytes_per_block": state_per_block,
+            "state": num_blocks * state_per_block, "scratch": scratch,
+            "kv_budget": num_blocks * kv_per_block,
+            "unmodified_num_blocks": available // kv_per_block,
+        }
+
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
         groups = kv_cache_config.kv_cache_groups
@@ -160,8 +197,8 @@ class KVMergeRunnerMixin:
         self._kv_merge_layers, self._kv_merge_state = layers, state
         self._kv_merge_layer_names = names
         logger.info(
-            "kv-merge: side state for %d layers x %d slots (%.1f MiB)",
-            len(names), state.num_slots, state.nbytes / 2**20,
+            "kv-merge: side state for %d layers x %d slots (%d blocks, %.1f MiB)",
+            len(names), state.num_slots, kv_cache_config.num_blocks, state.nbytes / 2**20,
         )
 
     # ---------------------------------------------------------------- every step
@@ -343,6 +380,32 @@ def _worker_class(base: type) -> type:
         def init_device(self) -> None:
             super().init_device()
             install_runner_mixin(self.model_runner, self.rank)
+
+        def determine_available_memory(self) -> int:
+            """vLLM sizes the KV cache as ``available // bytes_per_block``: report the
+            budget less the round scratch and the blocks' slot state, so that KV cache,
+            state and scratch together fit in what the KV cache alone would get."""
+            available = super().determine_available_memory()
+            plan = self.model_runner.kv_merge_memory_plan(available)
+            if plan["num_blocks"] < 1:
+                raise RuntimeError(
+                    f"kv-merge: the KV cache budget ({available} bytes) cannot hold the "
+                    f"merge rounds' scratch ({plan['scratch']} bytes) and one KV block "
+                    f"with its slot state ({plan['kv_bytes_per_block']} + "
+                    f"{plan['state_bytes_per_block']} bytes); give the KV cache more "
+                    "memory (--gpu-memory-utilization, --kv-cache-memory-bytes or "
+                    "VLLM_CPU_KVCACHE_SPACE) or lower --max-model-len"
+                )
+            override = self.cache_config.num_gpu_blocks_override
+            logger.info(
+                "kv-merge: of the KV cache budget of %d bytes, reserved %d for slot state "
+                "and %d for the round scratch: %d KV blocks (%d without merging)%s",
+                available, plan["state"], plan["scratch"], plan["num_blocks"],
+                plan["unmodified_num_blocks"],
+                "" if override is None else
+                f"; --num-gpu-blocks-override {override} decides the count instead",
+            )
+            return plan["kv_budget"]
 
         # Reached through vLLM's collective_rpc (diagnostics and tests).
         def kv_merge_set_trace(self, layer_index: int | None) -> None:

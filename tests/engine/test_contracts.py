@@ -154,6 +154,41 @@ def test_block_table_layout():
     ]
 
 
+def test_kv_cache_is_sized_from_the_memory_workers_report():
+    """KVMergeWorker.determine_available_memory takes the slot state and round scratch
+    out of the KV budget: that only holds while the engine core sizes the cache as
+    ``available // bytes_per_block`` from what the workers report, and bytes per block
+    is the sum of the layers' page sizes (rounded up, never down)."""
+    from vllm.v1.core import kv_cache_utils
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    init = _source(EngineCore._initialize_kv_caches)
+    assert "self.model_executor.determine_available_memory()" in init, (
+        "the engine core no longer asks the workers how much memory the KV cache may take"
+    )
+    assert "get_kv_cache_configs(" in init
+    assert 'collective_rpc("determine_available_memory")' in _source(
+        Executor.determine_available_memory)
+    for cls in (CPUWorker, Worker):
+        assert "determine_available_memory" in vars(cls), f"{cls.__name__} moved it"
+        assert _params(cls.determine_available_memory) == ["self"]
+    assert "kv_cache_memory_bytes" in _source(CPUWorker.determine_available_memory)
+    assert _params(Worker.get_kv_cache_spec) == ["self"]
+    sizing = _source(kv_cache_utils.get_kv_cache_config_from_groups)
+    assert "num_blocks = available_memory // bytes_per_block" in sizing, (
+        "vLLM no longer sizes the KV cache as available memory // bytes per block: "
+        "the state and scratch reservation in worker.py must follow"
+    )
+    assert "page_size_bytes" in _source(kv_cache_utils._get_kv_cache_bytes_per_block)
+    fields = {f.name for f in dataclasses.fields(FullAttentionSpec)}
+    assert {"block_size", "num_kv_heads", "head_size", "dtype"} <= fields
+    assert isinstance(inspect.getattr_static(FullAttentionSpec, "page_size_bytes"), property)
+
+
 def test_cpu_worker_builds_the_v1_runner_in_init_device():
     from vllm.v1.worker.cpu_worker import CPUWorker
 
