@@ -12,17 +12,6 @@ def _warn(message: str) -> None:
     print(f"warning: kvslimmer-vllm: {message}", file=sys.stderr)
 
 
-def _cpu_simd_flags() -> list[str]:
-    """AVX2 + FMA + F16C code when the build machine has them (the .so then needs them too)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo
-                          if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
-
-
 def _extension() -> tuple[list, dict]:
     """kvslimmer_vllm._C (torch.ops.kvslimmer.*), or nothing when torch is not importable.
 
@@ -45,8 +34,11 @@ def _extension() -> tuple[list, dict]:
                 _warn(f"building the C++ extension failed ({exc}); installing without it")
 
     # torch's BuildExtension adds the C++ standard its headers need (C++20 for torch 2.13).
-    cxx = ["-O3", "-fopenmp", *_cpu_simd_flags()]
+    # No -m ISA flags: the .so runs on any x86-64 CPU; the attention kernels carry their own AVX2
+    # and AVX-512 copies and choose one at run time (csrc/cpu/paged_attention.cpp).
+    cxx = ["-O3", "-fopenmp"]
     sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp"]
+    depends = [str(p) for p in sorted((ROOT / "csrc").rglob("*")) if p.suffix in (".h", ".inc")]
     if torch.version.cuda and cpp_extension.CUDA_HOME:
         ext = cpp_extension.CUDAExtension(
             "kvslimmer_vllm._C",
@@ -54,10 +46,12 @@ def _extension() -> tuple[list, dict]:
             define_macros=[("KVSLIMMER_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
+            depends=depends,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"]
+            "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
+            depends=depends,
         )
     return [ext], {"build_ext": OptionalBuildExt}
 

@@ -12,6 +12,8 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor seq_lens, Tensor query_start_loc, float scale, int block_size, "
       "Tensor(a!)? mass) -> Tensor");
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
+  m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
+  m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);
 #ifdef KVSLIMMER_WITH_CUDA
   m.def("compact_slots(Tensor(a!) kv, Tensor src, Tensor dst) -> ()");
 #endif

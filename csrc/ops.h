@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace kvslimmer {
 
@@ -14,6 +16,12 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& kv,
                                const at::Tensor& block_table, const at::Tensor& seq_lens,
                                const at::Tensor& query_start_loc, double scale,
                                int64_t block_size, const std::optional<at::Tensor>& mass);
+
+// torch.ops.kvslimmer.cpu_isa: the instruction set the CPU paged attention runs ("avx512",
+// "avx2" or "portable"); with an argument, first switches to it ("auto": the best the CPU has).
+// The first call reads KVSLIMMER_CPU_ISA. cpu_isas: the ones this CPU can run, best first.
+std::string cpu_isa(const std::optional<std::string>& isa);
+std::vector<std::string> cpu_isas();
 
 // Shape-only version for the Meta device (fake tensors, torch.compile tracing).
 at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,

@@ -28,7 +28,7 @@ case "$TARGET" in cpu|gpu) ;; *) echo "install.sh: KVSLIMMER_TARGET must be cpu,
 
 stamp_inputs() {
   cat setup.py scripts/install.sh packaging/vllm-cpu-alias/pyproject.toml
-  find csrc -type f \( -name '*.cpp' -o -name '*.h' \) -print0 2>/dev/null | sort -z | xargs -0 -r cat
+  find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.inc' \) -print0 2>/dev/null | sort -z | xargs -0 -r cat
   echo "$TARGET $EXTRAS"
 }
 if [ "$VENV" = none ]; then

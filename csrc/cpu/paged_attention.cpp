@@ -31,8 +31,10 @@
 // the result does not depend on thread scheduling (requests may even share slots). How the work
 // is cut depends on the thread count, so results with different thread counts agree to rounding.
 //
-// Build: with AVX2 + FMA (+ F16C) the micro-kernels use intrinsics; otherwise, and for head
-// dimensions that are not a multiple of 8, the same loops run in plain C++.
+// Instruction sets: the portable loops (any CPU, any head dimension), AVX2 + FMA + F16C micro-
+// kernels (attention_avx2.inc, head dim % 8) and AVX-512 ones (attention_avx512.inc, head dim % 16;
+// prefill items there run lanes-over-rows, see that file). All are compiled into the same .so for
+// baseline x86-64 and chosen per call from the CPU's flags (KVSLIMMER_CPU_ISA overrides).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,17 +43,26 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <numeric>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+// Run-time ISA choice (x86-64 with GCC): the .so is compiled for baseline x86-64, and the AVX2
+// and AVX-512 kernels are compiled a second and third time under `#pragma GCC target`, each in its
+// own namespace; cpu_isa() picks one per call from what the CPU reports. Other compilers and
+// architectures get the portable loops only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define KVS_HAVE_AVX2 1
+#define KVS_X86_DISPATCH 1
 #else
-#define KVS_HAVE_AVX2 0
+#define KVS_X86_DISPATCH 0
 #endif
 
 #include "../ops.h"
@@ -64,6 +75,7 @@ constexpr int kSlotTile = 4;    // slots per QK register tile
 constexpr int kSubSlots = 32;   // slots per cache-resident sub-tile of a block
 constexpr int64_t kScoreBufFloats = 96 * 1024;  // target S buffer per item (384 KiB)
 constexpr int64_t kMinItemRows = 16;            // rows per prefill item, for key reuse
+constexpr int64_t kWideMinRows = 32;            // AVX-512: items this tall run lanes-over-rows
 constexpr double kMinParallelCost = 8192;       // row x slot pairs below which one thread runs
 constexpr int64_t kSplitMinSlots = 256;         // slots per part when an item is split
 constexpr int64_t kSplitMaxRows = 64;           // only items with few rows are split
@@ -127,171 +139,6 @@ struct Scalar {
   }
 };
 
-// ----------------------------------------------------------------------------------------------
-// AVX2 + FMA micro-kernels.
-
-#if KVS_HAVE_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-inline __m256 load8(const c10::Half* p) {
-#ifdef __F16C__
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  alignas(32) float tmp[8];
-  for (int i = 0; i < 8; ++i) tmp[i] = static_cast<float>(p[i]);
-  return _mm256_load_ps(tmp);
-#endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// exp(x) for x <= 0 (logit minus row max): Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2,
-// then the classic degree-7 minimax polynomial of expf for e^r (about 1 ulp), scaled by 2^n.
-// Below -87.3 the result is flushed to 0 (e^-87.3 is the smallest normal float).
-inline __m256 exp_nonpositive(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447f);
-  const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(0.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
-struct Avx2 {
-  // 3 x 4 tile: accumulators hold lanes of the head dimension; four hadds fold the four slots
-  // of a row into one 4-float store.
-  template <int R, int N, typename KT>
-  static void qk(const float* q, int64_t D, const KT* k, int64_t ks, float* s, int64_t lds) {
-    __m256 acc[R][kSlotTile];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < kSlotTile; ++c) acc[r][c] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      __m256 qv[R];
-      for (int r = 0; r < R; ++r) qv[r] = _mm256_loadu_ps(q + r * D + d);
-      for (int c = 0; c < N; ++c) {
-        const __m256 kc = load8(k + c * ks + d);
-        for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(qv[r], kc, acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 t0 = _mm256_hadd_ps(acc[r][0], acc[r][1]);
-      const __m256 t1 = _mm256_hadd_ps(acc[r][2], acc[r][3]);
-      const __m256 t2 = _mm256_hadd_ps(t0, t1);
-      const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
-      if (N == kSlotTile) {
-        _mm_storeu_ps(s + r * lds, sums);
-      } else {
-        alignas(16) float tmp[4];
-        _mm_store_ps(tmp, sums);
-        for (int c = 0; c < N; ++c) s[r * lds + c] = tmp[c];
-      }
-    }
-  }
-
-  // R rows x NC chunks of 8 lanes; each value row is loaded once for the R rows.
-  template <int R, int NC, typename VT>
-  static void pv_tile(const float* p, int64_t lds, const VT* v, int64_t vs, int64_t n, float* o,
-                      int64_t D) {
-    __m256 acc[R][NC];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm256_loadu_ps(o + r * D + c * 8);
-    for (int64_t j = 0; j < n; ++j) {
-      __m256 pj[R];
-      for (int r = 0; r < R; ++r) pj[r] = _mm256_broadcast_ss(p + r * lds + j);
-      const VT* vj = v + j * vs;
-      for (int c = 0; c < NC; ++c) {
-        const __m256 vc = load8(vj + c * 8);
-        for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(pj[r], vc, acc[r][c]);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + r * D + c * 8, acc[r][c]);
-  }
-
-  template <int R, typename VT>
-  static void pv(const float* p, int64_t lds, const VT* v, int64_t vs, int64_t n, float* o,
-                 int64_t D, int64_t width) {
-    int64_t d = 0;
-    for (; d + 32 <= width; d += 32) pv_tile<R, 4>(p, lds, v + d, vs, n, o + d, D);
-    switch ((width - d) / 8) {
-      case 3: pv_tile<R, 3>(p, lds, v + d, vs, n, o + d, D); break;
-      case 2: pv_tile<R, 2>(p, lds, v + d, vs, n, o + d, D); break;
-      case 1: pv_tile<R, 1>(p, lds, v + d, vs, n, o + d, D); break;
-      default: break;
-    }
-  }
-
-  static float max(const float* x, int64_t n) {
-    __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-    float out = hmax(m);
-    for (; i < n; ++i) out = std::max(out, x[i]);
-    return out;
-  }
-
-  static float exp_sum(float* x, const float* c, int64_t n, float m) {
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv));
-      if (c) e = _mm256_mul_ps(e, _mm256_loadu_ps(c + i));
-      _mm256_storeu_ps(x + i, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    if (i < n) {  // tail through an 8-float staging buffer (padding -inf -> 0)
-      alignas(32) float tmp[8];
-      alignas(32) float cnt[8];
-      const int64_t rest = n - i;
-      for (int j = 0; j < 8; ++j) {
-        tmp[j] = j < rest ? x[i + j] : -std::numeric_limits<float>::infinity();
-        cnt[j] = (c && j < rest) ? c[i + j] : 1.f;
-      }
-      __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(tmp), mv));
-      e = _mm256_mul_ps(e, _mm256_load_ps(cnt));
-      _mm256_store_ps(tmp, e);
-      for (int64_t j = 0; j < rest; ++j) x[i + j] = tmp[j];
-      sum = _mm256_add_ps(sum, e);
-    }
-    return hsum(sum);
-  }
-
-  static void axpy(float* y, const float* x, int64_t n, float a) {
-    const __m256 av = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += a * x[i];
-  }
-};
-#endif  // KVS_HAVE_AVX2
 
 // ----------------------------------------------------------------------------------------------
 // Problem description shared by all items.
@@ -358,131 +205,118 @@ Workspace& thread_workspace() {
   return ws;
 }
 
-template <int R, typename K, typename KT>
-inline void qk_rows(const float* q, int64_t D, const KT* k, int64_t ks, int64_t n, float* s,
-                    int64_t lds) {
-  int64_t j = 0;
-  for (; j + kSlotTile <= n; j += kSlotTile)
-    K::template qk<R, kSlotTile>(q, D, k + j * ks, ks, s + j, lds);
-  switch (n - j) {
-    case 3: K::template qk<R, 3>(q, D, k + j * ks, ks, s + j, lds); break;
-    case 2: K::template qk<R, 2>(q, D, k + j * ks, ks, s + j, lds); break;
-    case 1: K::template qk<R, 1>(q, D, k + j * ks, ks, s + j, lds); break;
-    default: break;
+// ----------------------------------------------------------------------------------------------
+// The item runners, one namespace per instruction set.
+
+namespace portable_isa {
+#include "attention_item.inc"
+template <typename T>
+void run(const Problem<T>& P, const Item& item, float* partials, float* records) {
+  run_item<Scalar>(P, item, partials, records);
+}
+}  // namespace portable_isa
+
+#if KVS_X86_DISPATCH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2_isa {
+#include "attention_avx2.inc"
+#include "attention_item.inc"
+template <typename T>
+void run(const Problem<T>& P, const Item& item, float* partials, float* records) {
+  run_item<Avx2>(P, item, partials, records);
+}
+}  // namespace avx2_isa
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512_isa {
+#include "attention_avx512.inc"
+#include "attention_item.inc"
+template <typename T>
+void run(const Problem<T>& P, const Item& item, float* partials, float* records) {
+  if (!item.split() && item.rows(P.G) >= kWideMinRows) {
+    run_item_wide(P, item, partials);
+  } else {
+    run_item<Avx512>(P, item, partials, records);
   }
 }
+}  // namespace avx512_isa
+#pragma GCC pop_options
+#endif  // KVS_X86_DISPATCH
 
-// One work item: rows (position t, head g) of KV head `item.head` of request `item.req`, over
-// the slots [item.begin, item.end). A whole item writes its output rows and mass partial; a split
-// item leaves a record for combine_split().
-template <typename K, typename T>
-void run_item(const Problem<T>& P, const Item& item, float* partials, float* records) {
-  const int64_t D = P.D, G = P.G, bs = P.block_size;
-  const int64_t L = (*P.seq_len)[item.req];
-  const int64_t num_q = (*P.q_start)[item.req + 1] - (*P.q_start)[item.req];
-  const int64_t q0 = (*P.q_start)[item.req];
-  const int64_t rows = item.rows(G);
-  const int64_t begin = item.begin, n = item.end - item.begin;  // slots of this item
-  const int64_t lds = round_up(std::max<int64_t>(n, 1), 8) + 8;
-  float* mass_partial = partials && !item.split() ? partials + item.mass_offset : nullptr;
-  float* record = item.split() ? records + item.record : nullptr;
+// ----------------------------------------------------------------------------------------------
+// Which instruction set runs: the best the CPU has, unless KVSLIMMER_CPU_ISA or cpu_isa() asks
+// for another one.
 
-  Workspace& ws = thread_workspace();
-  float* Q = ws.get(rows * (2 * D + lds + 1));  // [rows, D] scaled queries
-  float* O = Q + rows * D;                      // [rows, D] unnormalised outputs
-  float* S = O + rows * D;                      // [rows, lds] logits, then exp weights
-  float* row_inv = S + rows * lds;              // [rows] 1 / sum of weights (0: sees nothing)
-  if (static_cast<int64_t>(ws.visible.size()) < rows) ws.visible.resize(rows);
-  int64_t* row_visible = ws.visible.data();     // [rows] slots of the item each row sees
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512"};
+constexpr const char* kIsaEnv = "KVSLIMMER_CPU_ISA";
 
-  for (int64_t t = item.t0; t < item.t1; ++t) {
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t row = (t - item.t0) * G + g;
-      const T* src = P.query + (q0 + t) * P.qs0 + (item.head * G + g) * P.qs1;
-      float* dst = Q + row * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = as_float(src[d]) * P.scale;
-      row_visible[row] = std::min(n, std::max<int64_t>(0, L - num_q + t + 1 - begin));
-    }
-  }
-  std::fill(O, O + rows * D, 0.f);
-
-  // Blocks of the item: begin is block-aligned, so local slot j is block (begin + j) / bs.
-  const int64_t first_block = begin / bs;
-  const int64_t num_blocks = (n + bs - 1) / bs;
-  auto block_id = [&](int64_t b) { return (*P.block_table)(item.req, first_block + b); };
-  auto block_base = [&](int64_t b) { return P.kv + block_id(b) * bs * P.ks0 + item.head * P.ks1; };
-
-  // 1. logits
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const T* kb = block_base(b);
-    const int64_t n0 = b * bs, nb = std::min(bs, n - n0);
-    for (int64_t sub = 0; sub < nb; sub += kSubSlots) {
-      const int64_t ns = std::min<int64_t>(kSubSlots, nb - sub);
-      const T* k = kb + sub * P.ks0;
-      float* s = S + n0 + sub;
-      int64_t r = 0;
-      for (; r + kRowTile <= rows; r += kRowTile)
-        qk_rows<kRowTile, K>(Q + r * D, D, k, P.ks0, ns, s + r * lds, lds);
-      if (rows - r == 2) qk_rows<2, K>(Q + r * D, D, k, P.ks0, ns, s + r * lds, lds);
-      if (rows - r == 1) qk_rows<1, K>(Q + r * D, D, k, P.ks0, ns, s + r * lds, lds);
-    }
-  }
-
-  // 2. softmax weights (unnormalised), mass partial
-  if (mass_partial) std::fill(mass_partial, mass_partial + n, 0.f);
-  for (int64_t row = 0; row < rows; ++row) {
-    float* s = S + row * lds;
-    const int64_t v = row_visible[row];
-    std::fill(s + v, s + n, 0.f);  // hidden slots weigh nothing in step 3
-    float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
-    if (v > 0) {
-      m = K::max(s, v);
-      for (int64_t b = 0; b * bs < v; ++b) {
-        const int64_t n0 = b * bs, nb = std::min(bs, v - n0);
-        const float* c = P.counts ? P.counts + block_id(b) * bs : nullptr;
-        sum += K::exp_sum(s + n0, c, nb, m);
-      }
-    }
-    row_inv[row] = v > 0 ? 1.f / sum : 0.f;
-    if (record) {
-      record[rows * D + row] = m;
-      record[rows * (D + 1) + row] = sum;
-      if (partials) std::copy(s, s + n, record + rows * (D + 2) + row * n);
-    } else if (mass_partial && v > 0) {
-      K::axpy(mass_partial, s, v, row_inv[row] / static_cast<float>(G));
-    }
-  }
-
-  // 3. outputs
-  for (int64_t b = 0; b < num_blocks; ++b) {
-    const T* vb = block_base(b) + D;
-    const int64_t n0 = b * bs, nb = std::min(bs, n - n0);
-    for (int64_t sub = 0; sub < nb; sub += kSubSlots) {
-      const int64_t ns = std::min<int64_t>(kSubSlots, nb - sub);
-      const T* v = vb + sub * P.ks0;
-      const float* p = S + n0 + sub;
-      int64_t r = 0;
-      for (; r + kRowTile <= rows; r += kRowTile)
-        K::template pv<kRowTile>(p + r * lds, lds, v, P.ks0, ns, O + r * D, D, D);
-      if (rows - r == 2) K::template pv<2>(p + r * lds, lds, v, P.ks0, ns, O + r * D, D, D);
-      if (rows - r == 1) K::template pv<1>(p + r * lds, lds, v, P.ks0, ns, O + r * D, D, D);
-    }
-  }
-
-  if (record) {
-    std::copy(O, O + rows * D, record);
-    return;
-  }
-  for (int64_t t = item.t0; t < item.t1; ++t) {
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t row = (t - item.t0) * G + g;
-      T* dst = P.out + ((q0 + t) * P.Hq + item.head * G + g) * D;
-      const float inv = row_inv[row];
-      const float* o = O + row * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(inv == 0.f ? 0.f : o[d] * inv);
-    }
-  }
+bool cpu_has(Isa isa) {
+  if (isa == Isa::kPortable) return true;
+#if KVS_X86_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  if (isa == Isa::kAvx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
 }
+
+std::string supported_isa_list() {
+  std::string out;
+  for (int i = 2; i >= 0; --i) {
+    if (!cpu_has(static_cast<Isa>(i))) continue;
+    if (!out.empty()) out += ", ";
+    out += kIsaNames[i];
+  }
+  return out;
+}
+
+Isa best_isa() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+    if (cpu_has(isa)) return isa;
+  return Isa::kPortable;
+}
+
+// "auto" -> the best this CPU has; a named ISA must be one this CPU runs.
+Isa parse_isa(const std::string& name, const char* source) {
+  if (name.empty() || name == "auto") return best_isa();
+  for (int i = 0; i < 3; ++i) {
+    if (name != kIsaNames[i]) continue;
+    const Isa isa = static_cast<Isa>(i);
+    TORCH_CHECK(cpu_has(isa), source, "=", name, ": this CPU cannot run it (supported here: ",
+                supported_isa_list(), ")");
+    return isa;
+  }
+  TORCH_CHECK(false, source, " must be one of auto, avx512, avx2, portable; got '", name, "'");
+}
+
+std::atomic<int> g_isa{-1};  // -1: not chosen yet
+
+Isa chosen_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    const char* env = std::getenv(kIsaEnv);
+    isa = static_cast<int>(parse_isa(env ? env : "auto", kIsaEnv));
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(isa);
+}
+
+// The ISA that runs a problem of head dimension D (AVX-512 needs D % 16, AVX2 D % 8).
+Isa isa_for(int64_t D) {
+  Isa isa = chosen_isa();
+  if (isa == Isa::kAvx512 && D % 16 != 0) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && D % 8 != 0) isa = Isa::kPortable;
+  return isa;
+}
+
 
 // Joins the split items [first, first + count) of one (request, head, positions): rescales each
 // part to the common row maximum (flash-decoding), normalises, writes the output rows, and turns
@@ -535,26 +369,24 @@ void combine_split(const Problem<T>& P, const Item* parts, int64_t count, float*
 
 template <typename T>
 void run_all(const Problem<T>& P, const std::vector<Item>& items, float* partials,
-             float* records, int nthreads) {
+             float* records, int nthreads, Isa isa) {
   // Largest items first; dynamic scheduling balances the rest.
   std::vector<int64_t> order(items.size());
   for (size_t i = 0; i < items.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return items[a].cost > items[b].cost; });
-  const bool simd = KVS_HAVE_AVX2 && P.D % 8 == 0;
+  using RunFn = void (*)(const Problem<T>&, const Item&, float*, float*);
+  RunFn run = &portable_isa::run<T>;
+#if KVS_X86_DISPATCH
+  switch (isa) {
+    case Isa::kAvx512: run = &avx512_isa::run<T>; break;
+    case Isa::kAvx2: run = &avx2_isa::run<T>; break;
+    default: break;
+  }
+#endif
   const int64_t n = static_cast<int64_t>(order.size());
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) {
-    const Item& item = items[order[i]];
-#if KVS_HAVE_AVX2
-    if (simd) {
-      run_item<Avx2>(P, item, partials, records);
-      continue;
-    }
-#endif
-    (void)simd;
-    run_item<Scalar>(P, item, partials, records);
-  }
+  for (int64_t i = 0; i < n; ++i) run(P, items[order[i]], partials, records);
   if (!records) return;
   // The parts of one split item are adjacent in `items`, the first one at begin 0.
   std::vector<std::pair<int64_t, int64_t>> groups;  // (first part, number of parts)
@@ -578,6 +410,18 @@ std::vector<int64_t> to_host_vector(const at::Tensor& t) {
 }
 
 }  // namespace
+
+std::string cpu_isa(const std::optional<std::string>& isa) {
+  if (isa.has_value()) g_isa.store(static_cast<int>(parse_isa(*isa, "cpu_isa")));
+  return kIsaNames[static_cast<int>(chosen_isa())];
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (int i = 2; i >= 0; --i)
+    if (cpu_has(static_cast<Isa>(i))) out.emplace_back(kIsaNames[i]);
+  return out;
+}
 
 at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_in,
                                const std::optional<at::Tensor>& counts_in,
@@ -634,6 +478,10 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
   const int64_t max_blocks = block_table_in.size(1);
   const int64_t num_cache_blocks = S / block_size;
   const int64_t G = Hq / Hkv;
+  const Isa isa = isa_for(D);
+  // AVX-512 runs tall items lanes-over-rows: give them whole vectors of rows.
+  const bool wide = isa == Isa::kAvx512;
+  const int64_t row_unit = wide ? 16 / std::gcd<int64_t>(16, G) : 1;  // positions per 16 rows
 
   int nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
   nthreads = std::max(nthreads, 1);
@@ -672,11 +520,12 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
     // reuse keys; split further (down to that minimum) while the batch has fewer items than
     // twice the threads.
     const int64_t by_memory = std::max<int64_t>(1, kScoreBufFloats / (G * L));
-    const int64_t min_pos = (kMinItemRows + G - 1) / G;
+    const int64_t min_rows = wide ? kWideMinRows : kMinItemRows;
+    const int64_t min_pos = round_up((min_rows + G - 1) / G, row_unit);
     int64_t chunks = (nq + std::max(by_memory, min_pos) - 1) / std::max(by_memory, min_pos);
     const int64_t wanted = (want_items + active * Hkv - 1) / (active * Hkv);
     chunks = std::max(chunks, std::min(wanted, (nq + min_pos - 1) / min_pos));
-    const int64_t per = (nq + chunks - 1) / chunks;
+    const int64_t per = std::min(nq, round_up((nq + chunks - 1) / chunks, row_unit));
     for (int64_t h = 0; h < Hkv; ++h) {
       for (int64_t t0 = 0; t0 < nq; t0 += per) {
         const int64_t t1 = std::min(nq, t0 + per);
@@ -766,7 +615,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
     P.block_table = &block_table;
     P.q_start = &q_start;
     P.seq_len = &seq_len;
-    run_all(P, items, partials, records, nthreads);
+    run_all(P, items, partials, records, nthreads, isa);
   };
   if (dtype == at::kFloat) {
     launch(float(0));

@@ -2,8 +2,11 @@
 
 | contract (reference in ``core``)  | CUDA                          | CPU                          |
 |-----------------------------------|-------------------------------|------------------------------|
-| ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C``      |
+| ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C`` (*)  |
 | ``core.select.select_pairs``      | C++ op (host)                 | C++ op                       |
+
+(*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
+run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
 
 When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
 ``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
@@ -24,7 +27,7 @@ from kvslimmer_vllm.core import select as _select_ref
 logger = logging.getLogger("vllm.kvslimmer.kernels")
 ENV = "KVSLIMMER_KERNELS"
 
-__all__ = ["attention_backend_name", "paged_attention", "select_pairs"]
+__all__ = ["attention_backend_name", "cpu_isa", "paged_attention", "select_pairs"]
 
 
 def _forced_reference() -> bool:
@@ -43,7 +46,10 @@ def _cpp_ops():
         logger.warning("kvslimmer-vllm: C++ kernels unavailable (%s); using the PyTorch "
                        "reference on CPU", exc)
         return None
-    return torch.ops.kvslimmer
+    ops = torch.ops.kvslimmer
+    logger.info("kvslimmer-vllm: CPU paged attention runs the C++ %s kernels (this CPU runs: %s)",
+                ops.cpu_isa(), ", ".join(ops.cpu_isas()))
+    return ops
 
 
 @functools.cache
@@ -64,6 +70,14 @@ def attention_backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if _triton_attention() is not None else "reference"
     return "cpp" if _cpp_ops() is not None else "reference"
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the C++ CPU attention (``avx512``, ``avx2``, ``portable``), or
+    None when the CPU runs the PyTorch reference."""
+    if attention_backend_name(torch.device("cpu")) != "cpp":
+        return None
+    return _cpp_ops().cpu_isa()
 
 
 def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,

@@ -2,13 +2,21 @@
 
 paged_attention: every request's output and observation mass must equal
 ``core.merged_attention(..., visible=causal, return_mass=True)`` over the request's slots, with the
-mass scattered to the slots it belongs to. select_pairs: exactly the Python reference's result.
+mass scattered to the slots it belongs to, on every instruction set this CPU runs (AVX-512,
+AVX2, portable: the `each_isa` fixture switches with ``cpu_isa``). select_pairs: exactly the
+Python reference's result.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +29,20 @@ _C = pytest.importorskip(
     reason="C++ extension not built (pip install --no-build-isolation -e .)",
 )
 OPS = torch.ops.kvslimmer
+ALL_ISAS = ("avx512", "avx2", "portable")
+HERE = tuple(OPS.cpu_isas())  # what this CPU runs, best first
+
+
+@pytest.fixture(params=HERE)
+def each_isa(request):
+    """Runs the test once per instruction set this CPU has, then restores the choice."""
+    before = OPS.cpu_isa()
+    assert OPS.cpu_isa(request.param) == request.param
+    yield request.param
+    OPS.cpu_isa(before)
+
+
+on_every_isa = pytest.mark.usefixtures("each_isa")
 
 # Output tolerances per dtype: inputs are rounded identically, the kernel computes in float32
 # like the reference, and the half types differ only by output rounding and summation order.
@@ -87,8 +109,8 @@ def reference(query, kv, counts, block_table, seq_lens, qsl, scale, block_size):
 
 
 def run_and_check(lens, num_queries, *, hq, hkv, d, block_size, dtype=torch.float32,
-                  counts="random", seed=0, index_dtype=torch.int32, mass_tol=1e-5):
-    query, kv, slot_counts, table, seq_lens, qsl = make_batch(
+                  counts="random", seed=0, index_dtype=torch.int32, mass_tol=1e-5, batch=None):
+    query, kv, slot_counts, table, seq_lens, qsl = batch or make_batch(
         lens, num_queries, hq=hq, hkv=hkv, d=d, block_size=block_size, dtype=dtype,
         counts=counts, seed=seed, index_dtype=index_dtype)
     scale = d ** -0.5
@@ -111,6 +133,7 @@ def run_and_check(lens, num_queries, *, hq, hkv, d, block_size, dtype=torch.floa
 # paged_attention
 
 
+@on_every_isa
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("group", [1, 3, 8])
@@ -124,6 +147,7 @@ def test_mixed_batch(group, d, dtype):
     )
 
 
+@on_every_isa
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_block_boundaries(block_size):
     bs = block_size
@@ -132,22 +156,26 @@ def test_block_boundaries(block_size):
                   seed=bs, index_dtype=torch.int64)
 
 
+@on_every_isa
 def test_single_slot_requests():
     run_and_check([1, 1, 1], [1, 1, 1], hq=8, hkv=1, d=64, block_size=16, seed=5)
 
 
+@on_every_isa
 @pytest.mark.parametrize("counts", ["thousands", None])
 def test_counts_thousands_and_none(counts):
     run_and_check([200, 31, 64], [1, 31, 9], hq=9, hkv=3, d=64, block_size=32, counts=counts,
                   seed=7)
 
 
+@on_every_isa
 def test_long_prefill_split_into_chunks():
     """Many query rows per request: several work items share a (request, head); masses add."""
     run_and_check([900, 300], [700, 1], hq=4, hkv=4, d=64, block_size=128, seed=11,
                   mass_tol=1e-4)
 
 
+@on_every_isa
 @pytest.mark.parametrize("threads", [2, 4])
 def test_small_decode_batches_split_along_slots(threads):
     """Fewer items than threads: long items are split along their slots and joined exactly."""
@@ -163,6 +191,7 @@ def test_small_decode_batches_split_along_slots(threads):
         torch.set_num_threads(saved)
 
 
+@on_every_isa
 @pytest.mark.parametrize("d", [20, 36])
 def test_head_dim_not_multiple_of_8(d):
     """The portable (non-SIMD) path."""
@@ -170,12 +199,14 @@ def test_head_dim_not_multiple_of_8(d):
     run_and_check([40], [3], hq=4, hkv=2, d=d, block_size=16, dtype=torch.bfloat16, seed=d)
 
 
+@on_every_isa
 def test_more_queries_than_slots_see_nothing():
     """Rows with no visible slot get zero output and no mass (reference: visible <= 0)."""
     out, _ = run_and_check([3], [5], hq=3, hkv=1, d=64, block_size=16, seed=2)
     assert out[:2].abs().max() == 0
 
 
+@on_every_isa
 def test_skipped_requests_and_uncovered_rows_are_zero():
     query, kv, counts, table, seq_lens, qsl = make_batch(
         [10, 0, 20], [2, 3, 0], hq=4, hkv=2, d=64, block_size=16, seed=3)
@@ -188,6 +219,7 @@ def test_skipped_requests_and_uncovered_rows_are_zero():
     assert out[2:].abs().max() == 0
 
 
+@on_every_isa
 def test_random_batches():
     """Random shapes, block sizes (1 included), dtypes, counts and prefill/decode mixes."""
     rng = random.Random(9)
@@ -206,6 +238,7 @@ def test_random_batches():
         )
 
 
+@on_every_isa
 def test_merged_identical_keys_are_lossless():
     """Two slots with equal keys merged into one slot of count 2 (mean value) change nothing."""
     gen = torch.Generator().manual_seed(4)
@@ -232,6 +265,7 @@ def test_merged_identical_keys_are_lossless():
     torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
 
 
+@on_every_isa
 def test_strided_query_and_kv_views():
     """A query slice of a wider buffer and a slot-major view of an LBNHC cache are read as is."""
     query, kv, counts, table, seq_lens, qsl = make_batch(
@@ -246,6 +280,7 @@ def test_strided_query_and_kv_views():
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
 
 
+@on_every_isa
 def test_deterministic_and_thread_count_independent():
     args = make_batch([300, 129, 64, 1000], [1, 40, 64, 300], hq=8, hkv=2, d=64, block_size=32,
                       seed=8)
@@ -266,6 +301,114 @@ def test_deterministic_and_thread_count_independent():
     torch.testing.assert_close(out0, out2, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(mass0, mass2, atol=1e-5, rtol=1e-5)
     del query
+
+
+@on_every_isa
+@pytest.mark.parametrize("hq,hkv,d,dtype,lens,num_queries", [
+    # G = 3: items of 16 positions = 48 rows (three row vectors), causal tails inside items.
+    (9, 3, 64, torch.float32, [700, 90], [300, 90]),
+    # G = 5, D = 128, bf16: whole prompts (row i sees i + 1 slots), masks in every vector.
+    (10, 2, 128, torch.bfloat16, [260], [260]),
+    # G = 1, D = 80 (a multiple of 16 that is not one of 64), fp16.
+    (4, 4, 80, torch.float16, [64, 129], [64, 100]),
+    # Short prompts, many rows per item (G = 8: 320 rows, 20 row vectors).
+    (8, 1, 64, torch.float32, [40], [40]),
+    # D = 72 and 40: multiples of 8 but not 16, so AVX-512 hands them to AVX2 / portable.
+    (6, 2, 72, torch.float32, [150], [120]),
+    (6, 3, 40, torch.float32, [150], [120]),
+])
+def test_tall_prefill_items(hq, hkv, d, dtype, lens, num_queries):
+    """Prefill chunks tall enough for the AVX-512 lanes-over-rows items, with counts and mass."""
+    run_and_check(lens, num_queries, hq=hq, hkv=hkv, d=d, block_size=16, dtype=dtype,
+                  seed=hq * d, mass_tol=5e-5)
+
+
+@on_every_isa
+def test_hidden_slots_with_huge_logits_stay_hidden():
+    """A later key aligned with every query (logits ~ +300) must not leak into the rows that
+    cannot see it, nor push their softmax into underflow; visible huge logits still dominate."""
+    gen = torch.Generator().manual_seed(31)
+    d, bs, length = 64, 16, 96
+    query, kv, counts, table, seq_lens, qsl = make_batch(
+        [length], [length], hq=6, hkv=2, d=d, block_size=bs, seed=31)
+    direction = torch.randn(d, generator=gen)
+    query[:] = direction * 2 + 0.1 * torch.randn(query.shape, generator=gen)
+    slots = (table[0, : length // bs].long()[:, None] * bs + torch.arange(bs)).flatten()
+    kv[slots[70], :, :d] = direction * 20  # seen only by rows 70..95
+    run_and_check([length], [length], hq=6, hkv=2, d=d, block_size=bs, seed=31,
+                  mass_tol=5e-5, batch=(query, kv, counts, table, seq_lens, qsl))
+
+
+def test_isa_choice_follows_the_cpu_flags():
+    """The best ISA the CPU reports is the default; others are refused with their name."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if platform.machine() not in ("x86_64", "AMD64") or not flags:
+        pytest.skip("x86-64 Linux only")
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    expected = (("avx512",) if avx512 else ()) + (("avx2",) if avx2 else ()) + ("portable",)
+    assert HERE == expected
+    before = OPS.cpu_isa()
+    try:
+        assert OPS.cpu_isa("auto") == expected[0]
+        for isa in ALL_ISAS:
+            if isa in HERE:
+                assert OPS.cpu_isa(isa) == isa
+            else:
+                with pytest.raises(RuntimeError, match=f"cpu_isa={isa}: this CPU cannot run it"):
+                    OPS.cpu_isa(isa)
+        with pytest.raises(RuntimeError, match="must be one of auto, avx512, avx2, portable; "
+                                               "got 'sse9'"):
+            OPS.cpu_isa("sse9")
+    finally:
+        OPS.cpu_isa(before)
+
+
+@pytest.mark.parametrize("value,expected", [("portable", "portable"), ("", None),
+                                            ("AVX512", "error")])
+def test_isa_environment_variable(value, expected):
+    """KVSLIMMER_CPU_ISA pins the ISA for a process; a bad value is an error naming it."""
+    code = "import torch, kvslimmer_vllm._C; print(torch.ops.kvslimmer.cpu_isa())"
+    env = {**os.environ, "KVSLIMMER_CPU_ISA": value}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    if expected == "error":
+        assert proc.returncode != 0
+        assert "KVSLIMMER_CPU_ISA must be one of auto, avx512, avx2, portable; got 'AVX512'" \
+            in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == (expected or HERE[0])
+
+
+def test_baseline_code_uses_no_avx():
+    """The .so must load and run on any x86-64 CPU: only the functions of the avx2_isa /
+    avx512_isa copies may hold AVX instructions (VEX/EVEX: v-prefixed, ymm/zmm), and the
+    AVX-512 copy really uses zmm registers."""
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("needs x86-64 and objdump")
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    function, offenders, zmm_in_avx512 = "", {}, 0
+    for line in listing.splitlines():
+        if line.endswith(">:") and " <" in line:
+            function = line.split(" <", 1)[1][:-2]
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[0].strip().endswith(":"):
+            continue
+        instruction = parts[1]
+        vector = instruction.startswith("v") or "%ymm" in instruction or "%zmm" in instruction
+        if "avx512_isa::" in function:
+            zmm_in_avx512 += "%zmm" in instruction
+        elif vector and "avx2_isa::" not in function:
+            offenders.setdefault(function, instruction)
+    assert not offenders, f"AVX instructions in baseline code: {list(offenders.items())[:5]}"
+    assert zmm_in_avx512 > 100
 
 
 def test_schema_mutation_and_fake_tensor_registration():
