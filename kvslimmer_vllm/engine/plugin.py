@@ -292,6 +292,13 @@ def _prepare_engine_args(ea) -> None:
     worker = CPU_WORKER_CLS if current_platform.is_cpu() else GPU_WORKER_CLS
     if ea.worker_cls not in ("auto", worker):
         _reject("--worker-cls", f"'{ea.worker_cls}' is set")
+    if current_platform.is_cpu():
+        from kvslimmer_vllm import kernels
+
+        try:
+            kernels.check_cpu_isa_setting()
+        except ValueError as exc:
+            raise KVMergeConfigError(str(exc)) from None
     if not (current_platform.is_cpu() or current_platform.is_cuda()):
         raise KVMergeConfigError(
             f"--kv-merge supports CPU and CUDA platforms, not {current_platform.device_name}"

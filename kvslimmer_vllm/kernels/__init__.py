@@ -26,8 +26,11 @@ from kvslimmer_vllm.core import select as _select_ref
 
 logger = logging.getLogger("vllm.kvslimmer.kernels")
 ENV = "KVSLIMMER_KERNELS"
+CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
+CPU_ISAS = ("avx512", "avx2", "portable")
 
-__all__ = ["attention_backend_name", "cpu_isa", "paged_attention", "select_pairs"]
+__all__ = ["attention_backend_name", "check_cpu_isa_setting", "cpu_isa", "paged_attention",
+           "select_pairs"]
 
 
 def _forced_reference() -> bool:
@@ -70,6 +73,27 @@ def attention_backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if _triton_attention() is not None else "reference"
     return "cpp" if _cpp_ops() is not None else "reference"
+
+
+def check_cpu_isa_setting() -> None:
+    """Raise ValueError, naming ``KVSLIMMER_CPU_ISA``, when it asks for an instruction set that
+    is unknown or that this CPU (or this build) cannot run. Engines call it at start-up, so a
+    bad value stops them before the first attention call would."""
+    value = os.environ.get(CPU_ISA_ENV, "")
+    if value in ("", "auto"):
+        return
+    if value not in CPU_ISAS:
+        raise ValueError(f"{CPU_ISA_ENV} must be one of auto, {', '.join(CPU_ISAS)}; "
+                         f"got {value!r}")
+    try:
+        import kvslimmer_vllm._C  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"{CPU_ISA_ENV}={value} needs the C++ extension, which is not "
+                         f"importable ({exc})") from exc
+    here = torch.ops.kvslimmer.cpu_isas()
+    if value not in here:
+        raise ValueError(f"{CPU_ISA_ENV}={value}: this CPU cannot run it (it runs: "
+                         f"{', '.join(here)})")
 
 
 def cpu_isa() -> str | None:

@@ -188,6 +188,27 @@ def test_bad_input_stops_before_the_model_loads(serve_parser, model_dir, flags, 
     assert "Traceback" not in stderr
 
 
+@pytest.mark.skipif(not ON_CPU, reason="the ISA setting is for the CPU kernels")
+@pytest.mark.parametrize("value", ["avx9", "AVX512", "unsupported"])
+def test_bad_cpu_isa_setting_stops_before_the_model_loads(serve_parser, model_dir, monkeypatch,
+                                                          value):
+    """Catches: a KVSLIMMER_CPU_ISA the kernels would refuse only at the first attention call
+    (mid-request), or refused without naming the variable."""
+    import kvslimmer_vllm._C  # noqa: F401
+
+    if value == "unsupported":
+        missing = [isa for isa in ("avx512", "avx2") if isa not in torch.ops.kvslimmer.cpu_isas()]
+        if not missing:
+            pytest.skip("this CPU runs every ISA")
+        value = missing[0]
+    monkeypatch.setenv("KVSLIMMER_CPU_ISA", value)
+    code, stderr = _serve_config(serve_parser, model_dir, *MERGE)
+    assert code == 2
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert "error:" in last and "KVSLIMMER_CPU_ISA" in last and value in last, last
+    assert "Traceback" not in stderr
+
+
 def test_good_input_passes_the_same_path(serve_parser, model_dir):
     """The in-process path accepts valid settings (so the refusals above are about the
     flags, not the harness), and the merge settings reach the engine configuration."""
