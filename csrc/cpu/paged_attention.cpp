@@ -370,11 +370,25 @@ void combine_split(const Problem<T>& P, const Item* parts, int64_t count, float*
 template <typename T>
 void run_all(const Problem<T>& P, const std::vector<Item>& items, float* partials,
              float* records, int nthreads, Isa isa) {
-  // Largest items first; dynamic scheduling balances the rest.
+  // Largest items first; dynamic scheduling balances the rest. The KV heads of one (request,
+  // positions, slots) sort next to each other, and short items (decode) run as one task on one
+  // thread: a cache row holds every head's key and value side by side, so the rows are then
+  // brought into one core's caches once instead of once per head on different cores (measured:
+  // decode 8 x 1 @ 512 slots 1.26x -> 0.96x vLLM's time). Tall items, which reuse each row for
+  // many queries, stay one task per head (more tasks balance better; a task's rows fit L2).
   std::vector<int64_t> order(items.size());
   for (size_t i = 0; i < items.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return items[a].cost > items[b].cost; });
+  auto same_rows = [&](const Item& x, const Item& y) {
+    return x.req == y.req && x.t0 == y.t0 && x.begin == y.begin && x.rows(P.G) < kWideMinRows;
+  };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const Item& x = items[a];
+    const Item& y = items[b];
+    if (x.cost != y.cost) return x.cost > y.cost;
+    if (x.req != y.req) return x.req < y.req;
+    if (x.t0 != y.t0) return x.t0 < y.t0;
+    return x.begin < y.begin;
+  });
   using RunFn = void (*)(const Problem<T>&, const Item&, float*, float*);
   RunFn run = &portable_isa::run<T>;
 #if KVS_X86_DISPATCH
@@ -385,8 +399,19 @@ void run_all(const Problem<T>& P, const std::vector<Item>& items, float* partial
   }
 #endif
   const int64_t n = static_cast<int64_t>(order.size());
+  std::vector<int64_t> task_start;  // tasks: order[task_start[k] .. task_start[k + 1])
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || !same_rows(items[order[i]], items[order[i - 1]])) task_start.push_back(i);
+  if (static_cast<int64_t>(task_start.size()) < nthreads) {  // too few tasks: one per item
+    task_start.resize(n);
+    std::iota(task_start.begin(), task_start.end(), 0);
+  }
+  task_start.push_back(n);
+  const int64_t num_tasks = static_cast<int64_t>(task_start.size()) - 1;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) run(P, items[order[i]], partials, records);
+  for (int64_t k = 0; k < num_tasks; ++k)
+    for (int64_t i = task_start[k]; i < task_start[k + 1]; ++i)
+      run(P, items[order[i]], partials, records);
   if (!records) return;
   // The parts of one split item are adjacent in `items`, the first one at begin 0.
   std::vector<std::pair<int64_t, int64_t>> groups;  // (first part, number of parts)
