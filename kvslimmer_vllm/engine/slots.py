@@ -66,6 +66,8 @@ class SlotState:
                                 dtype=HEAD_STATE_DTYPE, device=device)
 
         self._scratch: torch.Tensor | None = None
+        #: Most elements one batched round gathers (set from the KV budget by the worker).
+        self.max_batch_elements = MAX_BATCH_ELEMENTS
 
     def scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reused buffer of ``shape`` for gathering a request's slots: rounds run one
@@ -111,28 +113,42 @@ class LayerCache:
 #: Most KV elements (slots x layers x heads x 2D) one batched round gathers at once;
 #: longer requests run their layers in several batches (256 MiB of float32).
 MAX_BATCH_ELEMENTS = 1 << 26
+#: Batching layers beyond one may take at most this share of the KV cache budget: a small
+#: cache gathers one layer at a time rather than give a quarter of itself to the scratch.
+SCRATCH_SHARE = 1 / 8
 
 
-def layers_per_batch(slot_elements: int) -> int:
+def batch_elements_within(budget: int, dtype: torch.dtype) -> int:
+    """The batch cap (:data:`MAX_BATCH_ELEMENTS` at most) for a KV budget of ``budget``
+    bytes: :data:`SCRATCH_SHARE` of it, in elements of ``dtype``."""
+    return max(1, min(MAX_BATCH_ELEMENTS, int(budget * SCRATCH_SHARE) // dtype.itemsize))
+
+
+def layers_per_batch(slot_elements: int, max_batch: int | None = None) -> int:
     """Layers one batched round gathers at once when each layer contributes
-    ``slot_elements`` KV elements (at least one, however long the request)."""
-    return max(1, MAX_BATCH_ELEMENTS // max(slot_elements, 1))
+    ``slot_elements`` KV elements (at least one, however long the request), with at most
+    ``max_batch`` elements (default :data:`MAX_BATCH_ELEMENTS`) per batch."""
+    cap = MAX_BATCH_ELEMENTS if max_batch is None else max_batch
+    return max(1, cap // max(slot_elements, 1))
 
 
 def scratch_elements(num_layers: int, max_slots: int, num_kv_heads: int,
-                     head_dim: int) -> int:
+                     head_dim: int, max_batch: int | None = None) -> int:
     """Most KV elements the scratch buffer holds for rounds over at most ``max_slots``
-    slots of ``num_layers`` layers: ``min(L * N * c, max(MAX_BATCH_ELEMENTS, N * c))``
-    with ``c = Hkv * 2 * D``, an upper bound of ``layers_per_batch(n * c) * n * c`` over
-    every ``n <= N`` (one layer alone may exceed ``MAX_BATCH_ELEMENTS``)."""
+    slots of ``num_layers`` layers: ``min(L * N * c, max(B, N * c))`` with
+    ``c = Hkv * 2 * D`` and ``B = max_batch`` (default :data:`MAX_BATCH_ELEMENTS`), an upper
+    bound of ``layers_per_batch(n * c, B) * n * c`` over every ``n <= N`` (one layer alone
+    may exceed ``B``)."""
+    cap = MAX_BATCH_ELEMENTS if max_batch is None else max_batch
     per_layer = max_slots * num_kv_heads * 2 * head_dim
-    return min(num_layers * per_layer, max(MAX_BATCH_ELEMENTS, per_layer))
+    return min(num_layers * per_layer, max(cap, per_layer))
 
 
 def scratch_bytes(num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
-                  dtype: torch.dtype) -> int:
+                  dtype: torch.dtype, max_batch: int | None = None) -> int:
     """Worst-case bytes of :meth:`SlotState.scratch` with a KV cache of ``dtype``."""
-    return scratch_elements(num_layers, max_slots, num_kv_heads, head_dim) * dtype.itemsize
+    return scratch_elements(num_layers, max_slots, num_kv_heads, head_dim,
+                            max_batch) * dtype.itemsize
 
 
 def blocks_within(budget: int, kv_bytes_per_block: int, state_bytes_per_block: int,
@@ -159,14 +175,15 @@ def apply_round(
     The observation mass of the request's slots is reset: the next round observes anew.
 
     Layers that share a RoPE run as one layer-batched round (each layer still gets its
-    own pairs), in batches of at most :data:`MAX_BATCH_ELEMENTS` gathered elements.
+    own pairs), in batches of at most ``state.max_batch_elements`` gathered elements.
     """
     if not layers:
         return
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
     dst = src[: plan.num_slots_after]
-    batch = layers_per_batch(plan.num_slots * layers[0].kv[0].numel())
+    batch = layers_per_batch(plan.num_slots * layers[0].kv[0].numel(),
+                             state.max_batch_elements)
     for group in _rotary_groups(layers):
         for first in range(0, len(group), batch):
             part = group[first:first + batch]

@@ -31,12 +31,14 @@ from kvslimmer_vllm.engine.attention import slot_major
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound
 from kvslimmer_vllm.engine.settings import merge_config_from_vllm
 from kvslimmer_vllm.engine.slots import (
+    MAX_BATCH_ELEMENTS,
     PROFILE_ATTR,
     SLOT_BINDING,
     TRACE_ATTR,
     LayerCache,
     SlotState,
     apply_round,
+    batch_elements_within,
     blocks_within,
     gather,
     reset_mass,
@@ -149,9 +151,11 @@ class KVMergeRunnerMixin:
         kv_per_block = sum(s.page_size_bytes for s in specs)
         state_per_block = num_layers * first.block_size * state_bytes_per_slot(
             first.num_kv_heads)
-        # A round gathers at most a whole request: max_model_len slots.
+        # A round gathers at most a whole request: max_model_len slots, in batches of
+        # layers capped by a share of the budget.
+        self._kv_merge_max_batch = batch_elements_within(available, first.dtype)
         scratch = scratch_bytes(num_layers, self.max_model_len, first.num_kv_heads,
-                                first.head_size, first.dtype)
+                                first.head_size, first.dtype, self._kv_merge_max_batch)
         num_blocks = blocks_within(available, kv_per_block, state_per_block, scratch)
         return {
             "available": available, "num_blocks": num_blocks,
@@ -175,6 +179,7 @@ class KVMergeRunnerMixin:
             num_kv_heads=spec.num_kv_heads,
             device=self.device,
         )
+        state.max_batch_elements = getattr(self, "_kv_merge_max_batch", MAX_BATCH_ELEMENTS)
         context = self.compilation_config.static_forward_context
         model = self.get_model()
         rope_aware = self.kv_merge_config.rope_aware
@@ -387,6 +392,14 @@ def _worker_class(base: type) -> type:
             state and scratch together fit in what the KV cache alone would get."""
             available = super().determine_available_memory()
             plan = self.model_runner.kv_merge_memory_plan(available)
+            override = self.cache_config.num_gpu_blocks_override
+            if override is not None:
+                # The block count is given; vLLM checks only that the budget is positive.
+                logger.info(
+                    "kv-merge: --num-gpu-blocks-override %d decides the KV block count (the "
+                    "budget of %d bytes would hold %d with merging, %d without)", override,
+                    available, plan["num_blocks"], plan["unmodified_num_blocks"])
+                return available
             if plan["num_blocks"] < 1:
                 raise RuntimeError(
                     f"kv-merge: the KV cache budget ({available} bytes) cannot hold the "
@@ -396,14 +409,11 @@ def _worker_class(base: type) -> type:
                     "memory (--gpu-memory-utilization, --kv-cache-memory-bytes or "
                     "VLLM_CPU_KVCACHE_SPACE) or lower --max-model-len"
                 )
-            override = self.cache_config.num_gpu_blocks_override
             logger.info(
                 "kv-merge: of the KV cache budget of %d bytes, reserved %d for slot state "
-                "and %d for the round scratch: %d KV blocks (%d without merging)%s",
+                "and %d for the round scratch: %d KV blocks (%d without merging)",
                 available, plan["state"], plan["scratch"], plan["num_blocks"],
                 plan["unmodified_num_blocks"],
-                "" if override is None else
-                f"; --num-gpu-blocks-override {override} decides the count instead",
             )
             return plan["kv_budget"]
 

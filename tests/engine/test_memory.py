@@ -23,6 +23,7 @@ from kvslimmer_vllm.engine.slots import (
     SlotState,
     apply_round,
     blocks_within,
+    batch_elements_within,
     layers_per_batch,
     scratch_bytes,
     scratch_elements,
@@ -98,6 +99,22 @@ ENGINE = dict(max_model_len=MAX_MODEL_LEN, block_size=BLOCK, skip_tokenizer_init
               kv_cache_memory_bytes=KV_BUDGET)
 
 
+def test_small_budgets_batch_fewer_layers():
+    """The batch cap is SCRATCH_SHARE of the budget (never above MAX_BATCH_ELEMENTS, never
+    below one element), and apply_round's batches follow it. Catches: a small KV cache
+    losing a fixed 256 MiB scratch reservation (or failing to start) because the cap
+    ignores the budget."""
+    assert batch_elements_within(1 << 40, torch.float32) == slots_module.MAX_BATCH_ELEMENTS
+    assert batch_elements_within(80 * 2**20, torch.float32) == 80 * 2**20 // 8 // 4
+    assert batch_elements_within(80 * 2**20, torch.bfloat16) == 80 * 2**20 // 8 // 2
+    assert batch_elements_within(3, torch.float32) == 1
+    per_layer = 4096 * 3 * 2 * 64  # a 4,096-slot round of SmolLM2-135M
+    small = batch_elements_within(100 * 2**20, torch.float32)
+    assert layers_per_batch(per_layer, small) == small // per_layer == 2
+    assert scratch_elements(30, 4096, 3, 64, small) == small
+    assert scratch_elements(30, 4096, 3, 64, 1) == per_layer  # one layer at least
+
+
 def _runner(llm):
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker \
         .model_runner
@@ -118,7 +135,9 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
 
     kv_per_block = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4  # float32 K and V
     state_per_block = LAYERS * BLOCK * state_bytes_per_slot(KV_HEADS)
-    scratch = scratch_bytes(LAYERS, MAX_MODEL_LEN, KV_HEADS, HEAD_DIM, torch.float32)
+    max_batch = batch_elements_within(KV_BUDGET, torch.float32)
+    scratch = scratch_bytes(LAYERS, MAX_MODEL_LEN, KV_HEADS, HEAD_DIM, torch.float32,
+                            max_batch)
     expected = blocks_within(KV_BUDGET, kv_per_block, state_per_block, scratch)
 
     with offline_llm(tiny_llama, **ENGINE) as plain:
@@ -133,6 +152,7 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
         assert blocks == expected, (blocks, expected, plain_blocks)
         assert state.num_slots == blocks * BLOCK
         assert state.nbytes == blocks * state_per_block
+        assert state.max_batch_elements == max_batch
         # A request long enough for rounds: the scratch it grows stays within the bound.
         params = SamplingParams(temperature=0.0, max_tokens=8, detokenize=False)
         prompt = TokensPrompt(prompt_token_ids=random_tokens(MAX_MODEL_LEN - 8, seed=5))
