@@ -271,8 +271,6 @@ def _prepare_engine_args(ea) -> None:
         _reject("--ec-transfer-config", "is not supported")
     if ea.kv_offloading_size:
         _reject("--kv-offloading-size", "(KV offloading) is not supported")
-    if ea.pipeline_parallel_size != 1:
-        _reject("--pipeline-parallel-size", "must be 1")
     if ea.data_parallel_size != 1:
         _reject("--data-parallel-size", "must be 1")
     if ea.decode_context_parallel_size != 1 or ea.prefill_context_parallel_size != 1:

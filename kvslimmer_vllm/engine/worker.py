@@ -167,6 +167,7 @@ class KVMergeRunnerMixin:
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        self._kv_merge_pipeline_buffers()
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise RuntimeError(f"kv-merge needs one KV cache group, found {len(groups)}")
@@ -205,6 +206,20 @@ class KVMergeRunnerMixin:
             "kv-merge: side state for %d layers x %d slots (%d blocks, %.1f MiB)",
             len(names), state.num_slots, kv_cache_config.num_blocks, state.nbytes / 2**20,
         )
+
+    def _kv_merge_pipeline_buffers(self) -> None:
+        """A later pipeline stage receives the previous stage's hidden states into
+        ``intermediate_tensors``, which vLLM allocates in its warm-up/dummy run. vLLM
+        0.32's CPU runner skips that run in eager mode (``warming_up_model`` returns early
+        without compilation), so stage 2 fails its first step with an AssertionError in
+        ``sync_and_gather_intermediate_tensors``; allocate the buffer here, as the dummy run
+        would."""
+        from vllm.distributed.parallel_state import get_pp_group
+
+        if get_pp_group().is_first_rank or self.intermediate_tensors is not None:
+            return
+        self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+            batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
 
     # ---------------------------------------------------------------- every step
     def execute_model(self, scheduler_output, *args, **kwargs):
