@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
+BUILD = ROOT / "scripts" / "build_image.sh"
 BIN = Path(sys.executable).parent
 
 
@@ -32,7 +33,11 @@ def test_dockerfile_builds_from_repository_files_with_the_install_script(dockerf
     for source in re.findall(r"^COPY (?!--)(.+) \S+$", text, flags=re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"{dockerfile.name} copies missing {path}"
-    assert re.search(r"^RUN .*scripts/install\.sh", text, flags=re.M)
+    # RUN instructions with their continuation lines joined: the install step runs
+    # docker/install.sh (shared by both images), which runs scripts/install.sh.
+    runs = re.findall(r"^RUN (.*)$", re.sub(r"\\\n", " ", text), flags=re.M)
+    assert any("docker/install.sh" in run for run in runs), runs
+    assert "\nscripts/install.sh\n" in (ROOT / "docker" / "install.sh").read_text()
     assert 'ENTRYPOINT ["docker/entrypoint.sh"]' in text
     assert "HEALTHCHECK" in text
     makefile = (ROOT / "Makefile").read_text()
@@ -69,3 +74,108 @@ def test_entrypoint_serves_the_default_model_with_merging(merge_server):
     assert "Paris" in answer["choices"][0]["message"]["content"]
     metrics = merge_server.metrics()
     assert "vllm:kv_merge_rounds_total" in metrics
+
+
+def _build_args(dockerfile: Path) -> dict[str, str]:
+    return {name: value.strip('"') for name, value in
+            re.findall(r"^ARG (\w+)=(.*)$", dockerfile.read_text(), flags=re.M)}
+
+
+@pytest.mark.parametrize("dockerfile,base,bake", [
+    ("Dockerfile", "vllm/vllm-openai:v0.32.0", "0"),
+    ("Dockerfile.cpu", "python:3.11-slim", "1"),
+])
+def test_dockerfile_build_args_default_to_public_sources(dockerfile, base, bake):
+    """Both images share the build args of scripts/build_image.sh, and a plain
+    `docker build` (no args) uses public sources only: the public base, no local wheel
+    directory or CA bundle. Catches: a local base, wheel path or certificate leaking
+    into the defaults, or an arg the build script passes that a Dockerfile lacks."""
+    path = ROOT / "docker" / dockerfile
+    text = path.read_text()
+    args = _build_args(path)
+    assert args["BASE"] == base
+    assert re.search(r"^FROM \$\{BASE\}$", text, flags=re.M)
+    assert args["PIP_FIND_LINKS"] == "" and args["PIP_CERT"] == ""
+    assert args["BAKE_MODEL"] == bake
+    if dockerfile == "Dockerfile.cpu":
+        assert args["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    # the bind-mounted staging folder exists in a fresh checkout (empty but for .gitignore)
+    assert "--mount=type=bind,source=docker/build-local,target=/build-local" in text
+    assert (ROOT / "docker" / "build-local" / ".gitignore").is_file()
+    for name in re.findall(r"--build-arg \"?(\w+)=", BUILD.read_text()):
+        assert name in args, f"build_image.sh passes {name}, {dockerfile} has no ARG"
+
+
+def _plan(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """scripts/build_image.sh's decisions and build command, building nothing."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    full.update({"DRY_RUN": "1", "CA_BUNDLE": "none", **env})
+    return subprocess.run([str(BUILD), *args], capture_output=True, text=True, env=full,
+                          timeout=60)
+
+
+def _build_command(proc: subprocess.CompletedProcess) -> list[str]:
+    assert proc.returncode == 0, proc.stderr
+    line = [ln for ln in proc.stderr.splitlines()
+            if ln.startswith(("build_image: buildah bud", "build_image: docker build"))]
+    assert len(line) == 1, proc.stderr
+    return line[0].split()[1:]
+
+
+def test_build_script_public_build_with_docker():
+    cmd = _build_command(_plan("cpu", ENGINE="docker", WHEELS_DIR="none"))
+    assert cmd[:2] == ["docker", "build"] and cmd[-1] == "."
+    assert cmd[cmd.index("-f") + 1] == "docker/Dockerfile.cpu"
+    assert cmd[cmd.index("-t") + 1] == "kvslimmer-vllm:cpu"
+    assert "BASE=python:3.11-slim" in cmd
+    assert "PIP_FIND_LINKS=" in cmd and "PIP_CERT=" in cmd
+    assert not any(a.startswith("PIP_EXTRA_INDEX_URL") for a in cmd)  # the public index
+
+
+def test_build_script_local_base_wheels_and_ca_bundle(tmp_path):
+    """Without registry access: the debootstrapped base, the host's wheel directory
+    (found through pip's find-links) and CA bundle, handed to the buildah build."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("")
+    proc = _plan("cpu", ENGINE="buildah", BASE_IMAGE="local", PIP_FIND_LINKS=str(wheels),
+                 CA_BUNDLE=str(ca), IMAGE_TAG="test/kvslimmer:cpu")
+    cmd = _build_command(proc)
+    assert cmd[:2] == ["buildah", "bud"]
+    assert {"--isolation", "chroot", "--network", "host"} <= set(cmd)
+    assert "BASE=localhost/kvslimmer-base:bookworm" in cmd
+    assert "PIP_FIND_LINKS=/build-local/wheels" in cmd
+    assert "PIP_CERT=/build-local/ca-certificates.crt" in cmd
+    assert "PIP_EXTRA_INDEX_URL=" in cmd
+    assert cmd[cmd.index("-t") + 1] == "test/kvslimmer:cpu"
+    assert f"wheels: {wheels}" in proc.stderr
+
+
+def test_build_script_explicit_base_and_gpu_image():
+    cmd = _build_command(_plan("gpu", ENGINE="docker", WHEELS_DIR="none",
+                               BASE_IMAGE="registry.example/vllm:0.32"))
+    assert cmd[cmd.index("-f") + 1] == "docker/Dockerfile"
+    assert "BASE=registry.example/vllm:0.32" in cmd
+    assert cmd[cmd.index("-t") + 1] == "kvslimmer-vllm:gpu"
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["arm"], {}, "usage"),
+    (["gpu"], {"ENGINE": "buildah", "BASE_IMAGE": "local"}, "no local base for the gpu image"),
+    (["cpu"], {"ENGINE": "podman"}, "ENGINE must be"),
+    (["cpu"], {"ENGINE": "docker", "WHEELS_DIR": "/nonexistent"}, "is not a directory"),
+])
+def test_build_script_refuses_clearly(args, env, message):
+    proc = _plan(*args, **env)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_make_targets_call_the_image_scripts():
+    proc = subprocess.run(["make", "-n", "image-cpu", "image-cpu-check"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[:2] == [
+        "scripts/build_image.sh cpu", "scripts/check_image.sh kvslimmer-vllm:cpu"]
+    for script in ("build_image.sh", "check_image.sh"):
+        subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], check=True)
