@@ -107,7 +107,8 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     @classmethod
-    def vllm(cls, model_dir: str, *flags: str, log_path: Path, name: str = "smol"):
+    def vllm(cls, model_dir: str, *flags: str, log_path: Path, name: str = "smol",
+             env: dict | None = None):
         """`vllm serve` as a user starts it, float32 and eager on CPU."""
         port = free_port()
         cmd = [
@@ -117,7 +118,7 @@ class Server:
             "--gpu-memory-utilization", CPU_MEMORY_FRACTION, "--seed", "0",
             *flags,
         ]
-        return cls(cmd, port=port, log_path=log_path, name=name)
+        return cls(cmd, port=port, log_path=log_path, name=name, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout

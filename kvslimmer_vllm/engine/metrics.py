@@ -5,6 +5,8 @@ processes, while ``/metrics`` is served by the API-server process. The processes
 one small memory-mapped file of float64 slots (its path travels in
 ``additional_config``); each slot has exactly one writing process, so no locking is
 needed. A Prometheus collector in the API-server process reads the file at scrape time.
+With data parallelism the file holds one block of slots per engine (DP rank), and every
+metric carries vLLM's ``engine`` label.
 """
 
 from __future__ import annotations
@@ -38,22 +40,32 @@ class _Layout:
 
 
 class SharedSlots:
-    """float64 slots in a memory-mapped file shared by vLLM's processes."""
+    """float64 slots in a memory-mapped file shared by vLLM's processes: one block of
+    ``_Layout.SIZE`` slots per engine; ``values`` is engine ``engine``'s block."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, engine: int = 0) -> None:
         self.path = path
         fd = os.open(path, os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, _Layout.SIZE * 8)
+            size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.values = memoryview(self._map).cast("d")
+        self.num_engines = size // (_Layout.SIZE * 8)
+        if not 0 <= engine < self.num_engines:
+            raise ValueError(f"engine {engine} outside the {self.num_engines} engines of {path}")
+        self.engine = engine
+        self._all = memoryview(self._map).cast("d")
+        self.values = self.engine_values(engine)
+
+    def engine_values(self, engine: int) -> memoryview:
+        return self._all[engine * _Layout.SIZE:(engine + 1) * _Layout.SIZE]
 
     @classmethod
-    def create(cls) -> SharedSlots:
+    def create(cls, num_engines: int = 1) -> SharedSlots:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, path = tempfile.mkstemp(prefix="kvslimmer-metrics-", dir=base)
-        os.ftruncate(fd, _Layout.SIZE * 8)
+        os.ftruncate(fd, _Layout.SIZE * 8 * max(1, num_engines))
         os.close(fd)
         atexit.register(_unlink_quietly, path)
         return cls(path)
@@ -97,11 +109,13 @@ class _Writer:
 
     @classmethod
     def attach(cls, vllm_config):
-        """A writer on the slots named in the config, or None if metrics are off."""
+        """A writer on this engine's slots (its data-parallel index) of the file named in
+        the config, or None if metrics are off."""
         path = (vllm_config.additional_config or {}).get(METRICS_KEY)
         if not path or not os.path.exists(path):
             return None
-        return cls(SharedSlots(path))
+        engine = getattr(vllm_config.parallel_config, "data_parallel_index", 0) or 0
+        return cls(SharedSlots(path, engine))
 
 
 class SchedulerMetricsWriter(_Writer):
@@ -144,52 +158,55 @@ class KVMergeCollector:
             HistogramMetricFamily,
         )
 
-        v, L, labels = self.slots.values, _Layout, ["model_name"]
-        lv = [self.model_name]
+        L, labels = _Layout, ["model_name", "engine"]
+        engines = [(self.slots.engine_values(e), [self.model_name, str(e)])
+                   for e in range(self.slots.num_engines)]
 
-        def counter(name, doc, value):
+        def counter(name, doc, at):
             m = CounterMetricFamily(name, doc, labels=labels)
-            m.add_metric(lv, value)
+            for v, lv in engines:
+                m.add_metric(lv, v[at])
             return m
 
-        def gauge(name, doc, value):
+        def gauge(name, doc, value_of):
             m = GaugeMetricFamily(name, doc, labels=labels)
-            m.add_metric(lv, value)
+            for v, lv in engines:
+                m.add_metric(lv, value_of(v))
             return m
 
         def histogram(name, doc, bounds, count_at, sum_at, buckets_at):
             m = HistogramMetricFamily(name, doc, labels=labels)
-            buckets = [(str(b), v[buckets_at + i]) for i, b in enumerate(bounds)]
-            buckets.append(("+Inf", v[count_at]))
-            m.add_metric(lv, buckets, v[sum_at])
+            for v, lv in engines:
+                buckets = [(str(b), v[buckets_at + i]) for i, b in enumerate(bounds)]
+                buckets.append(("+Inf", v[count_at]))
+                m.add_metric(lv, buckets, v[sum_at])
             return m
 
-        yield counter("vllm:kv_merge_rounds", "KV merge rounds carried out.", v[L.ROUNDS])
+        yield counter("vllm:kv_merge_rounds", "KV merge rounds carried out.", L.ROUNDS)
         yield counter(
             "vllm:kv_merge_tokens_merged",
             "KV slots removed by merging adjacent pairs.",
-            v[L.TOKENS_MERGED],
+            L.TOKENS_MERGED,
         )
         yield counter(
             "vllm:kv_merge_blocks_freed",
             "KV blocks handed back to the block pool by merge rounds.",
-            v[L.BLOCKS_FREED],
+            L.BLOCKS_FREED,
         )
         yield gauge(
             "vllm:kv_merge_physical_tokens",
             "KV slots held by running requests.",
-            v[L.PHYSICAL],
+            lambda v: v[L.PHYSICAL],
         )
         yield gauge(
             "vllm:kv_merge_logical_tokens",
             "Tokens that running requests have processed.",
-            v[L.LOGICAL],
+            lambda v: v[L.LOGICAL],
         )
-        ratio = v[L.PHYSICAL] / v[L.LOGICAL] if v[L.LOGICAL] else 1.0
         yield gauge(
             "vllm:kv_merge_physical_logical_ratio",
             "KV slots held per processed token, over running requests (1 = no savings).",
-            ratio,
+            lambda v: v[L.PHYSICAL] / v[L.LOGICAL] if v[L.LOGICAL] else 1.0,
         )
         yield histogram(
             "vllm:kv_merge_request_kv_ratio",
@@ -204,19 +221,21 @@ class KVMergeCollector:
         yield counter(
             "vllm:kv_merge_model_execute_seconds",
             "Worker time spent in execute_model (merge rounds included).",
-            v[L.EXECUTE_SECONDS],
+            L.EXECUTE_SECONDS,
         )
 
 
 _collector: KVMergeCollector | None = None
 
 
-def setup_frontend_metrics(additional_config: dict, model_name: str) -> None:
-    """Create the shared slots and expose them on this process's Prometheus registry."""
+def setup_frontend_metrics(additional_config: dict, model_name: str,
+                           num_engines: int = 1) -> None:
+    """Create the shared slots (one block per engine) and expose them on this process's
+    Prometheus registry."""
     global _collector
     from prometheus_client import REGISTRY
 
-    slots = SharedSlots.create()
+    slots = SharedSlots.create(num_engines)
     additional_config[METRICS_KEY] = slots.path
     if _collector is not None:
         REGISTRY.unregister(_collector)

@@ -222,7 +222,8 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
         from kvslimmer_vllm.engine import metrics
 
         metrics.setup_frontend_metrics(
-            vllm_config.additional_config, vllm_config.model_config.served_model_name
+            vllm_config.additional_config, vllm_config.model_config.served_model_name,
+            vllm_config.parallel_config.data_parallel_size,
         )
         logger.info("kv-merge enabled: %s", resolved.model_dump())
         return vllm_config
@@ -271,8 +272,6 @@ def _prepare_engine_args(ea) -> None:
         _reject("--ec-transfer-config", "is not supported")
     if ea.kv_offloading_size:
         _reject("--kv-offloading-size", "(KV offloading) is not supported")
-    if ea.data_parallel_size != 1:
-        _reject("--data-parallel-size", "must be 1")
     if ea.decode_context_parallel_size != 1 or ea.prefill_context_parallel_size != 1:
         _reject("--decode/prefill-context-parallel-size", "must be 1")
     if ea.kv_cache_dtype not in ("auto", None):

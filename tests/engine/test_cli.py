@@ -164,7 +164,6 @@ BAD_INPUT = [
       ' "prompt_lookup_max": 3}'), "--speculative-config"),
     ((*MERGE, "--async-scheduling"), "--async-scheduling"),
     ((*MERGE, "--no-enable-chunked-prefill"), "--no-enable-chunked-prefill"),
-    ((*MERGE, "--data-parallel-size", "2"), "--data-parallel-size"),
     ((*MERGE, "--kv-merge-observe", "later"), "--kv-merge-observe"),
     ((*MERGE, "--kv-merge-window", "0"), "--kv-merge-window"),
     ((*MERGE, "--kv-merge-pool", "4"), "--kv-merge-pool"),

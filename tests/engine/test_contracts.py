@@ -144,6 +144,31 @@ def test_model_runner_hooks():
     assert "initialize_kv_cache" in dir(GPUModelRunner)
 
 
+def test_later_pipeline_stages_read_the_runner_buffer():
+    """engine/worker.py allocates ``intermediate_tensors`` for a later pipeline stage
+    (vLLM's CPU runner skips the dummy run that does it in eager mode): the runner must
+    still read that attribute and build it with ``make_empty_intermediate_tensors``."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    gather = _source(GPUModelRunner.sync_and_gather_intermediate_tensors)
+    assert "self.intermediate_tensors" in gather, "later stages no longer read the buffer"
+    assert "make_empty_intermediate_tensors(" in _source(GPUModelRunner._dummy_run)
+    warm = _source(CPUModelRunner.warming_up_model)
+    assert "CompilationMode.NONE" in warm and "return" in warm, (
+        "the CPU runner's eager warm-up changed: check whether the pipeline buffer shim in "
+        "engine/worker.py (_kv_merge_pipeline_buffers) is still needed")
+
+
+def test_data_parallel_engines_know_their_index():
+    """engine/metrics.py writes each DP engine's metrics block at
+    ``parallel_config.data_parallel_index`` and labels it like vLLM's own ``engine``."""
+    from vllm.config import ParallelConfig
+
+    assert "data_parallel_index" in ParallelConfig.__dataclass_fields__ or hasattr(
+        ParallelConfig, "data_parallel_index"), "ParallelConfig lost data_parallel_index"
+
+
 def test_block_table_layout():
     from vllm.v1.worker.block_table import BlockTable, MultiGroupBlockTable
 
