@@ -111,3 +111,33 @@ def test_the_api_server_validates_for_every_engine(dp_server):
         assert "vllm_xargs.kv_merge_budget" in json.loads(err.value.read())["error"]["message"]
         off = _complete(dp_server, PROMPTS[0], engine, vllm_xargs={"kv_merge": "off"})
         assert len(off) == MAX_TOKENS
+
+
+def test_streams_dropped_mid_answer_free_every_engine(dp_server):
+    """Catches: blocks or merge bookkeeping leaked on a DP engine when its client goes away
+    while the request is merging (vLLM aborts it)."""
+    import http.client
+
+    generated_before = _by_engine(dp_server, "vllm:generation_tokens_total")
+    for engine in (0, 1):
+        body = {"model": "tiny", "prompt": random_tokens(1200, seed=90 + engine),
+                "max_tokens": 400, "min_tokens": 400, "ignore_eos": True,
+                "temperature": 0.0, "stream": True}
+        conn = http.client.HTTPConnection("127.0.0.1", dp_server.port, timeout=300)
+        conn.request("POST", "/v1/completions", json.dumps(body),
+                     {"Content-Type": "application/json",
+                      "X-data-parallel-rank": str(engine)})
+        response = conn.getresponse()
+        assert response.status == 200
+        for _ in range(20):  # ten streamed tokens (SSE: data line + blank line each)
+            assert response.readline()
+        conn.close()
+    dp_server.wait_idle()
+    generated = _by_engine(dp_server, "vllm:generation_tokens_total")
+    # Stopped early (aborted), not run to its 400 tokens.
+    assert all(5 <= generated[e] - generated_before[e] < 400 for e in ("0", "1")), (
+        generated_before, generated)
+    assert _by_engine(dp_server, "vllm:kv_cache_usage_perc") == {"0": 0.0, "1": 0.0}
+    assert _by_engine(dp_server, "vllm:kv_merge_physical_tokens") == {"0": 0.0, "1": 0.0}
+    assert _by_engine(dp_server, "vllm:num_requests_running") == {"0": 0.0, "1": 0.0}
+
