@@ -17,6 +17,7 @@ with unmodified vLLM at length B. Outputs (in ``--out``): ``serve_bench.csv``,
 
     python benchmarks/serve_bench.py                  # default preset
     python benchmarks/serve_bench.py --preset small   # the CI smoke run
+    python benchmarks/serve_bench.py --preset prefill-heavy
 
 Servers already running (for example, two started with your own flags) are driven
 instead with ``--base-url URL --merge-url URL [--api-key KEY]``: both must report the same
@@ -55,8 +56,28 @@ PRESETS = {
     "small": dict(prompt_tokens=(600, 900), output_tokens=(8, 16),
                   concurrency=(2, 4), requests_per_level=4, budget_ratio=0.4,
                   cache_requests=3, interval=None),
+    # Prefill-heavy: 12 clients at once, 2,000-3,000-token prompts and short answers, a
+    # KV cache of 74 blocks (three of the longest requests), budget 625 (a quarter of the
+    # mean prompt), a round per block of new tokens: most engine time is prefill, so the
+    # rounds run during prefill are what this mix measures.
+    "prefill-heavy": dict(prompt_tokens=(2000, 3000), output_tokens=(64, 128),
+                          concurrency=(12,), requests_per_level=12, budget_ratio=0.25,
+                          cache_requests=3, interval=128),
 }
 BLOCK = 128
+
+
+def cache_plan(prompt_tokens, output_tokens, budget_ratio: float, cache_requests: int,
+               budget: int | None = None) -> tuple[int, int, int]:
+    """``(budget, max_model_len, KV blocks)`` of a preset: the budget a share of the mean
+    prompt (unless given), the smallest power of two (>= 1,024) above the longest request,
+    a cache for ``cache_requests`` of the longest requests that also holds one request of
+    max_model_len (vLLM insists on that)."""
+    longest = prompt_tokens[1] + output_tokens[1]
+    budget = budget or int(budget_ratio * statistics.mean(prompt_tokens))
+    max_len = max(1024, 1 << math.ceil(math.log2(longest + 1)))
+    blocks = max(math.ceil(cache_requests * longest / BLOCK), max_len // BLOCK + 1)
+    return budget, max_len, blocks
 
 
 def log(msg: str) -> None:
@@ -468,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in PRESETS[args.preset].items():
         setattr(args, key, value)
 
-    longest = args.prompt_tokens[1] + args.output_tokens[1]
-    budget = args.budget or int(args.budget_ratio * statistics.mean(args.prompt_tokens))
+    budget, max_len, blocks = cache_plan(args.prompt_tokens, args.output_tokens,
+                                         args.budget_ratio, args.cache_requests, args.budget)
     # Running servers are checked first: a wrong URL fails before anything loads.
     remote = remote_servers(args, budget) if args.base_url else None
 
@@ -479,10 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(fetch_model())
     tokenizer = AutoTokenizer.from_pretrained(model)
-    max_len = max(1024, 1 << math.ceil(math.log2(longest + 1)))
-    # vLLM insists that one request of max_model_len fits the cache.
-    args.blocks = remote["kv-merge"].blocks if remote else max(
-        math.ceil(args.cache_requests * longest / BLOCK), max_len // BLOCK + 1)
+    args.blocks = remote["kv-merge"].blocks if remote else blocks
     common = ["--max-model-len", str(max_len), "--num-gpu-blocks-override", str(args.blocks),
               "--seed", "0", *args.vllm_flag]
     import torch

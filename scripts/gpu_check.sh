@@ -29,9 +29,10 @@ status=0
 .venv/bin/python benchmarks/merge_round.py --out "$out/merge_round" 2>&1 | tee -a "$log" || status=1
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   KVSLIMMER_TP_TEST=2 .venv/bin/python -m pytest -ra tests/engine/test_tensor_parallel.py \
+    tests/engine/test_data_parallel.py \
     tests/engine/test_pipeline_parallel.py "$@" 2>&1 | tee -a "$log" || status=1
 else
-  echo "gpu_check: one GPU: tensor- and pipeline-parallel checks skipped (need two)" \
+  echo "gpu_check: one GPU: tensor-, data- and pipeline-parallel checks skipped (need two)" \
     | tee -a "$log"
 fi
 exit $status

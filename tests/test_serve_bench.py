@@ -73,3 +73,25 @@ def test_servers_that_cannot_be_compared_are_refused(model_dir, base_server, mer
     alone = subprocess.run([*BENCH, "--base-url", base_server.url], capture_output=True,
                            text=True, timeout=300)
     assert alone.returncode == 2 and "--base-url and --merge-url go together" in alone.stderr
+
+
+def test_presets_size_the_cache_and_budget_as_documented():
+    """The prefill-heavy mix of issue #16 (74 blocks, budget 625, 12 clients, 2,000-3,000
+    prompt and 64-128 output tokens) and the default preset's documented 100 blocks and
+    budget 750; catches a preset edit that silently changes what the README compares."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def plan(name):
+        p = serve_bench.PRESETS[name]
+        return serve_bench.cache_plan(p["prompt_tokens"], p["output_tokens"],
+                                      p["budget_ratio"], p["cache_requests"])
+
+    heavy = serve_bench.PRESETS["prefill-heavy"]
+    assert plan("prefill-heavy") == (625, 4096, 74)
+    assert (heavy["concurrency"], heavy["requests_per_level"], heavy["interval"]) == (
+        (12,), 12, 128)
+    assert plan("default") == (750, 8192, 100)
