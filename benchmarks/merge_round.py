@@ -8,7 +8,7 @@ one request of ``N`` slots freeing ``k``, over every layer of the model:
 
 * ``batched``: the engine's path, all layers that share a RoPE in one layer-batched round;
 * ``per layer``: the same function with the batch size forced to one layer
-  (``MAX_BATCH_ELEMENTS`` lowered), i.e. ``L`` separate rounds.
+  (the state's ``max_batch_elements`` lowered), i.e. ``L`` separate rounds.
 
 Both start from identical random caches (block ids shuffled) and must leave identical
 caches behind (checked before timing). Calls are interleaved and the table reports
@@ -34,7 +34,6 @@ import torch
 
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
-from kvslimmer_vllm.engine import slots as slots_module
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round
 from kvslimmer_vllm.methods import get_method
@@ -70,9 +69,9 @@ def _copy(state: SlotState, kvs):
 
 def _run(state, kvs, rotary, plan, method, per_layer: bool, device) -> float:
     layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
-    saved = slots_module.MAX_BATCH_ELEMENTS
+    saved = state.max_batch_elements
     if per_layer:
-        slots_module.MAX_BATCH_ELEMENTS = kvs[0][0].numel() * plan.num_slots
+        state.max_batch_elements = kvs[0][0].numel() * plan.num_slots
     try:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -82,7 +81,7 @@ def _run(state, kvs, rotary, plan, method, per_layer: bool, device) -> float:
             torch.cuda.synchronize(device)
         return time.perf_counter() - started
     finally:
-        slots_module.MAX_BATCH_ELEMENTS = saved
+        state.max_batch_elements = saved
 
 
 def main(argv: list[str] | None = None) -> int:
