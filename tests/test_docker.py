@@ -173,8 +173,13 @@ def test_build_script_refuses_clearly(args, env, message):
 
 
 def test_make_targets_call_the_image_scripts():
-    proc = subprocess.run(["make", "-n", "image-cpu", "image-cpu-check"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    """`make image-cpu image-cpu-check` run the two scripts (a dry run of make; the test may
+    itself run under `make test`, whose MAKEFLAGS/MAKELEVEL must not reach this make)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "image-cpu",
+                           "image-cpu-check"], cwd=ROOT, capture_output=True, text=True,
+                          check=True, env=env)
     assert proc.stdout.split("\n")[:2] == [
         "scripts/build_image.sh cpu", "scripts/check_image.sh kvslimmer-vllm:cpu"]
     for script in ("build_image.sh", "check_image.sh"):
