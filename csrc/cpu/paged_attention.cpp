@@ -20,9 +20,11 @@
 //   3. O = E V (register tiles of 3 rows x 32 lanes of the head dimension), out = O / l.
 // Softmax is exact (not online), so the normalised probabilities needed for the mass come for
 // free; the price is the S buffer, rows x visible slots floats per thread. Query chunks are sized
-// to keep it around 384 KiB (at least 16 rows per item for key reuse).
+// to keep it around 384 KiB (at least 16 rows per item for key reuse; on AVX-512 at least 32,
+// in whole vectors of 16 rows).
 //
-// Parallelism and determinism: items run under OpenMP with dynamic scheduling, largest first.
+// Parallelism and determinism: items run under OpenMP with dynamic scheduling, largest first;
+// the short items of one (request, positions), one per KV head, run as one task on one thread.
 // When a batch has fewer items than twice the threads (a decode step of one or two requests), long
 // items are also split along their slots, flash-decoding style: each part keeps its row maxima,
 // sums, unnormalised outputs and weights, and a second parallel pass joins the parts exactly.
