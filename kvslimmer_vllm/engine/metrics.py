@@ -228,16 +228,49 @@ class KVMergeCollector:
 _collector: KVMergeCollector | None = None
 
 
+#: How the process that starts the engines hands the metrics file to the API server
+#: processes it spawns (``--api-server-count`` > 1).
+FILE_ENV = "KVSLIMMER_METRICS_FILE"
+
+
 def setup_frontend_metrics(additional_config: dict, model_name: str,
-                           num_engines: int = 1) -> None:
-    """Create the shared slots (one block per engine) and expose them on this process's
-    Prometheus registry."""
+                           num_engines: int = 1, api_server: bool = False) -> None:
+    """Create the shared slots (one block per engine), or, in an API server process that
+    ``vllm serve`` spawned (``api_server``), open the ones its parent created, and expose
+    them on this process's Prometheus registry."""
     global _collector
     from prometheus_client import REGISTRY
 
-    slots = SharedSlots.create(num_engines)
+    inherited = os.environ.get(FILE_ENV) if api_server else None
+    if inherited and os.path.exists(inherited):
+        slots = SharedSlots(inherited)
+    else:
+        slots = SharedSlots.create(num_engines)
+        os.environ[FILE_ENV] = slots.path
     additional_config[METRICS_KEY] = slots.path
     if _collector is not None:
         REGISTRY.unregister(_collector)
     _collector = KVMergeCollector(slots, model_name)
     REGISTRY.register(_collector)
+
+
+def include_in_multiprocess_scrapes() -> None:
+    """With several API servers, vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
+    answers from a registry holding only prometheus_client's ``MultiProcessCollector``
+    (built per scrape by prometheus-fastapi-instrumentator), never from the process
+    registry this module's collector is on: chain the collector's samples after that
+    collector's. Without multiprocess mode nothing changes."""
+    from prometheus_client import multiprocess
+
+    cls = multiprocess.MultiProcessCollector
+    if getattr(cls.collect, "_kv_merge", False):
+        return
+    original = cls.collect
+
+    def collect(self):
+        yield from original(self)
+        if _collector is not None:
+            yield from _collector.collect()
+
+    collect._kv_merge = True
+    cls.collect = collect

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
@@ -81,6 +82,9 @@ def register() -> None:
     _wrap_add_cli_args(EngineArgs)
     _wrap_from_cli_args(EngineArgs)
     _wrap_create_engine_config(EngineArgs)
+    from kvslimmer_vllm.engine import metrics
+
+    metrics.include_in_multiprocess_scrapes()
     setattr(EngineArgs, _PATCHED, True)
 
 
@@ -172,15 +176,6 @@ def _wrap_from_cli_args(engine_args_cls) -> None:
             config = KVMergeConfig.from_source(source, overrides)
         except KVMergeConfigError as exc:
             _cli_error(str(exc))
-        # `vllm serve` sets the count (default 1, or --data-parallel-size) before the
-        # engine arguments are built; a single API server leaves it None.
-        api_servers = getattr(args, "api_server_count", None)
-        if config.enabled and api_servers is not None and api_servers > 1:
-            _cli_error(
-                f"--api-server-count {api_servers} (vLLM defaults it to "
-                "--data-parallel-size): with --kv-merge one API server must run, the one "
-                "that validates per-request settings and exports the merge metrics; "
-                "use --api-server-count 1")
         extra = dict(engine_args.additional_config or {})
         extra[CONFIG_KEY] = config.model_dump()
         engine_args.additional_config = extra
@@ -196,12 +191,24 @@ def _cli_error(message: str):
 
 
 # ----------------------------------------------------------------- start-up checks
+#: How the process that starts the engines hands the merge settings to the API server
+#: processes that `vllm serve --api-server-count N` spawns.
+API_SERVER_CONFIG_ENV = "KVSLIMMER_API_SERVER_CONFIG"
+
+
 def _wrap_create_engine_config(engine_args_cls) -> None:
     original = engine_args_cls.create_engine_config
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         raw = (self.additional_config or {}).get(CONFIG_KEY)
+        api_rank = getattr(self, "_api_process_rank", -1)
+        if not raw and api_rank >= 0 and os.environ.get(API_SERVER_CONFIG_ENV):
+            # An API server process of `vllm serve --api-server-count N`: it built its
+            # engine arguments before vLLM loaded this plugin in it, so without the merge
+            # flags; the process that started the engines handed the settings over.
+            raw = json.loads(os.environ[API_SERVER_CONFIG_ENV])
+            self.additional_config = {**(self.additional_config or {}), CONFIG_KEY: raw}
         if not raw:
             _merging_off_in_this_process()
             return original(self, *args, **kwargs)
@@ -218,12 +225,17 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
                 _cli_error(str(exc))
             raise
         vllm_config.additional_config[CONFIG_KEY] = resolved.model_dump()
+        if api_rank < 0 and getattr(self, "_api_process_count", 1) > 1:
+            os.environ[API_SERVER_CONFIG_ENV] = json.dumps(raw)  # inherited by API servers
         _validate_requests_against(resolved)
         from kvslimmer_vllm.engine import metrics
 
+        # `vllm serve --api-server-count N` builds the config in the process that starts
+        # the engines (rank -1), then again in each of the N API server processes (rank
+        # 0..N-1), which must read the metrics file the engines write.
         metrics.setup_frontend_metrics(
             vllm_config.additional_config, vllm_config.model_config.served_model_name,
-            vllm_config.parallel_config.data_parallel_size,
+            vllm_config.parallel_config.data_parallel_size, api_server=api_rank >= 0,
         )
         logger.info("kv-merge enabled: %s", resolved.model_dump())
         return vllm_config

@@ -172,7 +172,6 @@ BAD_INPUT = [
     ((*MERGE, "--kv-merge-observe", "prompt-end", "--kv-merge-budget", "80",
       "--kv-merge-interval", "8", "--kv-merge-window", "64"), "--kv-merge-window"),
     ((*MERGE, "--kv-merge-config", '{"merge_fraction": 0.9}'), "'merge_fraction'"),
-    ((*MERGE, "--api-server-count", "2"), "--api-server-count"),
 ]
 
 

@@ -169,6 +169,31 @@ def test_data_parallel_engines_know_their_index():
         ParallelConfig, "data_parallel_index"), "ParallelConfig lost data_parallel_index"
 
 
+def test_several_api_servers_build_their_own_config_and_scrape_multiprocess():
+    """engine/plugin.py and engine/metrics.py with `--api-server-count N`: the process that
+    starts the engines marks itself rank -1 and each API server process builds its engine
+    config again (rank 0..N-1), from engine arguments made before plugins load in it
+    (they load in ``EngineArgs.__post_init__``), and ``/metrics`` then answers from a
+    registry holding prometheus_client's ``MultiProcessCollector`` only."""
+    import inspect
+
+    from prometheus_client import multiprocess
+    from prometheus_fastapi_instrumentator.instrumentation import (
+        PrometheusFastApiInstrumentator,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.cli import serve
+    from vllm.entrypoints.launchers.api_server import entry
+
+    assert "_api_process_rank = -1" in _source(serve.run_multi_api_server)
+    assert "_api_process_rank = client_config.get(\"client_index\"" in inspect.getsource(entry)
+    assert "create_engine_config(" in _source(entry.build_async_engine_client_from_engine_args)
+    assert "load_general_plugins()" in _source(EngineArgs.__post_init__)
+    expose = _source(PrometheusFastApiInstrumentator.expose)
+    assert "multiprocess.MultiProcessCollector(ephemeral_registry)" in expose
+    assert callable(multiprocess.MultiProcessCollector.collect)
+
+
 def test_block_table_layout():
     from vllm.v1.worker.block_table import BlockTable, MultiGroupBlockTable
 

@@ -1,10 +1,11 @@
 """Data parallelism: every DP engine runs its own scheduler, KV cache and merge rounds;
-the one API server validates per-request settings for all of them, and the merge metrics
-carry vLLM's ``engine`` label, one series per engine.
+every API server validates per-request settings, and the merge metrics carry vLLM's
+``engine`` label, one series per engine, whichever API server answers ``/metrics``.
 
-A real ``vllm serve --data-parallel-size 2 --api-server-count 1`` of the tiny
-random-weight Llama (one CPU core per engine through ``VLLM_CPU_OMP_THREADS_BIND``), its
-greedy tokens compared with a single in-process engine of the same settings.
+A real ``vllm serve --data-parallel-size 2`` of the tiny random-weight Llama, as typed:
+vLLM then runs one API server per engine (two processes sharing the port, Prometheus in
+multiprocess mode); one CPU core per engine through ``VLLM_CPU_OMP_THREADS_BIND``. Its
+greedy tokens are compared with a single in-process engine of the same settings.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def dp_server(tiny_llama, tmp_path_factory):
            + ",".join(map(str, cores[half:2 * half]))}
     server = Server.vllm(
         tiny_llama, "--skip-tokenizer-init", "--data-parallel-size", "2",
-        "--api-server-count", "1", "--max-model-len", "2048", "--num-gpu-blocks-override",
+        "--max-model-len", "2048", "--num-gpu-blocks-override",
         "64", *FLAGS, log_path=tmp_path_factory.mktemp("dp") / "dp_server.log", name="tiny",
         env=env)
     try:
@@ -101,10 +102,17 @@ def test_each_engine_merges_its_requests_with_single_engine_tokens(dp_server, ti
     assert served == [list(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_the_api_server_validates_for_every_engine(dp_server):
-    """Catches: per-request settings reaching a DP engine unchecked (a bad budget would
-    fail inside the engine instead of as the client's HTTP 400)."""
-    for engine in (0, 1):
+def test_every_api_server_validates_for_every_engine(dp_server):
+    """Catches: per-request settings reaching a DP engine unchecked through an API server
+    that does not know the merge settings (a bad budget would fail inside the engine
+    instead of as the client's HTTP 400), and API servers without the merge metrics.
+    Each request opens its own connection, which the kernel spreads over the two API
+    servers sharing the port."""
+    log = dp_server.log_path.read_text()
+    assert "(ApiServer_0 " in log and "(ApiServer_1 " in log  # vLLM's default: two
+    for _ in range(4):
+        assert set(_by_engine(dp_server, "vllm:kv_merge_rounds_total")) == {"0", "1"}
+    for engine in (0, 1, 0, 1):
         with pytest.raises(urllib.error.HTTPError) as err:
             _complete(dp_server, PROMPTS[0], engine, vllm_xargs={"kv_merge_budget": 1})
         assert err.value.code == 400
