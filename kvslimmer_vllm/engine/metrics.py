@@ -234,19 +234,22 @@ FILE_ENV = "KVSLIMMER_METRICS_FILE"
 
 
 def setup_frontend_metrics(additional_config: dict, model_name: str,
-                           num_engines: int = 1, api_server: bool = False) -> None:
+                           num_engines: int = 1, *, inherit: bool = False,
+                           hand_over: bool = False) -> None:
     """Create the shared slots (one block per engine), or, in an API server process that
-    ``vllm serve`` spawned (``api_server``), open the ones its parent created, and expose
-    them on this process's Prometheus registry."""
+    ``vllm serve --api-server-count N`` spawned (``inherit``), open the ones its parent
+    created (``hand_over``: put their path where the API servers it spawns find it), and
+    expose them on this process's Prometheus registry."""
     global _collector
     from prometheus_client import REGISTRY
 
-    inherited = os.environ.get(FILE_ENV) if api_server else None
+    inherited = os.environ.get(FILE_ENV) if inherit else None
     if inherited and os.path.exists(inherited):
         slots = SharedSlots(inherited)
     else:
         slots = SharedSlots.create(num_engines)
-        os.environ[FILE_ENV] = slots.path
+        if hand_over:
+            os.environ[FILE_ENV] = slots.path
     additional_config[METRICS_KEY] = slots.path
     if _collector is not None:
         REGISTRY.unregister(_collector)

@@ -202,8 +202,14 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         raw = (self.additional_config or {}).get(CONFIG_KEY)
-        api_rank = getattr(self, "_api_process_rank", -1)
-        if not raw and api_rank >= 0 and os.environ.get(API_SERVER_CONFIG_ENV):
+        # `vllm serve --api-server-count N` (N > 1) marks the process that starts the
+        # engines rank -1 and its API server processes 0..N-1; one API server keeps the
+        # defaults (count 1).
+        several = getattr(self, "_api_process_count", 1) > 1
+        api_rank = getattr(self, "_api_process_rank", 0)
+        api_server_child = several and api_rank >= 0
+        parent_of_api_servers = several and api_rank < 0
+        if not raw and api_server_child and os.environ.get(API_SERVER_CONFIG_ENV):
             # An API server process of `vllm serve --api-server-count N`: it built its
             # engine arguments before vLLM loaded this plugin in it, so without the merge
             # flags; the process that started the engines handed the settings over.
@@ -225,17 +231,18 @@ def _wrap_create_engine_config(engine_args_cls) -> None:
                 _cli_error(str(exc))
             raise
         vllm_config.additional_config[CONFIG_KEY] = resolved.model_dump()
-        if api_rank < 0 and getattr(self, "_api_process_count", 1) > 1:
+        if parent_of_api_servers:
             os.environ[API_SERVER_CONFIG_ENV] = json.dumps(raw)  # inherited by API servers
         _validate_requests_against(resolved)
         from kvslimmer_vllm.engine import metrics
 
-        # `vllm serve --api-server-count N` builds the config in the process that starts
-        # the engines (rank -1), then again in each of the N API server processes (rank
-        # 0..N-1), which must read the metrics file the engines write.
+        # With several API servers the config is built in the process that starts the
+        # engines, then again in each API server process, which must read the metrics
+        # file the engines write.
         metrics.setup_frontend_metrics(
             vllm_config.additional_config, vllm_config.model_config.served_model_name,
-            vllm_config.parallel_config.data_parallel_size, api_server=api_rank >= 0,
+            vllm_config.parallel_config.data_parallel_size,
+            inherit=api_server_child, hand_over=parent_of_api_servers,
         )
         logger.info("kv-merge enabled: %s", resolved.model_dump())
         return vllm_config

@@ -207,6 +207,31 @@ def test_bad_cpu_isa_setting_stops_before_the_model_loads(serve_parser, model_di
     assert "Traceback" not in stderr
 
 
+def test_one_api_server_ignores_handover_variables_it_inherited(serve_parser, model_dir,
+                                                                monkeypatch, tmp_path):
+    """Catches: a single-API-server `vllm serve` started by a process that had run another
+    merging engine (its metrics-file and settings variables in the environment) adopting
+    that engine's metrics file instead of creating its own (its /metrics then shows the
+    other engine's counts, and its engines overwrite them)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    from kvslimmer_vllm.engine import metrics
+    from kvslimmer_vllm.engine.plugin import API_SERVER_CONFIG_ENV
+    from kvslimmer_vllm.engine.settings import METRICS_KEY
+
+    other = metrics.SharedSlots.create()
+    monkeypatch.setenv(metrics.FILE_ENV, other.path)
+    monkeypatch.setenv(API_SERVER_CONFIG_ENV, json.dumps({"method": "evict", "budget": 99}))
+    args = serve_parser.parse_args(["--model", model_dir, *BASE, *MERGE,
+                                    "--kv-merge-budget", "512"])
+    config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+        usage_context=UsageContext.OPENAI_API_SERVER)
+    assert config.additional_config[METRICS_KEY] != other.path
+    assert config.additional_config["kv_merge"]["budget"] == 512
+    assert os.environ[metrics.FILE_ENV] == other.path  # not handed over: one API server
+
+
 def test_good_input_passes_the_same_path(serve_parser, model_dir):
     """The in-process path accepts valid settings (so the refusals above are about the
     flags, not the harness), and the merge settings reach the engine configuration."""
