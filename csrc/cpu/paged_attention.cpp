@@ -272,11 +272,7 @@ bool cpu_has(Isa isa) {
 
 std::string supported_isa_list() {
   std::string out;
-  for (int i = 2; i >= 0; --i) {
-    if (!cpu_has(static_cast<Isa>(i))) continue;
-    if (!out.empty()) out += ", ";
-    out += kIsaNames[i];
-  }
+  for (const std::string& name : cpu_isas()) out += (out.empty() ? "" : ", ") + name;
   return out;
 }
 

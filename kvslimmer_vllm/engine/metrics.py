@@ -54,7 +54,6 @@ class SharedSlots:
         self.num_engines = size // (_Layout.SIZE * 8)
         if not 0 <= engine < self.num_engines:
             raise ValueError(f"engine {engine} outside the {self.num_engines} engines of {path}")
-        self.engine = engine
         self._all = memoryview(self._map).cast("d")
         self.values = self.engine_values(engine)
 
