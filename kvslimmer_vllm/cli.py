@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budgets", type=_csv(float),
                    help="budgets: fractions of the prompt (0.5,0.25) or tokens (512)")
     e.add_argument("--methods", type=_csv(str),
-                   help="kvslimmer,average,evict,streaming,snapkv (full KV always runs)")
+                   help="kvslimmer,average,evict,streaming,snapkv,snapmerge; METHOD/MODE "
+                   "for one observe mode (full KV always runs)")
     e.add_argument("--observe", type=_csv(str),
                    help="observe modes each method runs with: progressive,prompt-end or "
                    "default (each method's own)")

@@ -63,3 +63,18 @@ def test_bad_flags_fail_with_one_clear_line(model_dir, tmp_path):
     assert proc.returncode == 2
     assert "--budgets: 1% of a" in proc.stderr and "outside what the engine allows" in proc.stderr
     assert "LLM engine" not in proc.stderr and "engine: " not in proc.stderr
+
+
+def test_help_names_every_method_and_task():
+    """Catches: a method or task added to the sweep but missing from ``eval --help``."""
+    from kvslimmer_vllm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    # argparse wraps long words anywhere: compare without whitespace
+    text = "".join(sub.choices["eval"].format_help().split())
+    methods = text.rsplit("--methodsMETHODS", 1)[1].split("--observe", 1)[0]
+    tasks = text.rsplit("--tasksTASKS", 1)[1].split("--cases", 1)[0]
+    for name in EVAL_METHODS:
+        assert name in methods, name
+    for name in ALL_TASKS:
+        assert name in tasks, name
