@@ -62,3 +62,14 @@ def test_summary_names_the_best_variant_per_budget_with_intervals():
     assert best["score"] == 0.75 and best["cases"] == 4
     assert best["interval"] == pytest.approx(wilson(0.75, 4))
     assert s["verdicts"][0] == "Best at 50%: evict/prompt-end (0.750)."
+
+
+def test_default_preset_compares_every_method_on_enough_cases():
+    """The default sweep runs every method (each in its own observe mode) on at least 8
+    cases per calibrated cell, at both budgets -- what the README's table reports."""
+    from kvslimmer_vllm.eval.spec import EVAL_METHODS
+
+    spec = load_spec("default")
+    assert spec.cases >= 8
+    assert sorted(parse_variant(v)[0] for v in spec.variants) == sorted(EVAL_METHODS)
+    assert spec.budgets == [0.5, 0.25]
