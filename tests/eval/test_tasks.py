@@ -113,7 +113,7 @@ def test_summary_uses_only_calibrated_cells():
     assert s["per"][("kvslimmer", "50%")]["nll_increase"] == pytest.approx(0.1)
     assert s["per"][("evict", "50%")]["agreement"] == 0.7
     verdicts = " ".join(s["verdicts"])
-    assert "missed by 45.0 points" in verdicts and "does not beat evict" in verdicts
+    assert "missed by 40.0 points" in verdicts and "does not beat evict" in verdicts
     assert "smallest NLL increase is kvslimmer's" in verdicts
 
 
