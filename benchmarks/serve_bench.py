@@ -24,6 +24,11 @@ instead with ``--base-url URL --merge-url URL [--api-key KEY]``: both must repor
 KV cache size on ``/metrics``, the merging server is recognised by its ``vllm:kv_merge_*``
 metrics, and its requests carry the preset's budget and ``--observe`` per request
 (``vllm_xargs``).
+
+``--observe progressive,prompt-end`` (the default) drives the merging server once per
+observe mode (``vllm_xargs.kv_merge_observe`` on every request), so both modes are
+reported beside the same unmodified run: rows ``kv-merge/progressive`` and
+``kv-merge/prompt-end``.
 """
 
 from __future__ import annotations
@@ -202,12 +207,21 @@ def remote_servers(args, budget: int) -> dict[str, RemoteServer]:
         raise SystemExit(f"serve_bench: error: the servers' KV caches differ ({base.blocks} "
                          f"vs {merge.blocks} blocks): compare them at the same "
                          "--num-gpu-blocks-override")
-    merge.xargs = {"kv_merge_budget": budget, "kv_merge_observe": args.observe}
-    refused = merge.refusal()
-    if refused:
-        raise SystemExit(f"serve_bench: error: --merge-url {merge.url} refuses the "
-                         f"benchmark's per-request settings {merge.xargs}: {refused}")
+    merge.budget = budget
+    for mode in args.observe:
+        merge.xargs = merge_xargs(merge, mode)
+        refused = merge.refusal()
+        if refused:
+            raise SystemExit(f"serve_bench: error: --merge-url {merge.url} refuses the "
+                             f"benchmark's per-request settings {merge.xargs}: {refused}")
     return {"unmodified": base, "kv-merge": merge}
+
+
+def merge_xargs(server: Server | RemoteServer, mode: str) -> dict:
+    """Per-request settings of the merging server's requests in observe mode ``mode``
+    (a running server also gets the preset's budget; one the benchmark starts has it)."""
+    budget = getattr(server, "budget", None)
+    return ({"kv_merge_budget": budget} if budget else {}) | {"kv_merge_observe": mode}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -243,7 +257,7 @@ class LevelResult:
 
 
 async def run_level(server: Server | RemoteServer, prompts: list[tuple[list[int], int]], concurrency: int,
-                    timeout: float) -> LevelResult:
+                    timeout: float, label: str | None = None) -> LevelResult:
     import httpx
 
     limit = asyncio.Semaphore(concurrency)
@@ -301,7 +315,8 @@ async def run_level(server: Server | RemoteServer, prompts: list[tuple[list[int]
         after = parse_metrics((await client.get(server.url + "/metrics")).text)
     key_m, key_e = "vllm:kv_merge_step_seconds_sum", "vllm:kv_merge_model_execute_seconds_total"
     return LevelResult(
-        server=server.name, concurrency=concurrency, results=list(results), wall=wall,
+        server=label or server.name, concurrency=concurrency, results=list(results),
+        wall=wall,
         samples=samples,
         merge_seconds=after.get(key_m, 0.0) - before.get(key_m, 0.0),
         execute_seconds=after.get(key_e, 0.0) - before.get(key_e, 0.0),
@@ -359,7 +374,7 @@ async def decode_check(base: Server | RemoteServer, merge: Server | RemoteServer
             "ratio": merged.tpot / plain.tpot if plain.ok and merged.ok else float("nan")}
 
 
-def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check: dict,
+def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks: list[dict],
                   args, servers: dict[str, str]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "serve_bench.csv", "w", newline="") as f:
@@ -370,7 +385,8 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check:
     cols = ["concurrency", "completed", "peak_running", "req_per_s", "out_tok_per_s",
             "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "peak_kv_usage", "merge_share"]
     lines = ["# Serving benchmark: unmodified vLLM vs --kv-merge kvslimmer", ""]
-    for server in ("unmodified", "kv-merge"):
+    variants = [f"kv-merge/{mode}" for mode in args.observe]
+    for server in ("unmodified", *variants):
         lines += [f"## {server}", "", "| " + " | ".join(cols) + " |",
                   "|" + "---|" * len(cols)]
         for r in rows:
@@ -378,20 +394,21 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], check:
                 lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
         lines.append("")
     ratio_cols = ["peak_running", "req_per_s", "out_tok_per_s", "ttft_p50", "tpot_p50"]
-    lines += ["## kv-merge / unmodified", "", "| concurrency | " + " | ".join(ratio_cols)
-              + " |", "|---|" + "---|" * len(ratio_cols)]
+    lines += ["## kv-merge / unmodified", "", "| kv-merge | concurrency | "
+              + " | ".join(ratio_cols) + " |", "|---|---|" + "---|" * len(ratio_cols)]
     by = {(r["server"], r["concurrency"]): r for r in rows}
-    for c in args.concurrency:
-        b, m = by[("unmodified", c)], by[("kv-merge", c)]
-        lines.append(f"| {c} | " + " | ".join(
-            _fmt(m[k] / b[k] if b[k] else float("nan")) for k in ratio_cols) + " |")
+    for variant in variants:
+        for c in args.concurrency:
+            b, m = by[("unmodified", c)], by[(variant, c)]
+            lines.append(f"| {variant} | {c} | " + " | ".join(
+                _fmt(m[k] / b[k] if b[k] else float("nan")) for k in ratio_cols) + " |")
     lines += ["", "## Decode at logical length L with budget B vs unmodified at length B",
-              "", "| L | B | output tokens | TPOT kv-merge (s) | TPOT unmodified (s) | ratio |",
-              "|---|---|---|---|---|---|",
-              f"| {check['logical_length']} | {check['budget']} | {check['output_tokens']} "
-              f"| {_fmt(check['tpot_merge_at_L'])} | {_fmt(check['tpot_base_at_B'])} "
-              f"| {_fmt(check['ratio'])} |", "",
-              "## Setup", "",
+              "", "| kv-merge | L | B | output tokens | TPOT kv-merge (s) | "
+              "TPOT unmodified (s) | ratio |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['variant']} | {c['logical_length']} | {c['budget']} | "
+              f"{c['output_tokens']} | {_fmt(c['tpot_merge_at_L'])} | "
+              f"{_fmt(c['tpot_base_at_B'])} | {_fmt(c['ratio'])} |" for c in checks]
+    lines += ["", "## Setup", "",
               f"- command: `{' '.join(sys.argv)}`",
               f"- prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens of CPython "
               f"documentation text, {args.output_tokens[0]}-{args.output_tokens[1]} output "
@@ -424,7 +441,7 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
         log("matplotlib missing: no plots")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for server in ("unmodified", "kv-merge"):
+    for server in ("unmodified", *(f"kv-merge/{mode}" for mode in args.observe)):
         pts = [(r["concurrency"], r["out_tok_per_s"]) for r in rows if r["server"] == server]
         ax.plot(*zip(*pts), marker="o", label=server)
     ax.set_xlabel("concurrent clients")
@@ -442,10 +459,10 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
             ts = [s["t"] for s in level.samples]
             ax.plot(ts, [100 * s.get("vllm:kv_cache_usage_perc", 0) for s in level.samples],
                     label=f"{level.server}: KV blocks used %")
-            if level.server == "kv-merge":
+            if level.server != "unmodified":
                 ax.plot(ts, [s.get("vllm:num_requests_running", 0) * 10
                              for s in level.samples], linestyle=":",
-                        label="kv-merge: running requests x10")
+                        label=f"{level.server}: running requests x10")
         if level.concurrency == top and level.server == "unmodified":
             ax.plot([s["t"] for s in level.samples],
                     [s.get("vllm:num_requests_running", 0) * 10 for s in level.samples],
@@ -467,10 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="per request, seconds")
     parser.add_argument("--vllm-flag", action="append", default=[],
                         help="extra flag for both servers (repeatable)")
-    parser.add_argument("--observe", choices=("progressive", "prompt-end"),
-                        default="progressive",
-                        help="--kv-merge-observe of the kv-merge server (prompt-end holds a "
-                        "whole prompt until its compression step)")
+    parser.add_argument("--observe", default="progressive,prompt-end",
+                        help="observe modes the kv-merge server is driven in, one after "
+                        "the other, comma-separated (progressive, prompt-end; prompt-end "
+                        "holds a whole prompt until its compression step); default: both")
     parser.add_argument("--budget", type=int, default=None,
                         help="KV budget in tokens of the kv-merge server (default: the "
                         "preset's share of the mean prompt length)")
@@ -484,6 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--base-url and --merge-url go together (or neither: start servers)")
     if args.budget is not None and args.budget < 1:
         parser.error(f"--budget must be a positive number of tokens; got {args.budget}")
+    from kvslimmer_vllm.core.config import OBSERVE_MODES
+
+    modes = [m.strip() for m in args.observe.split(",") if m.strip()]
+    bad = [m for m in modes if m not in OBSERVE_MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        parser.error(f"--observe must list distinct modes of {', '.join(OBSERVE_MODES)}, "
+                     f"comma-separated; got {args.observe!r}")
+    args.observe = modes
     if args.base_url and args.vllm_flag:
         parser.error("--vllm-flag only applies to servers the benchmark starts")
     for key, value in PRESETS[args.preset].items():
@@ -508,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         common += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
     merging = ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget),
-               "--kv-merge-observe", args.observe]
+               "--kv-merge-observe", args.observe[0]]
     if args.interval is not None:
         merging += ["--kv-merge-interval", str(args.interval)]
     launch = {"unmodified": common, "kv-merge": common + merging}
@@ -516,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
 
     levels: list[LevelResult] = []
     running: dict[str, Server | RemoteServer] = {}
-    check: dict = {}
+    checks: list[dict] = []
     try:
         for name in launch:
             if remote:
@@ -526,30 +551,37 @@ def main(argv: list[str] | None = None) -> int:
                 server = running[name] = Server(name, model, launch[name],
                                                 args.out / f"{name}.log")
                 server.wait_ready()
-            for i, c in enumerate(args.concurrency):
-                prompts = build_prompts(tokenizer, args, i, max(args.requests_per_level, c))
-                log(f"{name}: {len(prompts)} requests at concurrency {c}")
-                level = asyncio.run(run_level(server, prompts, c, args.timeout))
-                levels.append(level)
-                s = summarize(level)
-                log(f"{name} c={c}: {s['completed']}/{s['requests']} done, "
-                    f"peak running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
-                failed = [r.error for r in level.results if not r.ok]
-                if failed:
-                    log(f"{name} c={c}: first failure: {failed[0]}")
-        # Both servers stay up for the decode check.
-        check = asyncio.run(decode_check(running["unmodified"], running["kv-merge"],
-                                         tokenizer, args.prompt_tokens[1], budget,
-                                         args.output_tokens[1]))
+            for mode in ([None] if name == "unmodified" else args.observe):
+                label = name if mode is None else f"{name}/{mode}"
+                server.xargs = None if mode is None else merge_xargs(server, mode)
+                for i, c in enumerate(args.concurrency):
+                    prompts = build_prompts(tokenizer, args, i,
+                                            max(args.requests_per_level, c))
+                    log(f"{label}: {len(prompts)} requests at concurrency {c}")
+                    level = asyncio.run(run_level(server, prompts, c, args.timeout, label))
+                    levels.append(level)
+                    s = summarize(level)
+                    log(f"{label} c={c}: {s['completed']}/{s['requests']} done, peak "
+                        f"running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
+                    failed = [r.error for r in level.results if not r.ok]
+                    if failed:
+                        log(f"{label} c={c}: first failure: {failed[0]}")
+        # Both servers stay up for the decode check, run in each observe mode.
+        merge = running["kv-merge"]
+        for mode in args.observe:
+            merge.xargs = merge_xargs(merge, mode)
+            checks.append({"variant": f"kv-merge/{mode}", **asyncio.run(decode_check(
+                running["unmodified"], merge, tokenizer, args.prompt_tokens[1], budget,
+                args.output_tokens[1]))})
     finally:
         for server in running.values():
             server.stop()
     rows = [summarize(level) for level in levels]
     described = {name: server.describe() for name, server in running.items()}
-    if remote:
-        described["kv-merge"] += (" with --kv-merge kvslimmer settings per request: "
-                                  f"`vllm_xargs {json.dumps(remote['kv-merge'].xargs)}`")
-    text = write_outputs(args.out, rows, levels, check, args, described)
+    described["kv-merge"] += "; its requests carry, per observe mode, " + ", ".join(
+        f"`vllm_xargs {json.dumps(merge_xargs(running['kv-merge'], m))}`"
+        for m in args.observe)
+    text = write_outputs(args.out, rows, levels, checks, args, described)
     print(text)
     incomplete = sum(r["requests"] - r["completed"] for r in rows)
     if incomplete:

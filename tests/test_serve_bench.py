@@ -19,31 +19,38 @@ BENCH = [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py")]
 def test_small_preset_completes_every_request(model_dir, base_server, merge_server, tmp_path):
     """Catches: requests left incomplete or failing (the API key or the served model name
     not passed, vllm_xargs refused), the preset's budget not sent to the merging server
-    (nothing merged), the merge share not read from /metrics, or a missing report or
+    (nothing merged), the merge share not read from /metrics, an observe mode not sent
+    per request (both modes are driven on the one merging server), or a missing report or
     plot."""
     before = merge_server.metrics()["vllm:kv_merge_tokens_merged_total"]
     out = tmp_path / "bench"
     proc = subprocess.run(
         [*BENCH, "--preset", "small", "--model", model_dir, "--out", str(out),
          "--base-url", base_server.url, "--merge-url", merge_server.url,
-         "--api-key", merge_server.api_key, "--budget", "200", "--observe", "prompt-end"],
+         "--api-key", merge_server.api_key, "--budget", "256",
+         "--observe", "progressive,prompt-end"],
         capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "serve_bench.csv")))
-    assert {r["server"] for r in rows} == {"unmodified", "kv-merge"}
+    variants = ("kv-merge/progressive", "kv-merge/prompt-end")
+    assert {r["server"] for r in rows} == {"unmodified", *variants}
     for row in rows:
         assert int(row["completed"]) == int(row["requests"]) > 0
         assert float(row["out_tok_per_s"]) > 0
-    merge_rows = [r for r in rows if r["server"] == "kv-merge"]
-    assert all(0 <= float(r["merge_share"]) < 1 for r in merge_rows)
-    # The small preset's prompts (600-900 tokens) exceed the budget.
-    assert any(float(r["merge_share"]) > 0 for r in merge_rows)
+    for variant in variants:
+        merge_rows = [r for r in rows if r["server"] == variant]
+        assert len(merge_rows) == 2  # the small preset's two concurrency levels
+        assert all(0 <= float(r["merge_share"]) < 1 for r in merge_rows)
+        # The small preset's prompts (600-900 tokens) exceed the budget.
+        assert any(float(r["merge_share"]) > 0 for r in merge_rows)
     assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
     report = (out / "serve_bench.md").read_text()
     assert "kv-merge / unmodified" in report
     assert f"server at {merge_server.url}" in report
-    assert json.dumps({"kv_merge_budget": 200, "kv_merge_observe": "prompt-end"}) in report
+    for mode in ("progressive", "prompt-end"):
+        assert json.dumps({"kv_merge_budget": 256, "kv_merge_observe": mode}) in report
+        assert f"| kv-merge/{mode} | 4 |" in report  # ratio row at concurrency 4
     assert "48 KV blocks" in report
     for name in ("throughput.png", "kv_usage.png"):
         assert (out / name).stat().st_size > 1000
@@ -73,6 +80,10 @@ def test_servers_that_cannot_be_compared_are_refused(model_dir, base_server, mer
     alone = subprocess.run([*BENCH, "--base-url", base_server.url], capture_output=True,
                            text=True, timeout=300)
     assert alone.returncode == 2 and "--base-url and --merge-url go together" in alone.stderr
+    for observe in ("progressive,streaming", "prompt-end,prompt-end", ","):
+        bad = subprocess.run([*BENCH, "--observe", observe], capture_output=True, text=True,
+                             timeout=300)
+        assert bad.returncode == 2 and "--observe must list distinct modes" in bad.stderr
 
 
 def test_presets_size_the_cache_and_budget_as_documented():
