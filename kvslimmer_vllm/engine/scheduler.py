@@ -110,8 +110,13 @@ class MergeBook:
     # brings the request to its budget, leaving the window alone; decoding then runs the
     # usual rounds.
 
+    def _prompt_end(self, request: Request) -> int:
+        """Where a prompt-end request's step runs: after its prompt, or before the
+        continuation it asked to be computed after the step (``kv_merge_continuation``)."""
+        return max(0, request.num_prompt_tokens - self.settings_of(request).continuation)
+
     def _in_prompt(self, request: Request) -> bool:
-        return request.num_computed_tokens < request.num_prompt_tokens
+        return request.num_computed_tokens < self._prompt_end(request)
 
     def _target(self, request: Request) -> int | None:
         """Slots a round due now brings the request to; None when no round is due."""
@@ -129,7 +134,7 @@ class MergeBook:
         elif self._in_prompt(request):
             target = self.config.prefill_target
             return target if target is not None and n > target + self.config.interval else None
-        elif request.num_computed_tokens == request.num_prompt_tokens:
+        elif request.num_computed_tokens == self._prompt_end(request):
             due = n > settings.budget  # the prompt-end step
         else:
             due = n > settings.budget + self.config.interval
@@ -145,7 +150,7 @@ class MergeBook:
     def observe_starts(self, request: Request) -> bool:
         """Whether the chunk scheduled now opens a prompt-end request's window."""
         settings = self.settings_of(request)
-        start = request.num_prompt_tokens - self.config.window
+        start = self._prompt_end(request) - self.config.window
         return settings.prompt_end and start > 0 and request.num_computed_tokens == start
 
     def peak_slots(self, request: Request) -> int:
@@ -157,7 +162,7 @@ class MergeBook:
         cfg = self.config
         peak = settings.budget + cfg.interval + cfg.prefill_chunk
         if settings.prompt_end:
-            peak = max(peak, cfg.prefill_budget or request.num_prompt_tokens)
+            peak = max(peak, cfg.prefill_budget or self._prompt_end(request))
         return min(request.num_tokens, peak)
 
     def max_chunk(self, request: Request) -> int:
@@ -173,8 +178,9 @@ class MergeBook:
         computed = request.num_computed_tokens
         if settings.prompt_end and self._in_prompt(request):
             cap = (cfg.prefill_budget - slots) if cfg.prefill_budget else 1 << 62
-            window = request.num_prompt_tokens - cfg.window
-            stop = window if computed < window else request.num_prompt_tokens
+            end = self._prompt_end(request)
+            window = end - cfg.window
+            stop = window if computed < window else end
             cap = min(cap, stop - computed)
         else:
             cap = settings.budget + cfg.interval + cfg.prefill_chunk - slots

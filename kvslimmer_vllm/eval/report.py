@@ -177,8 +177,8 @@ def markdown(rows: list[dict], spec: EvalSpec, summary: dict, command: str = "")
             lines.append(f"| {task} | {n} | " + " | ".join(_fmt(v) for v in vals) + " |")
     lines += ["", "Scores: fraction of expected strings found (docqa: words of the "
               "continuation reproduced in order); nll: mean NLL of the continuation in "
-              "nats/token (lower is better; '-' for prompt-end variants, which never "
-              "compress the scored continuation, part of the prompt); agreement: answer "
+              "nats/token (lower is better; prompt-end variants compress before the "
+              "continuation, observed by the context's last window); agreement: answer "
               "tokens equal to full KV's. Intervals: 95% Wilson, taking the mean score "
               "over the calibrated cases as a success rate."
               + (" A method's '-': not run, because full KV scored below the calibration "

@@ -13,8 +13,10 @@ Rows are plain dicts:
 [0, 1], the continuation's mean NLL in nats per token for ``nll``, and, for
 ``agreement``, the fraction of answer tokens equal to full KV's, position by position;
 ``depth`` is where the case's (asked) needle sits, as a fraction of the context.
-NLL is scored over a continuation inside the prompt, which prompt-end observation never
-compresses, so prompt-end variants have no NLL rows (their NLL would equal full KV's).
+NLL is scored over a continuation at the end of the prompt. A prompt-end variant sends it
+as ``vllm_xargs.kv_merge_continuation`` (the scored tokens + 1): its step then runs before
+the continuation, scored by the window of context just before it, and the continuation's
+logprobs come from the compressed cache (otherwise prompt-end would never compress it).
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ def _nll_plan(spec: EvalSpec, tokenizer, length: int, min_budget, max_budget):
                                        spec.nll_tokens)):
         plen = len(case.prompt_ids)
         for method, budget in configurations(spec):
-            if method != "none" and parse_variant(method)[1] == "prompt-end":
-                continue  # the scored continuation is prompt: never compressed
             xargs = _xargs(spec, method, budget, plen, min_budget, max_budget)
+            if xargs.get("kv_merge_observe") == "prompt-end":
+                # Compress before the scored tokens; the logprob of the first comes
+                # from the token before it, which must be computed after the step too.
+                xargs["kv_merge_continuation"] = case.num_target + 1
             requests.append(NLLRequest(case.prompt_ids, case.num_target, xargs))
             keys.append((i, method, budget, plen, xargs))
     return requests, keys

@@ -156,3 +156,37 @@ def test_admission_reserves_the_whole_prompt_until_its_step(llm, tokenizer):
     summaries = [o.kv_transfer_params["kv_merge"] for o in out]
     assert all(s["preemptions"] == 0 for s in summaries), summaries
     assert all(s["rounds"] == 1 and s["kv_slots"] == 128 + 3 for s in summaries), summaries
+
+
+def test_a_continuation_is_scored_after_the_step(llm, tokenizer):
+    """``kv_merge_continuation``: prompt logprobs computed before the step equal full
+    KV's, those of the continuation come from the compressed cache. Catches: the step
+    running at the prompt's real end (the continuation scored with full KV: the eval's
+    prompt-end NLL would equal full KV's) or before the continuation's start."""
+    from vllm import SamplingParams
+
+    prompt_len, continuation = 600, 65
+    prompt = _prompt(tokenizer, prompt_len, seed=9)
+    ids = prompt["prompt_token_ids"]
+
+    def logprobs(**xargs):
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                extra_args=xargs)
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        return torch.tensor([out.prompt_logprobs[i][ids[i]].logprob
+                             for i in range(1, prompt_len)]), out
+
+    full, _ = logprobs(kv_merge="off")
+    whole, _ = logprobs(kv_merge_observe="prompt-end")
+    scored, out = logprobs(kv_merge_observe="prompt-end",
+                           kv_merge_continuation=continuation)
+    summary = out.kv_transfer_params["kv_merge"]
+    assert summary["rounds"] == 1 and summary["merged_tokens"] == prompt_len - continuation - BUDGET
+    # Without a continuation the prompt is never compressed.
+    torch.testing.assert_close(whole, full, atol=2e-3, rtol=0)
+    # Token t's logprob comes from position t - 1 (entry t - 1 here): positions before
+    # the step see full KV, the continuation's positions the compressed cache.
+    before = prompt_len - continuation  # positions 0 .. before - 1 ran before the step
+    torch.testing.assert_close(scored[:before], full[:before], atol=2e-3, rtol=0)
+    changed = (scored[before:] - full[before:]).abs()
+    assert changed.mean() > 1e-2 and changed.max() > 0.1, changed

@@ -93,24 +93,64 @@ def test_prefill_budget_caps_the_prompt_with_progressive_rounds():
     decode=st.integers(0, 400),
     cap=st.one_of(st.none(), st.integers(4, 3000)),
     batch_cap=st.integers(1, 2048),
+    continuation=st.one_of(st.just(0), st.integers(1, 600)),
 )
 def test_prompt_end_schedules_stay_within_their_peak(budget, interval, window, prompt, decode,
-                                                     cap, batch_cap):
+                                                     cap, batch_cap, continuation):
     try:
         cfg = KVMergeConfig(method="kvslimmer", budget=budget, interval=interval,
                             window=window, observe="prompt-end",
                             prefill_budget=cap).resolve(8192)
     except KVMergeConfigError:
         return
-    book, req = MergeBook(cfg, block_size=16), _request(prompt=prompt)
+    extra = {"kv_merge_continuation": continuation} if continuation else None
+    book, req = MergeBook(cfg, block_size=16), _request(prompt=prompt, extra=extra)
     chunks, rounds, starts = _run(book, req, decode, batch_cap)
-    assert starts == ([prompt - window] if prompt > window else [])
+    end = max(0, prompt - continuation)  # where the prompt-end step runs
+    assert starts == ([end - window] if end > window else [])
     # The window's queries are observed alone: a chunk starts where it starts.
-    if prompt > window:
-        assert any(start == prompt - window for start, _ in chunks)
+    if end > window:
+        assert any(start == end - window for start, _ in chunks)
     after_prompt = [r for r in rounds if r.num_slots_after == budget]
-    if prompt > budget and decode:  # the step runs before the first decoded token
+    if end > budget and end < prompt + decode:  # the step runs before the next token
         assert after_prompt, "a prompt longer than the budget is compressed at its end"
+        assert any(start == end for start, _ in chunks)
+
+
+def test_a_continuation_is_computed_after_the_step():
+    """``kv_merge_continuation: N``: the step runs after ``prompt - N`` tokens, observed by
+    the window before it, and the continuation is prefilled against the compressed cache.
+    Catches: the step at the prompt's real end (the continuation scored with full KV), or
+    the window placed at the end of the continuation."""
+    cfg = KVMergeConfig(method="kvslimmer", budget=256, interval=64,
+                        observe="prompt-end").resolve(4096)
+    book = MergeBook(cfg, block_size=16)
+    req = _request(prompt=1000, extra={"kv_merge_continuation": 65})
+    chunks, rounds, starts = _run(book, req, decode=4)
+    assert chunks[:3] == [(0, 903), (903, 32), (935, 65)]
+    assert starts == [903]
+    step = rounds[0]
+    assert step.num_slots == 935 and step.num_slots_after == 256 and step.recent == 32
+    # After the continuation (256 + 65 slots) the usual rounds resume.
+    assert rounds[1].num_slots == 256 + 65 and len(rounds) == 2
+    assert book.peak_slots(SimpleNamespace(**{**vars(req), "num_tokens": 1004})) == 935
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"kv_merge_continuation": -1}, "must be an integer from 0 to"),
+    ({"kv_merge_continuation": "65"}, "must be an integer from 0 to"),
+    ({"kv_merge_continuation": True}, "must be an integer from 0 to"),
+    ({"kv_merge_continuation": 2**31}, "must be an integer from 0 to"),
+    ({"kv_merge_continuation": 65, "kv_merge_observe": "progressive"},
+     "applies to prompt-end observation only"),
+])
+def test_invalid_continuations_name_the_field(extra, message):
+    cfg = KVMergeConfig(method="kvslimmer", budget=1024, interval=64).resolve(8192)
+    with pytest.raises(RequestSettingsError, match=message) as err:
+        request_settings(extra, cfg)
+    assert err.value.field == "vllm_xargs.kv_merge_continuation"
+    assert request_settings({"kv_merge_continuation": 0, "kv_merge_observe": "progressive"},
+                            cfg).continuation == 0
 
 
 def test_requests_pick_their_observe_mode_and_go_as_low_as_it_allows():

@@ -27,14 +27,15 @@ def test_quick_eval_writes_real_results(model_dir, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     rows = list(csv.DictReader(open(out / "rows.csv")))
     seen = {(r["task"], r["method"]) for r in rows}
-    prompt_end = {m for m in EVAL_METHODS if DEFAULT_OBSERVE[m] == "prompt-end"}
     for task in ALL_TASKS:
         for method in ("none", *EVAL_METHODS):
             if task == "agreement" and method == "none":
                 continue
-            # NLL scores a continuation inside the prompt: prompt-end never compresses it.
-            want = not (task == "nll" and method in prompt_end)
-            assert ((task, method) in seen) is want, (task, method)
+            assert ((task, method) in seen) is True, (task, method)
+    # Prompt-end variants score the NLL continuation after their step: not full KV's NLL.
+    nll = {r["method"]: float(r["score"]) for r in rows if r["task"] == "nll"}
+    prompt_end = [m for m in EVAL_METHODS if DEFAULT_OBSERVE[m] == "prompt-end"]
+    assert all(nll[m] != nll["none"] for m in prompt_end), nll
     for r in rows:
         score = float(r["score"])
         if r["task"] == "nll":
