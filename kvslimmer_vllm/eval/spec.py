@@ -126,8 +126,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # at 8 depths from 10% to 90%): ~11 minutes on a 2-core machine (README).
     "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=8),
     # The merging and evicting methods under both observe modes, snapkv, snapmerge and
-    # streaming in their own, on the tasks SmolLM2-135M can do at this length (NLL is not defined for
-    # prompt-end; the default preset measures it for the progressive methods).
+    # streaming in their own, on the tasks SmolLM2-135M can do at this length (the default
+    # preset measures NLL, of every method in its default mode).
     "observe": dict(lengths=[1024], budgets=[0.5, 0.25], cases=8,
                     tasks=["needle", "multikey"],
                     methods=["kvslimmer", "average", "evict", "snapkv/prompt-end",
