@@ -123,7 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(lengths=[512], budgets=[0.5], cases=1, max_tokens=16, interval=32,
                   nll_tokens=32, skip_uncalibrated=False),
     # Every method in its default observe mode, 8 cases per task and length (needles
-    # at 8 depths from 10% to 90%): ~11 minutes on a 2-core machine (README).
+    # at 8 depths from 10% to 90%): ~13 minutes on a 2-core machine (README).
     "default": dict(lengths=[1024, 1536], budgets=[0.5, 0.25], cases=8),
     # The merging and evicting methods under both observe modes, snapkv, snapmerge and
     # streaming in their own, on the tasks SmolLM2-135M can do at this length (the default
