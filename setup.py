@@ -16,7 +16,7 @@ def _extension() -> tuple[list, dict]:
     """kvslimmer_vllm._C (torch.ops.kvslimmer.*), or nothing when torch is not importable.
 
     Built with pip's --no-build-isolation so the venv's torch is the one it links against.
-    The CUDA compaction kernel joins only with a CUDA toolkit *and* a CUDA build of torch.
+    The ops are CPU kernels (on CUDA the Triton kernels and torch's own ops run instead).
     A failed compile is a warning, not a failed install: the Python paths still work.
     """
     try:
@@ -39,20 +39,10 @@ def _extension() -> tuple[list, dict]:
     cxx = ["-O3", "-fopenmp"]
     sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp"]
     depends = [str(p) for p in sorted((ROOT / "csrc").rglob("*")) if p.suffix in (".h", ".inc")]
-    if torch.version.cuda and cpp_extension.CUDA_HOME:
-        ext = cpp_extension.CUDAExtension(
-            "kvslimmer_vllm._C",
-            sources + ["csrc/cuda/compact.cu", "csrc/cuda/compact_op.cpp"],
-            define_macros=[("KVSLIMMER_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"],
-            depends=depends,
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
-            depends=depends,
-        )
+    ext = cpp_extension.CppExtension(
+        "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
+        depends=depends,
+    )
     return [ext], {"build_ext": OptionalBuildExt}
 
 

@@ -14,9 +14,6 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);
-#ifdef KVSLIMMER_WITH_CUDA
-  m.def("compact_slots(Tensor(a!) kv, Tensor src, Tensor dst) -> ()");
-#endif
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
@@ -26,12 +23,6 @@ TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
 TORCH_LIBRARY_IMPL(kvslimmer, Meta, m) {
   m.impl("paged_attention", &kvslimmer::paged_attention_meta);
 }
-
-#ifdef KVSLIMMER_WITH_CUDA
-TORCH_LIBRARY_IMPL(kvslimmer, CUDA, m) {
-  m.impl("compact_slots", &kvslimmer::compact_slots_cuda);
-}
-#endif
 
 static PyModuleDef kvslimmer_module = {
     PyModuleDef_HEAD_INIT,

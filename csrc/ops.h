@@ -33,9 +33,4 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
 // torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
 
-#ifdef KVSLIMMER_WITH_CUDA
-// torch.ops.kvslimmer.compact_slots on CUDA (csrc/cuda/compact_op.cpp).
-void compact_slots_cuda(const at::Tensor& kv, const at::Tensor& src, const at::Tensor& dst);
-#endif
-
 }  // namespace kvslimmer

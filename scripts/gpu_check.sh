@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA machine, from one script: installs the CUDA build of vLLM,
 # fetches the default model, then
-#   1. the kernel tests natively (Triton kernels vs core/, CUDA compaction op, dispatch),
+#   1. the kernel tests natively (Triton kernels vs core/, dispatch),
 #   2. the engine subset (offline engine, vllm serve over HTTP, reliability, paged state vs
 #      the core math, vLLM contracts) and the quick quality evaluation,
 #   3. the GPU attention benchmark (Triton vs vLLM's unified attention) and the merge-round

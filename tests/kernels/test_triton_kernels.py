@@ -1,8 +1,7 @@
 """Triton kernels against the engine-free reference.
 
 ``paged_attention`` is checked against :func:`kvslimmer_vllm.core.merged_attention` applied per
-request to the gathered slots (output and observation mass); ``compact`` against plain torch
-indexing. Without a CUDA device every kernel runs on CPU tensors under Triton's interpreter
+request to the gathered slots (output and observation mass). Without a CUDA device every kernel runs on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, set here before the kernel modules are imported), so shapes stay small;
 with one they run natively on the GPU. A last test compiles the kernels for sm_90 offline
 (no GPU needed), which the interpreter alone cannot vouch for.
@@ -37,13 +36,10 @@ _SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
-    from kvslimmer_vllm.triton_kernels import compact as compact_mod
     from kvslimmer_vllm.triton_kernels import paged_attention as pa
 
     if not HAS_CUDA and not pa.is_interpreted():
         pa = importlib.reload(pa)
-    if not HAS_CUDA and not compact_mod.is_interpreted():
-        compact_mod = importlib.reload(compact_mod)
 finally:
     if _SAVED_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -332,111 +328,6 @@ def test_rejects_bad_arguments():
         pa.paged_attention(*args[:5], args[5][:1], 0.1, 16)
 
 
-# --------------------------------------------------------------------------- compact
-
-
-def _request_slots(gen, num_blocks, block_size, used_blocks):
-    blocks = torch.randperm(num_blocks, generator=gen)[:used_blocks]
-    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()
-
-
-def _state(num_slots, kv_heads, dim, gen, dtype=torch.float32):
-    return [
-        torch.randn(num_slots, kv_heads, 2 * dim, generator=gen).to(dtype),  # kv
-        1.0 + torch.rand(num_slots, generator=gen),                           # counts
-        torch.randint(0, 10**6, (num_slots,), generator=gen),                 # positions int64
-        torch.randn(num_slots, kv_heads, generator=gen),                      # hess
-        torch.rand(num_slots, kv_heads, generator=gen),                       # mass
-    ]
-
-
-def _compact_and_compare(tensors, src, dst):
-    expected = [t.clone() for t in tensors]
-    for t in expected:
-        t[dst] = t[src].clone()
-    got = [t.to(DEVICE) for t in tensors]
-    compact_mod.compact(got[0], src.to(DEVICE), dst.to(DEVICE), *got[1:])
-    for g, e in zip(got, expected, strict=True):
-        assert torch.equal(g.cpu(), e)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compact_merge_round_pattern(dtype):
-    """Survivors (sorted random positions) move to the front of the request's scattered
-    blocks, as apply_round does."""
-    gen = torch.Generator().manual_seed(1)
-    bs, num_blocks = 16, 12
-    slots = _request_slots(gen, num_blocks, bs, 8)
-    length = 8 * bs - 5
-    slots = slots[:length]
-    keep = torch.sort(torch.randperm(length, generator=gen)[:70]).values
-    tensors = _state(num_blocks * bs, 2, 32, gen, dtype)
-    _compact_and_compare(tensors, slots[keep], slots[:70])
-
-
-def test_compact_heavy_overlap():
-    """Shift by one over a whole request: every destination is another move's source."""
-    gen = torch.Generator().manual_seed(2)
-    bs, num_blocks = 16, 10
-    slots = _request_slots(gen, num_blocks, bs, 10)
-    tensors = _state(num_blocks * bs, 2, 64, gen)
-    _compact_and_compare(tensors, slots[1:], slots[:-1])
-    # Keep only the newest half: sources and destinations interleave across blocks.
-    half = slots.shape[0] // 2
-    _compact_and_compare(tensors, slots[half - 3:], slots[:slots.shape[0] - half + 3])
-
-
-def test_compact_any_permutation_is_safe():
-    """A cyclic rotation (a destination *after* its source too): a single in-place pass in
-    the wrong order would lose rows; the scratch scheme does not."""
-    gen = torch.Generator().manual_seed(3)
-    slots = _request_slots(gen, 6, 16, 6)
-    tensors = _state(96, 1, 32, gen)
-    _compact_and_compare(tensors, slots, torch.roll(slots, 1))
-    _compact_and_compare(tensors, slots, torch.roll(slots, -7))
-
-
-def test_compact_layer_views_and_noop():
-    """One layer of the engine's [L, S, ...] side state (strided views); no moves is a no-op;
-    a caller-provided scratch buffer is used."""
-    gen = torch.Generator().manual_seed(4)
-    counts = torch.rand(3, 64, generator=gen)
-    hess = torch.randn(3, 64, 2, generator=gen)
-    kv = torch.randn(64, 2, 16, generator=gen)
-    src = torch.tensor([40, 41, 50, 63])
-    dst = torch.tensor([3, 4, 5, 6])
-    exp_counts, exp_hess, exp_kv = counts.clone(), hess.clone(), kv.clone()
-    exp_counts[1, dst] = counts[1, src]
-    exp_hess[1, dst] = hess[1, src]
-    exp_kv[dst] = kv[src]
-    c, h, k = counts.to(DEVICE), hess.to(DEVICE), kv.to(DEVICE)
-    scratch = torch.empty(4 * 2 * 16, device=DEVICE)
-    compact_mod.compact(k, src.to(DEVICE), dst.to(DEVICE), c[1], h[1], scratch=scratch)
-    assert torch.equal(c.cpu(), exp_counts) and torch.equal(h.cpu(), exp_hess)
-    assert torch.equal(k.cpu(), exp_kv)
-    empty = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    compact_mod.compact(k, empty, empty, c[1])
-    assert torch.equal(k.cpu(), exp_kv)
-
-
-def test_compact_layers_moves_every_layer():
-    """[L, S, ...] side state: the same moves in all layers with one launch pair each, for
-    float32, int64 and [L, S, Hkv] rows, including overlapping ranges."""
-    gen = torch.Generator().manual_seed(5)
-    slots = _request_slots(gen, 8, 16, 8)
-    src, dst = slots[9:], slots[:-9]
-    counts = torch.rand(4, 128, generator=gen)
-    positions = torch.randint(0, 10**9, (4, 128), generator=gen)
-    hess = torch.randn(4, 128, 3, generator=gen)
-    expected = [t.clone() for t in (counts, positions, hess)]
-    for t in expected:
-        t[:, dst] = t[:, src].clone()
-    got = [t.to(DEVICE) for t in (counts, positions, hess)]
-    compact_mod.compact_layers(src.to(DEVICE), dst.to(DEVICE), *got)
-    for g, e in zip(got, expected, strict=True):
-        assert torch.equal(g.cpu(), e)
-
-
 # --------------------------------------------------------------------------- sm_90 compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -455,7 +346,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return module
 
     pa = load("kvslimmer_paged_attention", sys.argv[1])
-    cm = load("kvslimmer_compact", sys.argv[2])
 
     def build(fn, types, consts, warps):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
@@ -475,11 +365,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         for fn in (pa._attention_kernel, pa._mass_kernel):
             c = {k: v for k, v in consts.items() if k in fn.arg_names}
             build(fn, types, c, cfg["num_warps"])
-    for dt in ("bf16", "i64", "fp32"):
-        for gather in (True, False):
-            build(cm._copy_rows_kernel,
-                  dict(in_ptr="*" + dt, out_ptr="*" + dt, in_idx_ptr="*i64", out_idx_ptr="*i64"),
-                  dict(GATHER=gather, BLOCK_R=16, BLOCK_W=256), 4)
     print("compiled")
 """)
 
@@ -495,8 +380,7 @@ def test_kernels_compile_for_sm90_offline():
         pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, pa.__file__,
-                           compact_mod.__file__], env=env,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, pa.__file__], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas is not available")
