@@ -37,7 +37,8 @@ def _extension() -> tuple[list, dict]:
     # No -m ISA flags: the .so runs on any x86-64 CPU; the attention kernels carry their own AVX2
     # and AVX-512 copies and choose one at run time (csrc/cpu/paged_attention.cpp).
     cxx = ["-O3", "-fopenmp"]
-    sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp",
+               "csrc/cpu/value_spread.cpp"]
     depends = [str(p) for p in sorted((ROOT / "csrc").rglob("*")) if p.suffix in (".h", ".inc")]
     ext = cpp_extension.CppExtension(
         "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],

@@ -14,10 +14,12 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);
+  m.def("value_spread(Tensor values, Tensor alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("paged_attention", &kvslimmer::paged_attention_cpu);
+  m.impl("value_spread", &kvslimmer::value_spread);
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, Meta, m) {

@@ -33,4 +33,8 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
 // torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
 
+// torch.ops.kvslimmer.value_spread on CPU (csrc/cpu/value_spread.cpp): d[l, m, h] =
+// ||values[l, m, h] - sum_j alpha[l, j, h] values[l, j, h]||_1.
+at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha);
+
 }  // namespace kvslimmer

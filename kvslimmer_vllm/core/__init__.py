@@ -18,7 +18,9 @@ from .rope import (
     rope_cos_sin,
 )
 from .select import pair_scores, select_pairs
-from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
+from .stats import (
+    cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian, value_spread,
+)
 
 __all__ = [
     "MergeResult",
@@ -30,6 +32,7 @@ __all__ = [
     "evict_lowest",
     "evict_oldest",
     "hessian_stats",
+    "value_spread",
     "invert_rotary",
     "linear_scaled_inv_freq",
     "merge_round",

@@ -29,7 +29,9 @@ import torch
 
 from .rope import RotarySpec
 from .select import pair_scores, pool_mass, select_pairs
-from .stats import cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian
+from .stats import (
+    cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian, value_spread,
+)
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "evict_lowest", "evict_oldest", "keep_set",
@@ -257,6 +259,7 @@ def merge_round(
     score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     pool: int = 1,
     protect: torch.Tensor | None = None,
+    spread: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = value_spread,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -298,6 +301,8 @@ def merge_round(
             rank then merges its own heads exactly as one rank holding all heads would.
         pool: pair scores use the region's mass max-pooled over ``pool`` slots
             (:func:`~.select.pool_mass`; 1 = off). The Hessian statistics use the raw mass.
+        spread: implementation of :func:`~.stats.value_spread` (a kernel with the same
+            contract; ``[L, M, Hkv, D]`` values, ``[L, M, Hkv]`` alpha).
         protect: ``[N]`` bool, slots no pair may touch (their pairs score
             :data:`PROTECTED_SCORE`, so they are chosen only when nothing else is left;
             :func:`merge_rounds` never lets that happen).
@@ -324,7 +329,7 @@ def merge_round(
     num_layers, n = keys.shape[:2]
 
     alpha = normalize_mass(mass[:, region].to(dtype))
-    h_new, _ = hessian_stats(alpha, values[:, region])
+    h_new, _ = hessian_stats(alpha, values[:, region], spread)
     h = smooth_hessian(h_new, hess[:, region], round_idx)
     scores = pair_scores(pool_mass(mass[:, region], pool), gamma)
     if score_reduce is not None:
@@ -452,7 +457,7 @@ def merge_rounds(
             slots, so ``k`` must not exceed :func:`mergeable_without` of the mask.
         round_kwargs: the other keyword arguments of :func:`merge_round` (``round_idx``,
             ``gamma``, ``eps``, ``rotary``, ``key_weights``, ``selector``,
-            ``score_reduce``, ``pool``).
+            ``score_reduce``, ``pool``, ``spread``).
 
     Equal to running :func:`merge_round` on each sub-round's output in turn with the mass
     carried as above (tested).

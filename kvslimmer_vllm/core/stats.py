@@ -14,6 +14,8 @@ normalised observation mass ``alpha`` in place of ``P``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -41,12 +43,33 @@ def normalize_mass(mass: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), uniform)
 
 
-def hessian_stats(alpha: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``d_j = ||v_j - o||_1`` over ``D`` with ``o = sum_j alpha_j v_j`` (per head).
+
+    Args:
+        values: ``[M, Hkv, D]`` (or ``[L, M, Hkv, D]``) slot values, in alpha's dtype.
+        alpha: ``[M, Hkv]`` (``[L, M, Hkv]``) normalised mass.
+
+    Returns:
+        ``d``: ``[M, Hkv]`` (``[L, M, Hkv]``) in alpha's dtype. The C++ op
+        ``torch.ops.kvslimmer.value_spread`` computes the same without materialising
+        ``values - o`` (:func:`kvslimmer_vllm.kernels.value_spread` dispatches).
+    """
+    mean = torch.einsum("...mh,...mhd->...hd", alpha, values)
+    return (values - mean.unsqueeze(-3)).abs().sum(dim=-1)
+
+
+def hessian_stats(
+    alpha: torch.Tensor,
+    values: torch.Tensor,
+    spread: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = value_spread,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot diagonal Hessian proxy and value spread.
 
     Args:
         alpha: ``[M, Hkv]`` normalised mass (see :func:`normalize_mass`).
         values: ``[M, Hkv, D]`` slot values (means of the merged tokens' values).
+        spread: implementation of :func:`value_spread` (a kernel with the same contract).
 
     Returns:
         ``(h_diag, d)``, both ``[M, Hkv]`` in alpha's float dtype:
@@ -54,9 +77,7 @@ def hessian_stats(alpha: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
         ``h_diag_j = alpha_j (1 - 2 alpha_j) d_j``. ``|h_diag_j|`` is the L1 norm of the exact
         second derivative ``d2 o / d logit_j^2``; its sign is the sign of ``1 - 2 alpha_j``.
     """
-    values = values.to(alpha.dtype)
-    mean = torch.einsum("...mh,...mhd->...hd", alpha, values)
-    d = (values - mean.unsqueeze(-3)).abs().sum(dim=-1)
+    d = spread(values.to(alpha.dtype), alpha)
     return alpha * (1 - 2 * alpha) * d, d
 
 

@@ -4,6 +4,7 @@
 |-----------------------------------|-------------------------------|------------------------------|
 | ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C`` (*)  |
 | ``core.select.select_pairs``      | C++ op (host)                 | C++ op                       |
+| ``core.stats.value_spread``       | reference (torch)             | C++ op                       |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
@@ -23,6 +24,7 @@ import torch
 
 from kvslimmer_vllm.core import paged as _paged_ref
 from kvslimmer_vllm.core import select as _select_ref
+from kvslimmer_vllm.core import stats as _stats_ref
 
 logger = logging.getLogger("vllm.kvslimmer.kernels")
 ENV = "KVSLIMMER_KERNELS"
@@ -30,7 +32,7 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "cpu_isa", "paged_attention",
-           "select_pairs"]
+           "select_pairs", "value_spread"]
 
 
 def _forced_reference() -> bool:
@@ -114,6 +116,18 @@ def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
     if name == "cpp":
         return _cpp_ops().paged_attention(*args, mass)
     return _paged_ref.paged_attention(*args, mass)
+
+
+def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """:func:`kvslimmer_vllm.core.stats.value_spread` (the C++ op for float32/float64 CPU
+    tensors when built; the reference elsewhere)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    if (ops is None or values.device.type != "cpu" or values.dtype != alpha.dtype
+            or values.dtype not in (torch.float32, torch.float64)):
+        return _stats_ref.value_spread(values, alpha)
+    if values.dim() == 3:
+        return ops.value_spread(values.unsqueeze(0), alpha.unsqueeze(0)).squeeze(0)
+    return ops.value_spread(values, alpha)
 
 
 def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -525,3 +525,75 @@ def test_select_pairs_errors_match_reference(values, k, pattern):
     with pytest.raises(ValueError) as theirs:
         select_pairs_ref(scores, k)
     assert str(theirs.value) in str(ours.value)
+
+
+# --------------------------------------------------------------------------------------------
+# value_spread
+
+
+def _spread_ref(values, alpha):
+    from kvslimmer_vllm.core.stats import value_spread
+
+    return value_spread(values, alpha)
+
+
+def _alpha(shape, gen, dtype, kind="random"):
+    layers, rows, heads = shape
+    if kind == "random":
+        mass = torch.rand(shape, generator=gen, dtype=torch.float64) ** 4
+    elif kind == "one-hot":  # all mass on one slot per head
+        mass = torch.zeros(shape, dtype=torch.float64)
+        mass[:, torch.randint(0, rows, (1,), generator=gen).item()] = 1.0
+    elif kind == "zero":  # normalize_mass gives uniform alpha then; here the raw zeros
+        mass = torch.zeros(shape, dtype=torch.float64)
+    else:
+        raise ValueError(kind)
+    total = mass.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, mass / total.clamp_min(1e-300), mass).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layers,rows,heads,dim", [
+    (1, 1, 1, 1), (1, 7, 3, 64), (30, 878, 3, 64), (2, 5, 8, 128), (4, 33, 2, 80), (3, 2, 5, 3),
+])
+@pytest.mark.parametrize("kind", ["random", "one-hot", "zero"])
+def test_value_spread_matches_reference(dtype, layers, rows, heads, dim, kind):
+    """Random and adversarial shapes (one slot, one head, odd head dims) and mass (all on one
+    slot, none), on a strided view of gathered [L, M, H, 2D] keys/values as the engine
+    passes it."""
+    gen = torch.Generator().manual_seed(rows * 7 + dim)
+    kv = torch.randn(layers, rows, heads, 2 * dim, generator=gen, dtype=torch.float64) * 3
+    values = kv[..., dim:].to(dtype)  # not contiguous: rows 2D apart
+    alpha = _alpha((layers, rows, heads), gen, dtype, kind)
+    got = OPS.value_spread(values, alpha)
+    want = _spread_ref(values, alpha)
+    assert got.dtype == dtype and got.shape == (layers, rows, heads)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_value_spread_large_values_and_contiguous_input():
+    """Values of 1e4 (the mean of large rows must not lose the small ones' spread) and a
+    contiguous input."""
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 300, 3, 64, generator=gen) * 1e4
+    values[:, ::5] += 1e-2
+    alpha = _alpha((2, 300, 3), gen, torch.float32)
+    torch.testing.assert_close(OPS.value_spread(values, alpha), _spread_ref(values, alpha),
+                               rtol=1e-5, atol=1e-1)
+    exact = _spread_ref(values.double(), alpha.double())
+    torch.testing.assert_close(OPS.value_spread(values.double(), alpha.double()), exact,
+                               rtol=1e-12, atol=1e-8)
+
+
+@pytest.mark.parametrize("values,alpha,pattern", [
+    (torch.zeros(2, 3, 4), torch.zeros(2, 3), "values \\[L, M, H, D\\] and alpha"),
+    (torch.zeros(1, 2, 3, 4), torch.zeros(1, 3, 3), "disagree on"),
+    (torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, dtype=torch.float64), "same dtype"),
+    (torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16), torch.zeros(1, 2, 3,
+                                                                dtype=torch.bfloat16),
+     "float32 or float64"),
+])
+def test_value_spread_errors_name_the_problem(values, alpha, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        OPS.value_spread(values, alpha)

@@ -56,3 +56,42 @@ def test_select_pairs_dispatch_matches_core(seed):
     scores[::7] = scores[3]  # ties
     for k in (0, 1, 60, 151):
         assert torch.equal(kernels.select_pairs(scores, k), select.select_pairs(scores, k))
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 64), (2, 40, 3, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_spread_dispatch_matches_core(shape, dtype):
+    """One layer ([M, H, D]) or a layer batch; bf16 falls back to the reference."""
+    from kvslimmer_vllm.core import stats
+
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(*shape, generator=g).to(dtype)
+    alpha = torch.softmax(torch.randn(*shape[:-1], generator=g), dim=-2).to(dtype)
+    torch.testing.assert_close(kernels.value_spread(values, alpha),
+                               stats.value_spread(values, alpha), rtol=1e-5, atol=1e-4)
+
+
+def test_merge_round_with_the_spread_kernel_matches_the_reference():
+    """A whole layer-batched KVSlimmer round (sub-rounds, RoPE-aware keys) with the C++
+    spread equals the reference round: same slots, keys and Hessians within float32."""
+    from kvslimmer_vllm.core import merge
+    from kvslimmer_vllm.core.rope import RotarySpec, default_inv_freq
+
+    g = torch.Generator().manual_seed(5)
+    layers, n, heads, d = 4, 300, 3, 64
+    keys, values = torch.randn(2, layers, n, heads, d, generator=g).unbind(0)
+    counts = torch.randint(1, 4, (layers, n), generator=g).float()
+    positions = torch.cumsum(counts.long(), dim=1) - 1
+    hess = torch.rand(layers, n, heads, generator=g)
+    hess[:, ::3] = float("nan")
+    mass = torch.rand(layers, n, heads, generator=g) ** 4
+    rotary = RotarySpec(d, True, inv_freq=default_inv_freq(d, 10000.0))
+    kw = dict(sink=8, recent=16, k=180, max_fraction=0.25, pool=7, round_idx=2,
+              gamma=656.0, eps=1e-21, rotary=rotary)
+    want = merge.merge_rounds(keys, values, counts, positions, hess, mass, **kw)
+    got = merge.merge_rounds(keys, values, counts, positions, hess, mass,
+                             spread=kernels.value_spread, **kw)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.positions, want.positions)
+    torch.testing.assert_close(got.keys, want.keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.values, want.values)
+    torch.testing.assert_close(got.hess, want.hess, rtol=1e-4, atol=1e-6, equal_nan=True)

@@ -1,0 +1,83 @@
+// torch.ops.kvslimmer.value_spread: the value spread of a merge round's Hessian statistics,
+// the same contract as kvslimmer_vllm.core.stats.value_spread:
+//
+//     o[l, h, :] = sum_m alpha[l, m, h] * values[l, m, h, :]
+//     d[l, m, h] = sum_e |values[l, m, h, e] - o[l, h, e]|
+//
+// The reference materialises values - o and its absolute value ([L, M, H, D] twice); here
+// each (layer, head) is one task that reads its rows twice (once for o, once for d) and
+// writes only d. Rows may be strided (a view of the gathered [L, M, H, 2D] keys/values); the
+// head dimension must be contiguous. float32 and float64, computed in the input's dtype
+// (o accumulated in double, which the float32 reference's blocked sum approximates).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../ops.h"
+
+namespace kvslimmer {
+namespace {
+
+template <typename T>
+void spread_task(const T* values, const T* alpha, T* out, int64_t rows, int64_t dim,
+                 int64_t v_row_stride, int64_t a_row_stride, int64_t o_row_stride) {
+  std::vector<double> mean(dim, 0.0);
+  for (int64_t m = 0; m < rows; ++m) {
+    const double w = static_cast<double>(alpha[m * a_row_stride]);
+    if (w == 0.0) continue;
+    const T* v = values + m * v_row_stride;
+    for (int64_t e = 0; e < dim; ++e) mean[e] += w * static_cast<double>(v[e]);
+  }
+  std::vector<T> o(dim);
+  for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<T>(mean[e]);
+  for (int64_t m = 0; m < rows; ++m) {
+    const T* v = values + m * v_row_stride;
+    T total = 0;
+    for (int64_t e = 0; e < dim; ++e) total += std::abs(v[e] - o[e]);
+    out[m * o_row_stride] = total;
+  }
+}
+
+}  // namespace
+
+at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha) {
+  TORCH_CHECK_VALUE(values.dim() == 4 && alpha.dim() == 3,
+                    "value_spread takes values [L, M, H, D] and alpha [L, M, H]; got ",
+                    values.sizes(), " and ", alpha.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == alpha.size(0) && values.size(1) == alpha.size(1) &&
+                        values.size(2) == alpha.size(2),
+                    "values ", values.sizes(), " and alpha ", alpha.sizes(),
+                    " disagree on [L, M, H]");
+  TORCH_CHECK_VALUE(values.scalar_type() == alpha.scalar_type() &&
+                        (values.scalar_type() == at::kFloat ||
+                         values.scalar_type() == at::kDouble),
+                    "value_spread takes float32 or float64 values and alpha of the same "
+                    "dtype; got ", values.scalar_type(), " and ", alpha.scalar_type());
+  TORCH_CHECK_VALUE(values.device().is_cpu() && alpha.device().is_cpu(),
+                    "value_spread runs on CPU tensors");
+  const at::Tensor v = values.stride(3) == 1 ? values : values.contiguous();
+  const at::Tensor a = alpha.contiguous();
+  const int64_t layers = v.size(0), rows = v.size(1), heads = v.size(2), dim = v.size(3);
+  at::Tensor out = at::empty({layers, rows, heads}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "value_spread", [&] {
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+    at::parallel_for(0, layers * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t l = task / heads, h = task % heads;
+        spread_task<scalar_t>(vp + l * vs0 + h * vs2, ap + l * rows * heads + h,
+                              op + l * rows * heads + h, rows, dim, vs1, heads, heads);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace kvslimmer
