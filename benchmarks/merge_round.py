@@ -8,9 +8,12 @@ one request of ``N`` slots freeing ``k``, over every layer of the model:
 
 * ``batched``: the engine's path, all layers that share a RoPE in one layer-batched round;
 * ``per layer``: the same function with the batch size forced to one layer
-  (the state's ``max_batch_elements`` lowered), i.e. ``L`` separate rounds.
+  (the state's ``max_batch_elements`` lowered), i.e. ``L`` separate rounds;
+* ``reference stats``: the engine's path with the Hessian statistics' value spread
+  computed by the torch reference (``core.stats.value_spread``) instead of the kernel
+  (``kernels.value_spread``: the C++ op on CPU; on CUDA both are the reference).
 
-Both start from identical random caches (block ids shuffled) and must leave identical
+All start from identical random caches (block ids shuffled) and must leave the same
 caches behind (checked before timing). Calls are interleaved and the table reports
 medians. Shapes: SmolLM2-135M (30 layers, Hkv 3, D 64) on CPU, Llama-3.1-8B (32 layers,
 Hkv 8, D 128) on CUDA; block size 128; float32 on CPU, bfloat16 on CUDA.
@@ -22,6 +25,7 @@ and to ``results/merge_round/merge_round.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -41,9 +45,13 @@ from kvslimmer_vllm.methods import get_method
 BLOCK = 128
 SHAPES = {"cpu": dict(layers=30, kv_heads=3, head_dim=64, dtype=torch.float32),
           "cuda": dict(layers=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16)}
-# (slots held, slots freed): budget 750 with interval 128 / 187, and the default budget
-# of an 8K-context model (2,048 + 32 sink, interval 512); sink 32 and 128 recent slots.
-CASES = [(1006, 256), (1124, 374), (3104, 1024)]
+# (slots held, slots freed, observe): budget 750 with interval 128 / 187, and the default
+# budget of an 8K-context model (2,048 + 32 sink, interval 512); sink 32 and 128 recent
+# slots (progressive: one pairwise round). Prompt-end: a decode round of budget 750 +
+# interval 128 and the step of a 3,000-token prompt to 750 (window 32, pool 7, sub-rounds
+# of at most a quarter of the mergeable slots).
+CASES = [(1006, 256, "progressive"), (1124, 374, "progressive"), (3104, 1024, "progressive"),
+         (879, 129, "prompt-end"), (3000, 2250, "prompt-end")]
 
 
 def _cache(n_blocks: int, shape: dict, device: torch.device, seed: int):
@@ -67,19 +75,34 @@ def _copy(state: SlotState, kvs):
     return clone, [kv.clone() for kv in kvs]
 
 
-def _run(state, kvs, rotary, plan, method, per_layer: bool, device) -> float:
+@contextlib.contextmanager
+def _reference_spread():
+    """The methods' value spread swapped for the torch reference."""
+    from kvslimmer_vllm.core.stats import value_spread
+    from kvslimmer_vllm.methods import kvslimmer as module
+
+    saved, module.value_spread = module.value_spread, value_spread
+    try:
+        yield
+    finally:
+        module.value_spread = saved
+
+
+def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
     saved = state.max_batch_elements
-    if per_layer:
+    if arm == "per layer":
         state.max_batch_elements = kvs[0][0].numel() * plan.num_slots
+    context = _reference_spread() if arm == "reference stats" else contextlib.nullcontext()
     try:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        apply_round(plan, layers, state, method, BLOCK)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
+        with context:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            apply_round(plan, layers, state, method, BLOCK)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - started
     finally:
         state.max_batch_elements = saved
 
@@ -97,41 +120,53 @@ def main(argv: list[str] | None = None) -> int:
     inv_freq = default_inv_freq(shape["head_dim"], 500000.0)
     rotary = RotarySpec(shape["head_dim"], True,
                         cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
+    arms = ("batched", "per layer", "reference stats")
     rows = []
-    for num_slots, num_merge in CASES:
+    for num_slots, num_merge, observe in CASES:
         n_blocks = math.ceil(num_slots / BLOCK)
         state, kvs = _cache(2 * n_blocks, shape, device, seed=num_slots)
         order = torch.randperm(2 * n_blocks, generator=torch.Generator().manual_seed(1))
+        prompt_end = observe == "prompt-end"
         plan = MergeRound("bench", tuple(order[:n_blocks].tolist()), num_slots, num_merge,
-                          round_index=2, method=args.method)
-        # Both paths must leave the same cache behind.
+                          round_index=1 if prompt_end else 2, method=args.method,
+                          recent=32 if prompt_end else 128, pool=7 if prompt_end else 1,
+                          max_fraction=0.25 if prompt_end else 0.5)
+        # Every arm must leave the same cache behind.
         outcomes = []
-        for per_layer in (False, True):
+        for arm in arms:
             s, k = _copy(state, kvs)
-            _run(s, k, rotary, plan, method, per_layer, device)
+            _run(s, k, rotary, plan, method, arm, device)
             outcomes.append((s, k))
-        (s1, k1), (s2, k2) = outcomes
-        for a, b in zip(k1, k2):
-            torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
-        torch.testing.assert_close(s1.hess, s2.hess, equal_nan=True)
-        assert torch.equal(s1.counts, s2.counts) and torch.equal(s1.positions, s2.positions)
-        times = {False: [], True: []}
+        s1, k1 = outcomes[0]
+        for s2, k2 in outcomes[1:]:
+            for a, b in zip(k1, k2):
+                torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+            torch.testing.assert_close(s1.hess, s2.hess, equal_nan=True, atol=1e-6,
+                                       rtol=1e-4)
+            assert torch.equal(s1.counts, s2.counts)
+            assert torch.equal(s1.positions, s2.positions)
+        times = {arm: [] for arm in arms}
         for repeat in range(args.repeats):
-            for per_layer in ((False, True) if repeat % 2 == 0 else (True, False)):
+            for arm in (arms if repeat % 2 == 0 else arms[::-1]):
                 s, k = _copy(state, kvs)
-                times[per_layer].append(_run(s, k, rotary, plan, method, per_layer, device))
-        batched, single = (statistics.median(times[p]) * 1e3 for p in (False, True))
-        rows.append((num_slots, num_merge, batched, single))
-        print(f"[merge_round] N={num_slots} k={num_merge}: batched {batched:.1f} ms, "
-              f"per layer {single:.1f} ms", file=sys.stderr, flush=True)
+                times[arm].append(_run(s, k, rotary, plan, method, arm, device))
+        batched, single, reference = (statistics.median(times[a]) * 1e3 for a in arms)
+        rows.append((num_slots, num_merge, observe, batched, single, reference))
+        print(f"[merge_round] N={num_slots} k={num_merge} {observe}: batched {batched:.1f} "
+              f"ms, per layer {single:.1f} ms, reference stats {reference:.1f} ms",
+              file=sys.stderr, flush=True)
     lines = [
         f"# One merge round over {shape['layers']} layers ({args.method}, {device.type})", "",
-        "| slots N | freed k | batched (ms) | per layer (ms) | per layer / batched |",
-        "|---|---|---|---|---|",
-        *(f"| {n} | {k} | {b:.1f} | {p:.1f} | {p / b:.2f} |" for n, k, b, p in rows), "",
+        "| slots N | freed k | observe | batched (ms) | per layer (ms) | per layer / batched "
+        "| reference stats (ms) | reference stats / batched |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {n} | {k} | {o} | {b:.1f} | {p:.1f} | {p / b:.2f} | {r:.1f} | {r / b:.2f} |"
+          for n, k, o, b, p, r in rows), "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- shapes: Hkv {shape['kv_heads']}, D {shape['head_dim']}, {shape['dtype']}, "
-        f"block {BLOCK}; medians of {args.repeats} interleaved repeats",
+        f"block {BLOCK}; medians of {args.repeats} interleaved repeats; progressive: one "
+        "round (sink 32, recent 128); prompt-end: window 32, pool 7, sub-rounds of at most "
+        "25% of the mergeable slots",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),

@@ -1,5 +1,5 @@
-"""The merge-round benchmark runs both paths, checks they leave the same cache, and
-writes its table."""
+"""The merge-round benchmark runs its three paths (layer-batched, per layer, reference
+value spread), checks they leave the same cache, and writes its table."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def test_merge_round_benchmark_writes_a_row_per_case(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in (tmp_path / "merge_round.md").read_text()
             .splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [(int(r[0]), int(r[1])) for r in rows] == [(1006, 256), (1124, 374), (3104, 1024)]
+    assert [(int(r[0]), int(r[1]), r[2].strip()) for r in rows] == [
+        (1006, 256, "progressive"), (1124, 374, "progressive"), (3104, 1024, "progressive"),
+        (879, 129, "prompt-end"), (3000, 2250, "prompt-end")]
     for row in rows:
-        assert float(row[2]) > 0 and float(row[3]) > 0
+        # batched, per layer and reference-stats times, and the two ratios
+        assert all(float(row[i]) > 0 for i in (3, 4, 5, 6, 7))
