@@ -39,7 +39,7 @@ import torch
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.engine.plan import MergeRound
-from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round
+from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, batch_limit
 from kvslimmer_vllm.methods import get_method
 
 BLOCK = 128
@@ -58,6 +58,7 @@ def _cache(n_blocks: int, shape: dict, device: torch.device, seed: int):
     gen = torch.Generator().manual_seed(seed)
     num_slots = n_blocks * BLOCK
     state = SlotState(shape["layers"], num_slots, shape["kv_heads"], device)
+    state.max_batch_elements = batch_limit(device)  # the engine's cap on this device
     state.counts.copy_(torch.randint(1, 4, state.counts.shape, generator=gen).float())
     state.positions.copy_(torch.cumsum(state.counts.long(), dim=1) - 1)
     state.hess.copy_(torch.rand(state.hess.shape, generator=gen))
@@ -70,6 +71,7 @@ def _cache(n_blocks: int, shape: dict, device: torch.device, seed: int):
 def _copy(state: SlotState, kvs):
     clone = SlotState(state.counts.shape[0], state.num_slots, state.hess.shape[2],
                       state.counts.device)
+    clone.max_batch_elements = state.max_batch_elements
     for name in ("counts", "positions", "hess", "mass"):
         getattr(clone, name).copy_(getattr(state, name))
     return clone, [kv.clone() for kv in kvs]

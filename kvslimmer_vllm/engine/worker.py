@@ -31,7 +31,6 @@ from kvslimmer_vllm.engine.attention import slot_major
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound
 from kvslimmer_vllm.engine.settings import merge_config_from_vllm
 from kvslimmer_vllm.engine.slots import (
-    MAX_BATCH_ELEMENTS,
     PROFILE_ATTR,
     SLOT_BINDING,
     TRACE_ATTR,
@@ -39,6 +38,7 @@ from kvslimmer_vllm.engine.slots import (
     SlotState,
     apply_round,
     batch_elements_within,
+    batch_limit,
     blocks_within,
     gather,
     reset_mass,
@@ -153,7 +153,8 @@ class KVMergeRunnerMixin:
             first.num_kv_heads)
         # A round gathers at most a whole request: max_model_len slots, in batches of
         # layers capped by a share of the budget.
-        self._kv_merge_max_batch = batch_elements_within(available, first.dtype)
+        self._kv_merge_max_batch = batch_elements_within(available, first.dtype,
+                                                         batch_limit(self.device))
         scratch = scratch_bytes(num_layers, self.max_model_len, first.num_kv_heads,
                                 first.head_size, first.dtype, self._kv_merge_max_batch)
         num_blocks = blocks_within(available, kv_per_block, state_per_block, scratch)
@@ -180,7 +181,8 @@ class KVMergeRunnerMixin:
             num_kv_heads=spec.num_kv_heads,
             device=self.device,
         )
-        state.max_batch_elements = getattr(self, "_kv_merge_max_batch", MAX_BATCH_ELEMENTS)
+        state.max_batch_elements = getattr(self, "_kv_merge_max_batch",
+                                           batch_limit(self.device))
         context = self.compilation_config.static_forward_context
         model = self.get_model()
         rope_aware = self.kv_merge_config.rope_aware

@@ -24,6 +24,7 @@ from kvslimmer_vllm.engine.slots import (
     apply_round,
     blocks_within,
     batch_elements_within,
+    batch_limit,
     layers_per_batch,
     scratch_bytes,
     scratch_elements,
@@ -108,6 +109,11 @@ def test_small_budgets_batch_fewer_layers():
     assert batch_elements_within(80 * 2**20, torch.float32) == 80 * 2**20 // 8 // 4
     assert batch_elements_within(80 * 2**20, torch.bfloat16) == 80 * 2**20 // 8 // 2
     assert batch_elements_within(3, torch.float32) == 1
+    # On CPU batches stay cache-sized whatever the budget; on CUDA they may be larger.
+    assert batch_limit(torch.device("cpu")) == slots_module.CPU_BATCH_ELEMENTS
+    assert batch_limit(torch.device("cuda")) == slots_module.MAX_BATCH_ELEMENTS
+    assert batch_elements_within(1 << 40, torch.float32, batch_limit(torch.device("cpu"))) \
+        == slots_module.CPU_BATCH_ELEMENTS
     per_layer = 4096 * 3 * 2 * 64  # a 4,096-slot round of SmolLM2-135M
     small = batch_elements_within(100 * 2**20, torch.float32)
     assert layers_per_batch(per_layer, small) == small // per_layer == 2
@@ -135,7 +141,8 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
 
     kv_per_block = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4  # float32 K and V
     state_per_block = LAYERS * BLOCK * state_bytes_per_slot(KV_HEADS)
-    max_batch = batch_elements_within(KV_BUDGET, torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    max_batch = batch_elements_within(KV_BUDGET, torch.float32, batch_limit(device))
     scratch = scratch_bytes(LAYERS, MAX_MODEL_LEN, KV_HEADS, HEAD_DIM, torch.float32,
                             max_batch)
     expected = blocks_within(KV_BUDGET, kv_per_block, state_per_block, scratch)
