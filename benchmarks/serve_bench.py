@@ -113,6 +113,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.cmd = cmd
         self.model, self.headers, self.xargs = "bench", {}, None
+        self.budget: int | None = None  # started with the preset's --kv-merge-budget
         self.command = f"`vllm serve {' '.join([model, *flags])}`"
 
     def describe(self) -> str:
@@ -148,6 +149,8 @@ class RemoteServer:
         self.name, self.url, self.flag = name, url.rstrip("/"), flag
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.xargs: dict | None = None
+        #: The preset's budget, sent per request (the server has its own flags).
+        self.budget: int | None = None
         try:
             models = _get_json(self.url + "/v1/models", self.headers)
             self.model = models["data"][0]["id"]
@@ -220,8 +223,8 @@ def remote_servers(args, budget: int) -> dict[str, RemoteServer]:
 def merge_xargs(server: Server | RemoteServer, mode: str) -> dict:
     """Per-request settings of the merging server's requests in observe mode ``mode``
     (a running server also gets the preset's budget; one the benchmark starts has it)."""
-    budget = getattr(server, "budget", None)
-    return ({"kv_merge_budget": budget} if budget else {}) | {"kv_merge_observe": mode}
+    budget = {"kv_merge_budget": server.budget} if server.budget else {}
+    return budget | {"kv_merge_observe": mode}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
