@@ -190,12 +190,14 @@ def test_eval_against_the_running_server(merge_server, model_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "ok" / "rows.csv")))
-    # kvslimmer observes at the prompt's end (its default), which never compresses the
-    # NLL continuation (part of the prompt), so it has no NLL rows.
+    # kvslimmer observes at the prompt's end (its default): its NLL request carries
+    # vllm_xargs.kv_merge_continuation through the API server, and its NLL differs from
+    # full KV's (the continuation is scored on the compressed cache).
     assert {(r["task"], r["method"]) for r in rows} == {
-        ("needle", m) for m in ("none", "kvslimmer", "streaming")
-    } | {("nll", "none"), ("nll", "streaming"), ("agreement", "kvslimmer"),
-         ("agreement", "streaming")}
+        (t, m) for t in ("needle", "nll") for m in ("none", "kvslimmer", "streaming")
+    } | {("agreement", "kvslimmer"), ("agreement", "streaming")}
+    nll = {r["method"]: float(r["score"]) for r in rows if r["task"] == "nll"}
+    assert nll["kvslimmer"] != nll["none"]
     assert {r["observe"] for r in rows if r["method"] == "kvslimmer"} == {"prompt-end"}
     assert all(float(r["score"]) > 0.5 for r in rows if r["task"] == "nll")
     assert merge_server.metrics()["vllm:kv_merge_tokens_merged_total"] > before
