@@ -15,11 +15,20 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);
   m.def("value_spread(Tensor values, Tensor alpha) -> Tensor");
+  m.def(
+      "merge_pairs(Tensor keys, Tensor values, Tensor left, Tensor a, Tensor c_left, "
+      "Tensor c_right, Tensor? cos_sin, Tensor? delta, int rotary_dim, bool is_neox) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "compact_rows(Tensor(a!)[] kvs, Tensor slots, Tensor source, int start, "
+      "Tensor merged_slots, Tensor merged_keys, Tensor merged_values) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("paged_attention", &kvslimmer::paged_attention_cpu);
   m.impl("value_spread", &kvslimmer::value_spread);
+  m.impl("merge_pairs", &kvslimmer::merge_pairs);
+  m.impl("compact_rows", &kvslimmer::compact_rows);
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, Meta, m) {

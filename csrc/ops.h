@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace kvslimmer {
@@ -36,5 +37,19 @@ at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
 // torch.ops.kvslimmer.value_spread on CPU (csrc/cpu/value_spread.cpp): d[l, m, h] =
 // ||values[l, m, h] - sum_j alpha[l, j, h] values[l, j, h]||_1.
 at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha);
+
+// torch.ops.kvslimmer.merge_pairs on CPU (csrc/cpu/merge_pairs.cpp): the merged keys and
+// values of the pairs (left, left + 1), as kvslimmer_vllm.core.merge.merge_pairs.
+std::tuple<at::Tensor, at::Tensor> merge_pairs(
+    const at::Tensor& keys, const at::Tensor& values, const at::Tensor& left,
+    const at::Tensor& a, const at::Tensor& c_left, const at::Tensor& c_right,
+    const std::optional<at::Tensor>& cos_sin, const std::optional<at::Tensor>& delta,
+    int64_t rotary_dim, bool is_neox);
+
+// torch.ops.kvslimmer.compact_rows on CPU (csrc/cpu/compact_rows.cpp): a round's result
+// moved and written into each layer's cache in place, as kvslimmer_vllm.core.paged.compact_rows.
+void compact_rows(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
+                  const at::Tensor& source, int64_t start, const at::Tensor& merged_slots,
+                  const at::Tensor& merged_keys, const at::Tensor& merged_values);
 
 }  // namespace kvslimmer

@@ -56,16 +56,9 @@
 #include <type_traits>
 #include <vector>
 
-// Run-time ISA choice (x86-64 with GCC): the .so is compiled for baseline x86-64, and the AVX2
-// and AVX-512 kernels are compiled a second and third time under `#pragma GCC target`, each in its
-// own namespace; cpu_isa() picks one per call from what the CPU reports. Other compilers and
-// architectures get the portable loops only.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define KVS_X86_DISPATCH 1
-#else
-#define KVS_X86_DISPATCH 0
-#endif
+// The AVX2 and AVX-512 kernels are compiled a second and third time (isa.h); cpu_isa() picks
+// one per call from what the CPU reports.
+#include "isa.h"
 
 #include "../ops.h"
 
@@ -219,8 +212,7 @@ void run(const Problem<T>& P, const Item& item, float* partials, float* records)
 }  // namespace portable_isa
 
 #if KVS_X86_DISPATCH
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+KVS_BEGIN_AVX2
 namespace avx2_isa {
 #include "attention_avx2.inc"
 #include "attention_item.inc"
@@ -229,10 +221,9 @@ void run(const Problem<T>& P, const Item& item, float* partials, float* records)
   run_item<Avx2>(P, item, partials, records);
 }
 }  // namespace avx2_isa
-#pragma GCC pop_options
+KVS_END_TARGET
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+KVS_BEGIN_AVX512
 namespace avx512_isa {
 #include "attention_avx512.inc"
 #include "attention_item.inc"
@@ -245,7 +236,7 @@ void run(const Problem<T>& P, const Item& item, float* partials, float* records)
   }
 }
 }  // namespace avx512_isa
-#pragma GCC pop_options
+KVS_END_TARGET
 #endif  // KVS_X86_DISPATCH
 
 // ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 // evaluated as (l + r) - x, as in Python.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -28,24 +29,11 @@
 #include "../ops.h"
 
 namespace kvslimmer {
+namespace {
 
-at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
-  TORCH_CHECK_VALUE(scores.dim() == 1, "scores must be a 1-D tensor, got shape ",
-                    scores.sizes());
-  const at::Tensor values_t =
-      scores.detach().to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/false)
-          .contiguous();
-  const int64_t n = values_t.numel();
-  const int64_t num_slots = n + 1;
-  // 2k > M written without overflow: k > floor(M / 2).
-  TORCH_CHECK_VALUE(k >= 0 && k <= num_slots / 2, "cannot choose k=", k,
-                    " non-overlapping pairs among M=", num_slots,
-                    " slots (need 0 <= 2k <= M)");
-  std::vector<double> value(values_t.data_ptr<double>(), values_t.data_ptr<double>() + n);
-  for (double v : value) {
-    TORCH_CHECK_VALUE(std::isfinite(v), "pair scores must be finite");
-  }
-
+// One row: writes its k left indices, sorted, to out. value is the row's scores (consumed).
+void select_row(std::vector<double>& value, int64_t k, int64_t* out) {
+  const int64_t n = static_cast<int64_t>(value.size());
   std::vector<int64_t> left(n), right(n), run_lo(n), run_hi(n);
   std::vector<char> alive(n, 1);
   for (int64_t i = 0; i < n; ++i) {
@@ -98,11 +86,43 @@ at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
   for (int64_t node = 0; node < n; ++node) {
     if (alive[node]) settle(node, /*taken=*/false);
   }
+  TORCH_CHECK(static_cast<int64_t>(chosen.size()) == k, "select_pairs chose ", chosen.size(),
+              " pairs instead of k=", k);
   std::sort(chosen.begin(), chosen.end());
+  std::copy(chosen.begin(), chosen.end(), out);
+}
 
-  at::Tensor result = at::empty({static_cast<int64_t>(chosen.size())},
+}  // namespace
+
+at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK_VALUE(scores.dim() == 1 || scores.dim() == 2,
+                    "scores must be a 1-D tensor (or 2-D: one row per layer), got shape ",
+                    scores.sizes());
+  const at::Tensor values_t =
+      scores.detach().to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/false)
+          .contiguous();
+  const int64_t rows = scores.dim() == 2 ? values_t.size(0) : 1;
+  const int64_t n = values_t.size(-1);
+  const int64_t num_slots = n + 1;
+  // 2k > M written without overflow: k > floor(M / 2).
+  TORCH_CHECK_VALUE(k >= 0 && k <= num_slots / 2, "cannot choose k=", k,
+                    " non-overlapping pairs among M=", num_slots,
+                    " slots (need 0 <= 2k <= M)");
+  const double* data = values_t.data_ptr<double>();
+  for (int64_t i = 0; i < rows * n; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(data[i]), "pair scores must be finite");
+  }
+  at::Tensor result = at::empty(scores.dim() == 2 ? std::vector<int64_t>{rows, k}
+                                                  : std::vector<int64_t>{k},
                                 at::TensorOptions().dtype(at::kLong));
-  std::copy(chosen.begin(), chosen.end(), result.data_ptr<int64_t>());
+  int64_t* out = result.data_ptr<int64_t>();
+  // Rows (layers) are independent: one task each.
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      std::vector<double> value(data + row * n, data + (row + 1) * n);
+      select_row(value, k, out + row * k);
+    }
+  });
   return scores.device().is_cpu() ? result : result.to(scores.device());
 }
 

@@ -8,39 +8,51 @@
 // each (layer, head) is one task that reads its rows twice (once for o, once for d) and
 // writes only d. Rows may be strided (a view of the gathered [L, M, H, 2D] keys/values); the
 // head dimension must be contiguous. float32 and float64, computed in the input's dtype
-// (o accumulated in double, which the float32 reference's blocked sum approximates).
+// (value_spread_task.inc), in the AVX-512 / AVX2 / portable copy cpu_isa() names.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
+
+#include "isa.h"
 
 #include "../ops.h"
 
 namespace kvslimmer {
 namespace {
 
+namespace portable_isa {
+#include "value_spread_task.inc"
+}  // namespace portable_isa
+
+#if KVS_X86_DISPATCH
+KVS_BEGIN_AVX2
+namespace avx2_isa {
+#include "value_spread_task.inc"
+}  // namespace avx2_isa
+KVS_END_TARGET
+
+KVS_BEGIN_AVX512
+namespace avx512_isa {
+#include "value_spread_task.inc"
+}  // namespace avx512_isa
+KVS_END_TARGET
+#endif  // KVS_X86_DISPATCH
+
+// The copy of spread_task for the instruction set the CPU attention runs (cpu_isa()).
 template <typename T>
-void spread_task(const T* values, const T* alpha, T* out, int64_t rows, int64_t dim,
-                 int64_t v_row_stride, int64_t a_row_stride, int64_t o_row_stride) {
-  std::vector<double> mean(dim, 0.0);
-  for (int64_t m = 0; m < rows; ++m) {
-    const double w = static_cast<double>(alpha[m * a_row_stride]);
-    if (w == 0.0) continue;
-    const T* v = values + m * v_row_stride;
-    for (int64_t e = 0; e < dim; ++e) mean[e] += w * static_cast<double>(v[e]);
-  }
-  std::vector<T> o(dim);
-  for (int64_t e = 0; e < dim; ++e) o[e] = static_cast<T>(mean[e]);
-  for (int64_t m = 0; m < rows; ++m) {
-    const T* v = values + m * v_row_stride;
-    T total = 0;
-    for (int64_t e = 0; e < dim; ++e) total += std::abs(v[e] - o[e]);
-    out[m * o_row_stride] = total;
-  }
+auto spread_task_for_cpu() {
+#if KVS_X86_DISPATCH
+  const std::string isa = cpu_isa(std::nullopt);
+  if (isa == "avx512") return &avx512_isa::spread_task<T>;
+  if (isa == "avx2") return &avx2_isa::spread_task<T>;
+#endif
+  return &portable_isa::spread_task<T>;
 }
 
 }  // namespace
@@ -68,12 +80,15 @@ at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha) {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const scalar_t* ap = a.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const auto task_fn = spread_task_for_cpu<scalar_t>();
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
     at::parallel_for(0, layers * heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> mean(dim);
+      std::vector<scalar_t> block(dim), o(dim);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t l = task / heads, h = task % heads;
-        spread_task<scalar_t>(vp + l * vs0 + h * vs2, ap + l * rows * heads + h,
-                              op + l * rows * heads + h, rows, dim, vs1, heads, heads);
+        task_fn(vp + l * vs0 + h * vs2, ap + l * rows * heads + h, op + l * rows * heads + h,
+                rows, dim, vs1, heads, heads, mean.data(), block.data(), o.data());
       }
     });
   });

@@ -6,7 +6,7 @@ engine adapter and any GPU/C++ kernel are tested against.
 """
 
 from .attention import merged_attention
-from .merge import MergeResult, evict_lowest, evict_oldest, merge_round, merge_weights
+from .merge import MergeResult, evict_lowest, evict_oldest, merge_pairs, merge_round, merge_weights
 from .paged import paged_attention, slot_ids
 from .rope import (
     RotarySpec,
@@ -35,6 +35,7 @@ __all__ = [
     "value_spread",
     "invert_rotary",
     "linear_scaled_inv_freq",
+    "merge_pairs",
     "merge_round",
     "merge_weights",
     "merged_attention",

@@ -35,7 +35,7 @@ from .stats import (
 
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "evict_lowest", "evict_oldest", "keep_set",
-    "merge_round", "merge_rounds", "merge_weights",
+    "merge_pairs", "merge_round", "merge_rounds", "merge_weights",
 ]
 
 #: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
@@ -145,6 +145,52 @@ def merge_weights(
     count_a = (c_i / (c_i + c_j))[..., None].expand_as(a)
     a = torch.where(ok, a, count_a)
     return a, 1 - a, ~ok
+
+
+def merge_pairs(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    left: torch.Tensor,
+    a: torch.Tensor,
+    c_i: torch.Tensor,
+    c_j: torch.Tensor,
+    rotary: RotarySpec | None = None,
+    delta: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged slots of the adjacent pairs ``(i, j = i + 1)``, ``i`` in ``left``, of
+    every layer (step 4 of :func:`merge_round`).
+
+    Key ``a Rot(p_j - p_i) k_i + (1 - a) k_j`` (``Rot`` the layer's RoPE moving the left
+    key to its right neighbour's position; keys merged as stored without ``rotary``),
+    value ``(c_i v_i + c_j v_j) / (c_i + c_j)``.
+
+    Args:
+        keys, values: ``[L, N, Hkv, D]`` (keys post-RoPE); any strides.
+        left: ``[L, k]`` int64 left slots, ``0 <= i < N - 1``.
+        a: ``[L, k, Hkv]`` key weight of the left slot, in the computation dtype (float32,
+            or float64 for float64 keys).
+        c_i, c_j: ``[L, k]`` counts of the left and right slots, in ``a``'s dtype.
+        rotary: the layers' RoPE, or None.
+        delta: ``[L, k]`` int64 ``p_j - p_i`` (with ``rotary``).
+
+    Returns:
+        ``(merged_keys, merged_values)``, ``[L, k, Hkv, D]`` in the keys' and values'
+        dtypes, computed in ``a``'s dtype. ``kvslimmer::merge_pairs`` (C++) computes the
+        same in one pass over the pairs (:func:`kvslimmer_vllm.kernels.merge_pairs`).
+    """
+    dtype = a.dtype
+    right = left + 1
+    k_i, k_j = _take(keys, left).to(dtype), _take(keys, right).to(dtype)
+    if rotary is not None:
+        # Rot(p_j) (a Rot(p_i)^-1 k_i + b Rot(p_j)^-1 k_j) = a Rot(p_j - p_i) k_i + b k_j:
+        # one rotation of the left keys ([L * k, Hkv, D] rows) instead of three
+        k_i = rotary.shift(k_i.flatten(0, 1), delta.flatten()).view_as(k_j)
+    merged_keys = a[..., None] * k_i + (1 - a)[..., None] * k_j
+    w_i, w_j = c_i[..., None, None], c_j[..., None, None]
+    merged_values = (
+        w_i * _take(values, left).to(dtype) + w_j * _take(values, right).to(dtype)
+    ) / (w_i + w_j)
+    return merged_keys.to(keys.dtype), merged_values.to(values.dtype)
 
 
 def _mergeable_region(
@@ -260,6 +306,7 @@ def merge_round(
     pool: int = 1,
     protect: torch.Tensor | None = None,
     spread: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = value_spread,
+    pair_merge: Callable[..., tuple[torch.Tensor, torch.Tensor]] = merge_pairs,
 ) -> MergeResult:
     """Run one KVSlimmer merge round over the ``N`` slots of one request and one layer.
 
@@ -294,7 +341,8 @@ def merge_round(
         key_weights: ``"hessian"`` (KVSlimmer) or ``"count"`` (``a = c_i / (c_i + c_j)``, plain
             count-weighted averaging of the same pairs; an ablation).
         selector: implementation of :func:`~.select.select_pairs` (a faster kernel with the
-            same contract and the same result may be passed).
+            same contract and the same result may be passed); called once with the
+            ``[L, M - 1]`` scores of all layers.
         score_reduce: applied to the pair scores before selection. Under tensor parallelism
             each rank holds some KV heads; scores are sums over heads, so summing every
             rank's scores (an all-reduce) gives all ranks the single-rank pairs, and each
@@ -303,6 +351,8 @@ def merge_round(
             (:func:`~.select.pool_mass`; 1 = off). The Hessian statistics use the raw mass.
         spread: implementation of :func:`~.stats.value_spread` (a kernel with the same
             contract; ``[L, M, Hkv, D]`` values, ``[L, M, Hkv]`` alpha).
+        pair_merge: implementation of :func:`merge_pairs` (step 4; a kernel with the same
+            contract).
         protect: ``[N]`` bool, slots no pair may touch (their pairs score
             :data:`PROTECTED_SCORE`, so they are chosen only when nothing else is left;
             :func:`merge_rounds` never lets that happen).
@@ -337,8 +387,8 @@ def merge_round(
     if protect is not None:
         guarded = protect[:, region].to(scores.device)
         scores = torch.where(guarded[:, :-1] | guarded[:, 1:], PROTECTED_SCORE, scores)
-    # Selection is sequential per layer and runs on the host: one transfer for all layers.
-    local = torch.stack([selector(row, k) for row in scores.cpu()]).to(device)
+    # Selection runs on the host, one row per layer: one transfer for all layers.
+    local = selector(scores.cpu(), k).to(device)
     layer = torch.arange(num_layers, device=device)[:, None]
     left, right = sink + local, sink + local + 1
 
@@ -351,17 +401,9 @@ def merge_round(
         a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
         b, key_fallback = 1 - a, None
 
-    k_i, k_j = _take(keys, left).to(dtype), _take(keys, right).to(dtype)
-    p_i, p_j = _take(positions, left).flatten(), _take(positions, right).flatten()
-    if rotary is not None:
-        # Rot(p_j) (a Rot(p_i)^-1 k_i + b Rot(p_j)^-1 k_j) = a Rot(p_j - p_i) k_i + b k_j:
-        # one rotation of the left keys ([L * k, Hkv, D] rows) instead of three
-        k_i = rotary.shift(k_i.flatten(0, 1), p_j - p_i).view_as(k_j)
-    merged_keys = a[..., None] * k_i + b[..., None] * k_j
-    w_i, w_j = c_i[..., None, None], c_j[..., None, None]
-    merged_values = (
-        w_i * _take(values, left).to(dtype) + w_j * _take(values, right).to(dtype)
-    ) / (w_i + w_j)
+    p_j = _take(positions, right)
+    merged_keys, merged_values = pair_merge(keys, values, left, a, c_i, c_j, rotary,
+                                            p_j - _take(positions, left))
 
     new_hess = hess.clone()
     new_hess[:, region] = h.to(hess.dtype)
@@ -369,7 +411,7 @@ def merge_round(
     new_counts = counts.clone()
     new_counts[layer, left] = (c_i + c_j).to(counts.dtype)
     new_positions = positions.clone()
-    new_positions[layer, left] = p_j.view_as(left)
+    new_positions[layer, left] = p_j
 
     source = _kept(num_layers, n, right)
     return _unbatched(MergeResult(
@@ -382,8 +424,8 @@ def merge_round(
         input_keys=keys,
         input_values=values,
         merged_slots=left - torch.arange(k, device=device),  # indices after compaction
-        merged_keys=merged_keys.to(keys.dtype),
-        merged_values=merged_values.to(values.dtype),
+        merged_keys=merged_keys,
+        merged_values=merged_values,
         key_fallback=key_fallback,
     ), single)
 
@@ -457,7 +499,7 @@ def merge_rounds(
             slots, so ``k`` must not exceed :func:`mergeable_without` of the mask.
         round_kwargs: the other keyword arguments of :func:`merge_round` (``round_idx``,
             ``gamma``, ``eps``, ``rotary``, ``key_weights``, ``selector``,
-            ``score_reduce``, ``pool``, ``spread``).
+            ``score_reduce``, ``pool``, ``spread``, ``pair_merge``).
 
     Equal to running :func:`merge_round` on each sub-round's output in turn with the mass
     carried as above (tested).
@@ -484,10 +526,13 @@ def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> 
     current state and protect mask giving the next step, 0 to stop) and describe the
     result relative to the first input (see :func:`merge_rounds`)."""
     keys, values = state[0], state[1]
-    num_layers, n = keys.shape[:2]
+    num_layers, n, _, dim = keys.shape
     device = keys.device
     layer = torch.arange(num_layers, device=device)[:, None]
     origin = torch.arange(n, device=device).expand(num_layers, n)
+    # Each sub-round's keys and values, as views of one [L, N, Hkv, 2D] tensor: a sub-round's
+    # output is then one gather of whole rows (not two of strided halves).
+    kv = _joined(keys, values)
     steps = iter(sizes) if not callable(sizes) else iter(lambda: sizes(state, protect), 0)
     for step in steps:
         if protect is None:
@@ -499,8 +544,10 @@ def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> 
         origin = origin.clone()
         origin[layer, result.pairs] = -1
         origin = _take(origin, result.source)
-        state = (result.keys, result.values, result.counts, result.positions, result.hess, mass)
-    out_keys, out_values = state[0], state[1]
+        kv = _take(kv, result.source)
+        kv[layer, result.merged_slots] = _joined(result.merged_keys, result.merged_values)
+        state = (kv[..., :dim], kv[..., dim:], result.counts, result.positions, result.hess,
+                 mass)
     index = torch.arange(n - k, device=device).expand(num_layers, n - k)
     merged = origin < 0
     widest = int(merged.sum(dim=1).max())
@@ -519,9 +566,23 @@ def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> 
         input_keys=keys,
         input_values=values,
         merged_slots=order,
-        merged_keys=_take(out_keys, order),
-        merged_values=_take(out_values, order),
+        merged_keys=_take(kv[..., :dim], order),
+        merged_values=_take(kv[..., dim:], order),
     )
+
+
+def _joined(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[..., 2D]``: keys then values along the last dimension; a view when ``values``
+    already follows ``keys`` in one buffer (the engine's gathered slots, the merged slots
+    of ``kvslimmer::merge_pairs``), else a copy."""
+    dim = keys.shape[-1]
+    if (keys.shape == values.shape and keys.stride() == values.stride()
+            and keys.dtype == values.dtype and keys.stride(-1) == 1
+            and keys.stride(-2) == 2 * dim
+            and values.data_ptr() == keys.data_ptr() + dim * keys.element_size()
+            and keys.untyped_storage().data_ptr() == values.untyped_storage().data_ptr()):
+        return keys.as_strided((*keys.shape[:-1], 2 * dim), keys.stride())
+    return torch.cat((keys, values.to(keys.dtype)), dim=-1)
 
 
 def carry_mass(mass: torch.Tensor, result: MergeResult) -> torch.Tensor:

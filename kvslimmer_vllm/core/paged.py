@@ -12,7 +12,7 @@ import torch
 
 from .attention import merged_attention
 
-__all__ = ["paged_attention", "slot_ids"]
+__all__ = ["compact_rows", "paged_attention", "slot_ids"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -20,6 +20,43 @@ def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.T
     blocks = torch.as_tensor(block_ids, dtype=torch.int64, device=device)
     offsets = torch.arange(block_size, dtype=torch.int64, device=device)
     return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:num_slots]
+
+
+def compact_rows(
+    kvs: list[torch.Tensor],
+    slots: torch.Tensor,
+    source: torch.Tensor,
+    start: int,
+    merged_slots: torch.Tensor,
+    merged_keys: torch.Tensor,
+    merged_values: torch.Tensor,
+) -> None:
+    """Write a round's result into a request's slots of each layer's cache, in place.
+
+    The request's ``N`` slots ``slots`` keep ``n`` (``source`` ``[L, n]``): output slot
+    ``j`` of layer ``l`` (slot id ``slots[j]``) takes the row of its input slot
+    ``source[l, j]``, for ``j >= start`` (rows before ``start`` stay); then the output slots
+    ``merged_slots[l]`` take ``merged_keys[l]`` / ``merged_values[l]``. Rows only move to
+    lower slots: ``source[l, j] >= j``.
+
+    Args:
+        kvs: ``L`` caches ``[S, Hkv, 2D]``, one per layer, of one dtype.
+        slots: ``[N]`` int64 slot ids of the request, in order.
+        source: ``[L, n]`` int64 input slot of each output slot.
+        start: first output slot that may change.
+        merged_slots: ``[L, w]`` int64 output slots.
+        merged_keys, merged_values: ``[L, w, Hkv, D]`` in the caches' dtype.
+
+    ``kvslimmer::compact_rows`` (C++) does the same with one row copy per moved slot and
+    no temporary (:func:`kvslimmer_vllm.kernels.compact_rows`).
+    """
+    n = source.shape[1]
+    dst = slots[:n]
+    merged = torch.cat((merged_keys, merged_values), dim=-1)
+    for layer, kv in enumerate(kvs):
+        moved = kv.index_select(0, slots[source[layer, start:]])
+        kv.index_copy_(0, dst[start:], moved)
+        kv.index_copy_(0, dst[merged_slots[layer]], merged[layer])
 
 
 def paged_attention(

@@ -204,11 +204,17 @@ class RotarySpec:
         ``rotate(unrotate(x, p), p + delta)`` in one rotation, since RoPE angles are linear
         in the position. A common scale of the cache rows (YaRN's mscale) is divided out,
         as that round trip does."""
+        cos, sin = self.shift_cos_sin(delta)
+        return apply_rotary(x, cos, sin, rotary_dim=self.rotary_dim, is_neox=self.is_neox)
+
+    def shift_cos_sin(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)``, each ``[N, rotary_dim / 2]``, that :meth:`shift` rotates by:
+        the angles of ``delta`` ``[N]`` int64 positions, the cache's common scale divided
+        out."""
         cos, sin = self.cos_sin(delta.abs())
         norm = torch.sqrt(cos * cos + sin * sin)
         sign = torch.where(delta < 0, -1.0, 1.0).to(sin.device, sin.dtype)[:, None]
-        return apply_rotary(x, cos / norm, sin * sign / norm, rotary_dim=self.rotary_dim,
-                            is_neox=self.is_neox)
+        return cos / norm, sin * sign / norm
 
     def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Un-rotate ``[N, H, D]`` vectors from their ``[N]`` positions (see invert_rotary)."""

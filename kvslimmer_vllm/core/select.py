@@ -76,15 +76,22 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Args:
         scores: ``[M - 1]`` pair scores (:func:`pair_scores`); score ``i`` belongs to pair
-            ``(i, i + 1)``. Must be finite.
+            ``(i, i + 1)``. Must be finite. ``[L, M - 1]``: one independent choice per row
+            (layer).
         k: number of pairs, ``0 <= 2k <= M``.
 
     Returns:
-        ``[k]`` int64 left indices ``i``, sorted ascending, on ``scores``' device.
+        ``[k]`` (``[L, k]``) int64 left indices ``i``, sorted ascending, on ``scores``'
+        device.
 
     Raises:
         ValueError: if ``k < 0``, ``2k > M`` or a score is not finite.
     """
+    if scores.dim() == 2:
+        if scores.shape[0] == 0:
+            select_pairs(scores.new_zeros(scores.shape[1]), k)  # the same argument checks
+            return torch.zeros(0, k, dtype=torch.int64, device=scores.device)
+        return torch.stack([select_pairs(row, k) for row in scores])
     values = scores.detach().to("cpu", torch.float64).tolist()
     num_slots = len(values) + 1
     if k < 0 or 2 * k > num_slots:

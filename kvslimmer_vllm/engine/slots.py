@@ -28,6 +28,7 @@ import torch
 from kvslimmer_vllm.core.paged import slot_ids
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine.plan import MergeRound
+from kvslimmer_vllm.kernels import compact_rows
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData
 
 
@@ -113,12 +114,12 @@ class LayerCache:
 #: Most KV elements (slots x layers x heads x 2D) one batched round gathers at once;
 #: longer requests run their layers in several batches (256 MiB of float32).
 MAX_BATCH_ELEMENTS = 1 << 26
-#: The same on CPU (16 MiB of float32): a round makes a dozen passes over its batch, and a
-#: batch that stays in cache beats fewer, larger ones. The cases of
-#: ``benchmarks/merge_round.py`` timed through apply_round with caps of 1M to 64M elements
-#: (2-core AVX-512 machine): 4M was the fastest or within 5% of it in every case, and
-#: 8-24% faster than 64M in all but one (a prompt-end decode round: equal).
-CPU_BATCH_ELEMENTS = 1 << 22
+#: The same on CPU (64 MiB of float32). The cases of ``benchmarks/merge_round.py`` timed
+#: through apply_round with caps of 4M and 16M elements, interleaved (2-core AVX-512 machine,
+#: with the C++ merge_pairs / compact_rows / value_spread ops): 16M was 5-16% faster in all
+#: but one case (a progressive round of 3,104 slots: equal within noise). Before those ops
+#: a round made a dozen torch passes over its batch and 4M was best.
+CPU_BATCH_ELEMENTS = 1 << 24
 #: Batching layers beyond one may take at most this share of the KV cache budget: a small
 #: cache gathers one layer at a time rather than give a quarter of itself to the scratch.
 SCRATCH_SHARE = 1 / 8
@@ -234,13 +235,8 @@ def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst) ->
     to a lower slot, and each layer reads all its rows before writing any), then write
     the merged slots."""
     index = torch.tensor([layer.index for layer in layers], device=dst.device)
-    start = result.first_changed
-    changed = dst[start:]
-    merged = torch.cat((result.merged_keys, result.merged_values), dim=-1)
-    for row, layer in enumerate(layers):
-        moved = layer.kv.index_select(0, src[result.source[row, start:]])
-        layer.kv.index_copy_(0, changed, moved)
-        layer.kv.index_copy_(0, dst[result.merged_slots[row]], merged[row])
+    compact_rows([layer.kv for layer in layers], src, result.source, result.first_changed,
+                 result.merged_slots, result.merged_keys, result.merged_values)
     rows = index[:, None]
     state.counts[rows, dst] = result.counts
     state.positions[rows, dst] = result.positions

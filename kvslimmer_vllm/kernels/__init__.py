@@ -5,6 +5,8 @@
 | ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C`` (*)  |
 | ``core.select.select_pairs``      | C++ op (host)                 | C++ op                       |
 | ``core.stats.value_spread``       | reference (torch)             | C++ op                       |
+| ``core.merge.merge_pairs``        | reference (torch)             | C++ op                       |
+| ``core.paged.compact_rows``       | reference (torch)             | C++ op                       |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
@@ -22,6 +24,7 @@ import os
 
 import torch
 
+from kvslimmer_vllm.core import merge as _merge_ref
 from kvslimmer_vllm.core import paged as _paged_ref
 from kvslimmer_vllm.core import select as _select_ref
 from kvslimmer_vllm.core import stats as _stats_ref
@@ -31,8 +34,8 @@ ENV = "KVSLIMMER_KERNELS"
 CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
-__all__ = ["attention_backend_name", "check_cpu_isa_setting", "cpu_isa", "paged_attention",
-           "select_pairs", "value_spread"]
+__all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
+           "merge_pairs", "paged_attention", "select_pairs", "value_spread"]
 
 
 def _forced_reference() -> bool:
@@ -136,3 +139,37 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
     if ops is None:
         return _select_ref.select_pairs(scores, k)
     return ops.select_pairs(scores.detach().to("cpu", torch.float64), k).to(scores.device)
+
+
+def merge_pairs(keys, values, left, a, c_i, c_j, rotary=None, delta=None):
+    """:func:`kvslimmer_vllm.core.merge.merge_pairs` (the C++ op for float32/float64 CPU
+    tensors of one dtype when built; the reference elsewhere)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    dtype = keys.dtype
+    if (ops is None or keys.device.type != "cpu" or dtype not in (torch.float32, torch.float64)
+            or any(t.dtype != dtype for t in (values, a, c_i, c_j))):
+        return _merge_ref.merge_pairs(keys, values, left, a, c_i, c_j, rotary, delta)
+    cos_sin = shift = None
+    rotary_dim, is_neox = 0, True
+    if rotary is not None:
+        rotary_dim, is_neox = rotary.rotary_dim, rotary.is_neox
+        table = rotary.cos_sin_cache
+        if table is not None and table.dtype == dtype and table.device.type == "cpu":
+            cos_sin, shift = table, delta  # the op reads rows |delta| of vLLM's cache
+        else:  # angles from inv_freq (or a cache of another dtype): this round's rows
+            cos, sin = rotary.shift_cos_sin(delta.flatten())
+            cos_sin = torch.cat((cos, sin), dim=-1).to(dtype)
+            shift = torch.arange(cos_sin.shape[0], device=delta.device).view_as(delta)
+    return ops.merge_pairs(keys, values, left, a, c_i, c_j, cos_sin, shift, rotary_dim,
+                           is_neox)
+
+
+def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values) -> None:
+    """:func:`kvslimmer_vllm.core.paged.compact_rows` (the C++ op for CPU caches when
+    built; the reference elsewhere)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    if ops is None or kvs[0].device.type != "cpu":
+        _paged_ref.compact_rows(kvs, slots, source, start, merged_slots, merged_keys,
+                                merged_values)
+        return
+    ops.compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values)

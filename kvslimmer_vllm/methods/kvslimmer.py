@@ -7,7 +7,7 @@ import torch
 from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds
 from kvslimmer_vllm.core.select import pool_mass
 from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.kernels import select_pairs, value_spread
+from kvslimmer_vllm.kernels import merge_pairs, select_pairs, value_spread
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
 
 
@@ -27,7 +27,7 @@ class KVSlimmer(MergeMethod):
             max_fraction=max_fraction, pool=pool, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
             key_weights=self.key_weights, selector=select_pairs,
-            score_reduce=self.score_reduce, spread=value_spread,
+            score_reduce=self.score_reduce, spread=value_spread, pair_merge=merge_pairs,
         )
 
 
@@ -64,5 +64,5 @@ class SnapMerge(KVSlimmer):
             sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction, protect=protect,
             pool=pool, round_idx=round_index, gamma=cfg.gamma, eps=cfg.eps,
             rotary=rotary if cfg.rope_aware else None, key_weights=self.key_weights,
-            selector=select_pairs, score_reduce=self.score_reduce, spread=value_spread,
+            selector=select_pairs, score_reduce=self.score_reduce, spread=value_spread, pair_merge=merge_pairs,
         )

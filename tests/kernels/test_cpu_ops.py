@@ -507,6 +507,32 @@ def test_select_pairs_large_and_float32():
     _check_same(torch.empty(0, dtype=torch.float64), 0)  # M = 1
 
 
+def test_select_pairs_rows_are_independent_choices():
+    """[L, M - 1] scores: row l gets the 1-D choice of row l (rows in parallel), with ties,
+    adversarial rows and k up to M / 2; the reference stacks its rows the same way."""
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.rand(64, generator=gen, dtype=torch.float64) for _ in range(5)]
+    rows += [torch.tensor(v, dtype=torch.float64) for v in _adversarial(64, rng)]
+    scores = torch.stack(rows)
+    for k in (0, 1, 17, 32):
+        got = OPS.select_pairs(scores, k)
+        assert got.shape == (len(rows), k) and got.dtype == torch.int64
+        assert torch.equal(got, select_pairs_ref(scores, k))
+        for row, picked in zip(scores, got):
+            assert torch.equal(picked, OPS.select_pairs(row, k))
+    assert torch.equal(OPS.select_pairs(scores[:5].float(), 5),
+                       select_pairs_ref(scores[:5].float(), 5))
+    with pytest.raises(ValueError, match="cannot choose k=33"):
+        OPS.select_pairs(scores, 33)
+    bad = scores.clone()
+    bad[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        OPS.select_pairs(bad, 1)
+    with pytest.raises(ValueError, match="1-D tensor \\(or 2-D"):
+        OPS.select_pairs(scores[None], 1)
+
+
 @pytest.mark.parametrize(
     "values,k,pattern",
     [
@@ -557,6 +583,7 @@ def _alpha(shape, gen, dtype, kind="random"):
     (1, 1, 1, 1), (1, 7, 3, 64), (30, 878, 3, 64), (2, 5, 8, 128), (4, 33, 2, 80), (3, 2, 5, 3),
 ])
 @pytest.mark.parametrize("kind", ["random", "one-hot", "zero"])
+@on_every_isa
 def test_value_spread_matches_reference(dtype, layers, rows, heads, dim, kind):
     """Random and adversarial shapes (one slot, one head, odd head dims) and mass (all on one
     slot, none), on a strided view of gathered [L, M, H, 2D] keys/values as the engine
@@ -572,6 +599,7 @@ def test_value_spread_matches_reference(dtype, layers, rows, heads, dim, kind):
     torch.testing.assert_close(got, want, **tol)
 
 
+@on_every_isa
 def test_value_spread_large_values_and_contiguous_input():
     """Values of 1e4 (the mean of large rows must not lose the small ones' spread) and a
     contiguous input."""
@@ -597,3 +625,212 @@ def test_value_spread_large_values_and_contiguous_input():
 def test_value_spread_errors_name_the_problem(values, alpha, pattern):
     with pytest.raises(ValueError, match=pattern):
         OPS.value_spread(values, alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# merge_pairs
+
+
+def _pairs_case(layers, slots, heads, dim, k, dtype, gen, weights="random"):
+    kv = (torch.randn(layers, slots, heads, 2 * dim, generator=gen, dtype=torch.float64) * 3
+          ).to(dtype)
+    left = torch.stack([torch.randperm(slots - 1, generator=gen)[:k].sort().values
+                        for _ in range(layers)]) if k else torch.zeros(layers, 0,
+                                                                      dtype=torch.int64)
+    if weights == "random":
+        a = torch.rand(layers, k, heads, generator=gen, dtype=torch.float64)
+    elif weights == "edges":  # all weight on one key, alternating
+        a = (torch.arange(layers * k * heads) % 2).double().view(layers, k, heads)
+    else:
+        raise ValueError(weights)
+    c_i = torch.randint(1, 5000, (layers, k), generator=gen).double()
+    c_j = torch.randint(1, 5000, (layers, k), generator=gen).double()
+    delta = torch.randint(-3, 2000, (layers, k), generator=gen)
+    compute = torch.promote_types(dtype, torch.float32)
+    return kv, left, a.to(compute), c_i.to(compute), c_j.to(compute), delta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layers,slots,heads,dim,k", [
+    (1, 2, 1, 2, 1), (1, 7, 3, 64, 3), (30, 300, 3, 64, 120), (2, 40, 8, 128, 20),
+    (3, 33, 2, 80, 0), (4, 50, 5, 6, 25),
+])
+@pytest.mark.parametrize("rope", ["neox", "gptj", "partial", "scaled", "none"])
+@pytest.mark.parametrize("weights", ["random", "edges"])
+def test_merge_pairs_matches_reference(dtype, layers, slots, heads, dim, k, rope, weights):
+    """Random and adversarial shapes (two slots, every slot in a pair, no pairs, odd head
+    dims), the RoPE layouts (neox, GPT-J, partial rotary dims, a cache scaled as YaRN's
+    mscale scales it) and none, weights of 0 / 1, counts in the thousands, negative
+    shifts; keys and values as strided views of one [L, N, H, 2D] buffer, as the engine
+    gathers them; RoPE angles from a vLLM-layout cos_sin_cache."""
+    from kvslimmer_vllm.core.merge import merge_pairs
+    from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
+
+    gen = torch.Generator().manual_seed(slots * 31 + dim)
+    kv, left, a, c_i, c_j, delta = _pairs_case(layers, slots, heads, dim, k, dtype, gen,
+                                               weights)
+    keys, values = kv[..., :dim], kv[..., dim:]
+    rotary_dim = dim if rope != "partial" else max(2, dim // 2 - (dim // 2) % 2)
+    rotary = None
+    if rope != "none":
+        cache = build_cos_sin_cache(default_inv_freq(rotary_dim, 10000.0), 2048).to(dtype)
+        rotary = RotarySpec(rotary_dim, rope != "gptj",
+                            cos_sin_cache=cache * 1.3 if rope == "scaled" else cache)
+    want = merge_pairs(keys, values, left, a, c_i, c_j, rotary, delta)
+    got = OPS.merge_pairs(keys, values, left, a, c_i, c_j,
+                          rotary.cos_sin_cache if rotary else None, delta if rotary else None,
+                          rotary_dim if rotary else 0, rope != "gptj")
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                          atol=1e-10)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == (layers, k, heads, dim)
+        torch.testing.assert_close(g, w, **tol)
+    merged_keys, merged_values = got
+    if k:  # one [L, k, H, 2D] buffer: each head's key, then its value
+        assert merged_values.data_ptr() == merged_keys.data_ptr() + dim * kv.element_size()
+        assert merged_keys.stride() == merged_values.stride() == (k * heads * 2 * dim,
+                                                                  heads * 2 * dim, 2 * dim, 1)
+
+
+def test_merge_pairs_contiguous_inputs_and_identical_pairs():
+    """Contiguous keys/values work too; a pair of identical slots merges to itself."""
+    gen = torch.Generator().manual_seed(9)
+    keys = torch.randn(2, 10, 3, 16, generator=gen)
+    keys[:, 5] = keys[:, 4]
+    values = keys.clone()
+    left = torch.tensor([[4], [4]])
+    a = torch.rand(2, 1, 3, generator=gen)
+    ones = torch.ones(2, 1)
+    merged_keys, merged_values = OPS.merge_pairs(keys, values, left, a, ones, 3 * ones,
+                                                 None, None, 0, True)
+    torch.testing.assert_close(merged_keys[:, 0], keys[:, 4])
+    torch.testing.assert_close(merged_values[:, 0], values[:, 4])
+
+
+def _pair_args(**change):
+    args = dict(keys=torch.zeros(2, 6, 3, 4), values=torch.zeros(2, 6, 3, 4),
+                left=torch.tensor([[0, 2], [1, 3]]), a=torch.zeros(2, 2, 3),
+                c_left=torch.ones(2, 2), c_right=torch.ones(2, 2), cos_sin=None, delta=None,
+                rotary_dim=0, is_neox=True)
+    args.update(change)
+    return list(args.values())
+
+
+SHIFTS = torch.tensor([[1, 2], [3, -7]])
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(values=torch.zeros(2, 6, 3, 5)), "keys and values \\[L, N, H, D\\] of one shape"),
+    (dict(left=torch.tensor([[0, 5], [1, 3]])), "left slot 5 has no right neighbour"),
+    (dict(left=torch.tensor([[0, -1], [1, 3]])), "left slot -1"),
+    (dict(left=torch.tensor([[0, 2]])), "left must be int64 \\[L, k\\] with L = 2"),
+    (dict(left=torch.tensor([[0.0, 2.0], [1.0, 3.0]])), "left must be int64"),
+    (dict(a=torch.zeros(2, 2, 2)), "a must have shape \\[2, 2, 3\\]"),
+    (dict(c_left=torch.ones(2, 3)), "c_left and c_right must have left's shape"),
+    (dict(a=torch.zeros(2, 2, 3, dtype=torch.float64)), "must have the keys' dtype"),
+    (dict(keys=torch.zeros(2, 6, 3, 4, dtype=torch.bfloat16),
+          values=torch.zeros(2, 6, 3, 4, dtype=torch.bfloat16)), "float32 or float64 keys"),
+    (dict(cos_sin=torch.ones(8, 4)), "give both cos_sin and delta, or neither"),
+    (dict(cos_sin=torch.ones(8, 4), delta=SHIFTS, rotary_dim=6),
+     "rotary_dim must be even and in \\(0, 4\\]"),
+    (dict(cos_sin=torch.ones(8, 2), delta=SHIFTS, rotary_dim=4), "cos_sin must be \\[P, 4\\]"),
+    (dict(cos_sin=torch.ones(8, 4, dtype=torch.float64), delta=SHIFTS, rotary_dim=4),
+     "cos_sin must have the keys' dtype"),
+    (dict(cos_sin=torch.ones(8, 4), delta=SHIFTS.float(), rotary_dim=4),
+     "delta must be int64 of left's shape"),
+    (dict(cos_sin=torch.ones(8, 4), delta=torch.tensor([[1, 2], [3, 8]]), rotary_dim=4),
+     "delta 8 is outside the 8 rows of cos_sin"),
+])
+def test_merge_pairs_errors_name_the_problem(change, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        OPS.merge_pairs(*_pair_args(**change))
+
+
+# --------------------------------------------------------------------------------------------
+# compact_rows
+
+
+def _compact_case(layers, num_slots, heads, dim, n_in, freed, width, dtype, gen,
+                  padded=False):
+    """Caches of a request whose n_in slots (shuffled ids) keep n_in - freed rows: kept
+    input slots in order, as a round's source is."""
+    shape = (num_slots, heads, 2 * dim + (5 if padded else 0))
+    caches = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 100).to(dtype)
+              [..., :2 * dim] for _ in range(layers)]
+    slots = torch.randperm(num_slots, generator=gen)[:n_in]
+    n = n_in - freed
+    source = torch.stack([torch.randperm(n_in, generator=gen)[:n].sort().values
+                          for _ in range(layers)])
+    merged_slots = torch.stack([torch.randperm(n, generator=gen)[:width]
+                                for _ in range(layers)])
+    merged = torch.randn(layers, width, heads, 2 * dim, generator=gen).to(dtype)
+    return caches, slots, source, merged_slots, merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float64])
+@pytest.mark.parametrize("layers,num_slots,heads,dim,n_in,freed,width", [
+    (1, 4, 1, 1, 2, 1, 1), (3, 256, 3, 64, 200, 50, 50), (30, 512, 3, 64, 300, 0, 0),
+    (2, 64, 8, 128, 64, 63, 1), (4, 100, 2, 5, 37, 10, 7),
+])
+@pytest.mark.parametrize("layout", ["dense", "padded-rows", "strided-merged"])
+def test_compact_rows_matches_reference(dtype, layers, num_slots, heads, dim, n_in, freed,
+                                        width, layout):
+    """The caches after the op equal the reference's bit for bit, every start; slots
+    outside the request never change."""
+    from kvslimmer_vllm.core.paged import compact_rows
+
+    gen = torch.Generator().manual_seed(num_slots + dim)
+    caches, slots, source, merged_slots, merged = _compact_case(
+        layers, num_slots, heads, dim, n_in, freed, width, dtype, gen,
+        padded=layout == "padded-rows")
+    if layout == "strided-merged":
+        merged_keys, merged_values = merged[..., :dim], merged[..., dim:]
+    else:
+        merged_keys, merged_values = merged[..., :dim].contiguous(), merged[..., dim:].contiguous()
+    n = source.shape[1]
+    for start in sorted({0, n // 2, n}):
+        ours = [c.clone() for c in caches]
+        theirs = [c.clone() for c in caches]
+        args = (slots, source, start, merged_slots, merged_keys, merged_values)
+        OPS.compact_rows(ours, *args)
+        compact_rows(theirs, *args)
+        outside = torch.ones(num_slots, dtype=torch.bool)
+        outside[slots] = False
+        for before, got, want in zip(caches, ours, theirs):
+            assert torch.equal(got, want)
+            assert torch.equal(got[outside], before[outside])
+
+
+def _compact_args(**change):
+    gen = torch.Generator().manual_seed(0)
+    caches, slots, source, merged_slots, merged = _compact_case(2, 32, 2, 4, 10, 3, 2,
+                                                                torch.float32, gen)
+    args = dict(kvs=caches, slots=slots, source=source, start=0, merged_slots=merged_slots,
+                merged_keys=merged[..., :4], merged_values=merged[..., 4:])
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(kvs=[]), "at least one layer's cache"),
+    (dict(kvs=[torch.zeros(32, 2, 8), torch.zeros(32, 2, 8, dtype=torch.float64)]),
+     "every cache must have the first's shape"),
+    (dict(kvs=[torch.zeros(32, 2, 7)] * 2), "each cache must be \\[S, H, 2D\\]"),
+    (dict(slots=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 99])), "slot id 99 outside"),
+    (dict(source=torch.tensor([[0, 1, 2, 3, 4, 5, 7], [0, 0, 2, 3, 4, 5, 6]])),
+     "source\\[1, 1\\] = 0 must be in \\[1, 10\\)"),
+    (dict(source=torch.zeros(3, 7, dtype=torch.int64)), "source must be int64 \\[L, n\\] with L = 2"),
+    (dict(start=8), "start must be in \\[0, 7\\]"),
+    (dict(merged_slots=torch.tensor([[0, 7], [1, 2]])), "merged_slots\\[0, 1\\] = 7 outside"),
+    (dict(merged_keys=torch.zeros(2, 2, 2, 3)), "merged_keys and merged_values must be"),
+    (dict(merged_keys=torch.zeros(2, 2, 2, 4, dtype=torch.float64)),
+     "must have the caches' dtype"),
+])
+def test_compact_rows_errors_leave_the_caches_untouched(change, pattern):
+    args = _compact_args(**change)
+    before = [c.clone() for c in args["kvs"]]
+    with pytest.raises(ValueError, match=pattern):
+        OPS.compact_rows(*args.values())
+    for cache, saved in zip(args["kvs"], before):
+        assert torch.equal(cache, saved)

@@ -71,15 +71,22 @@ def test_value_spread_dispatch_matches_core(shape, dtype):
                                stats.value_spread(values, alpha), rtol=1e-5, atol=1e-4)
 
 
-def test_merge_round_with_the_spread_kernel_matches_the_reference():
+@pytest.mark.parametrize("joined", [True, False], ids=["kv-views", "separate"])
+def test_merge_round_with_the_kernels_matches_the_reference(joined):
     """A whole layer-batched KVSlimmer round (sub-rounds, RoPE-aware keys) with the C++
-    spread equals the reference round: same slots, keys and Hessians within float32."""
+    value spread, pair merge and batched selection equals the reference round: same
+    slots, keys and Hessians within float32. Keys and values as the engine passes them
+    (views of one gathered [L, N, H, 2D] buffer) and as separate tensors."""
     from kvslimmer_vllm.core import merge
     from kvslimmer_vllm.core.rope import RotarySpec, default_inv_freq
 
     g = torch.Generator().manual_seed(5)
     layers, n, heads, d = 4, 300, 3, 64
-    keys, values = torch.randn(2, layers, n, heads, d, generator=g).unbind(0)
+    if joined:
+        kv = torch.randn(layers, n, heads, 2 * d, generator=g)
+        keys, values = kv[..., :d], kv[..., d:]
+    else:
+        keys, values = torch.randn(2, layers, n, heads, d, generator=g).unbind(0)
     counts = torch.randint(1, 4, (layers, n), generator=g).float()
     positions = torch.cumsum(counts.long(), dim=1) - 1
     hess = torch.rand(layers, n, heads, generator=g)
@@ -90,8 +97,48 @@ def test_merge_round_with_the_spread_kernel_matches_the_reference():
               gamma=656.0, eps=1e-21, rotary=rotary)
     want = merge.merge_rounds(keys, values, counts, positions, hess, mass, **kw)
     got = merge.merge_rounds(keys, values, counts, positions, hess, mass,
-                             spread=kernels.value_spread, **kw)
+                             spread=kernels.value_spread, pair_merge=kernels.merge_pairs,
+                             selector=kernels.select_pairs, **kw)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.positions, want.positions)
+    assert torch.equal(got.source, want.source)
+    assert torch.equal(got.merged_slots, want.merged_slots)
     torch.testing.assert_close(got.keys, want.keys, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.values, want.values)
     torch.testing.assert_close(got.hess, want.hess, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_pairs_dispatch_matches_core(dtype):
+    """float32 runs the C++ op, bf16 falls back to the reference; both as the core says."""
+    from kvslimmer_vllm.core import merge
+    from kvslimmer_vllm.core.rope import RotarySpec, default_inv_freq
+
+    g = torch.Generator().manual_seed(6)
+    kv = torch.randn(2, 50, 3, 128, generator=g).to(dtype)
+    keys, values = kv[..., :64], kv[..., 64:]
+    left = torch.stack([torch.arange(0, 48, 3), torch.arange(1, 49, 3)])
+    a = torch.rand(2, 16, 3, generator=g)
+    c_i, c_j = (torch.randint(1, 9, (2, 16), generator=g).float() for _ in range(2))
+    rotary = RotarySpec(64, True, inv_freq=default_inv_freq(64, 10000.0))
+    delta = torch.randint(1, 9, (2, 16), generator=g)
+    got = kernels.merge_pairs(keys, values, left, a.to(torch.float32), c_i, c_j, rotary, delta)
+    want = merge.merge_pairs(keys, values, left, a, c_i, c_j, rotary, delta)
+    for x, y in zip(got, want):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_rows_dispatch_matches_core(dtype):
+    g = torch.Generator().manual_seed(7)
+    caches = [torch.randn(64, 2, 16, generator=g).to(dtype) for _ in range(3)]
+    copies = [c.clone() for c in caches]
+    slots = torch.randperm(64, generator=g)[:40]
+    source = torch.stack([torch.arange(40)[torch.arange(40) % 4 != 1] for _ in range(3)])
+    merged_slots = torch.tensor([[2, 5], [0, 29], [7, 12]])
+    merged = torch.randn(3, 2, 2, 16, generator=g).to(dtype)
+    args = (slots, source, 1, merged_slots, merged[..., :8], merged[..., 8:])
+    kernels.compact_rows(caches, *args)
+    paged.compact_rows(copies, *args)
+    for got, want in zip(caches, copies):
+        assert torch.equal(got, want)
