@@ -231,9 +231,8 @@ def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
 
 def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst) -> None:
     """Store a layer-batched round's result in the request's slots ``dst``: move the
-    surviving rows inside each layer's cache (from ``first_changed`` on; every row moves
-    to a lower slot, and each layer reads all its rows before writing any), then write
-    the merged slots."""
+    surviving rows inside each layer's cache from ``first_changed`` on and write the
+    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`), then the slots' state."""
     index = torch.tensor([layer.index for layer in layers], device=dst.device)
     compact_rows([layer.kv for layer in layers], src, result.source, result.first_changed,
                  result.merged_slots, result.merged_keys, result.merged_values)

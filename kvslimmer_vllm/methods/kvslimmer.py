@@ -11,6 +11,12 @@ from kvslimmer_vllm.kernels import merge_pairs, select_pairs, value_spread
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
 
 
+def _kernels() -> dict:
+    """The device's kernels for a round's pair choice, value spread and pair merge (looked
+    up when called, so a benchmark may swap one)."""
+    return dict(selector=select_pairs, spread=value_spread, pair_merge=merge_pairs)
+
+
 @register
 class KVSlimmer(MergeMethod):
     name = "kvslimmer"
@@ -26,8 +32,7 @@ class KVSlimmer(MergeMethod):
             sink=cfg.sink, recent=cfg.recent if recent is None else recent, k=k,
             max_fraction=max_fraction, pool=pool, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
-            key_weights=self.key_weights, selector=select_pairs,
-            score_reduce=self.score_reduce, spread=value_spread, pair_merge=merge_pairs,
+            key_weights=self.key_weights, score_reduce=self.score_reduce, **_kernels(),
         )
 
 
@@ -64,5 +69,5 @@ class SnapMerge(KVSlimmer):
             sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction, protect=protect,
             pool=pool, round_idx=round_index, gamma=cfg.gamma, eps=cfg.eps,
             rotary=rotary if cfg.rope_aware else None, key_weights=self.key_weights,
-            selector=select_pairs, score_reduce=self.score_reduce, spread=value_spread, pair_merge=merge_pairs,
+            score_reduce=self.score_reduce, **_kernels(),
         )
