@@ -13,9 +13,11 @@ pyyaml and numpy: no vLLM, no pydantic, no model weights, no network, no install
    (one row per request) and a prefill chunk, 4K to 32K slots: median times, ratios,
    the largest output difference, and the mass total (every row spreads a mass of 1 per
    KV head).
-3. Merge round: :func:`kvslimmer_vllm.core.merge.merge_rounds` on layer-batched tensors,
-   the compacted keys and values assembled, 16K slots down to 8K and 2K, for one layer
-   and for 32; the pair selection (on the host) is timed on its own as well.
+3. Merge round as the engine runs it on a paged cache (gather every layer's slots,
+   :func:`kvslimmer_vllm.core.merge.merge_rounds`, write back in place), 16K slots down
+   to 8K and 2K, for one layer and for 32: with PyTorch ops and with the Triton round
+   kernels (``triton_kernels/round.py``), side by side, their caches compared; the pair
+   selection (on the host) is timed on its own as well.
 
 Without CUDA the same runs on CPU tensors with the Triton kernel under Triton's
 interpreter (``TRITON_INTERPRET=1``) at small shapes: a smoke test, not a measurement.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib
 import importlib.util
 import json
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,11 +60,15 @@ from kvslimmer_vllm.core.merge import (  # noqa: E402
     merge_rounds,
     subround_sizes,
 )
+from kvslimmer_vllm.core.merge import merge_pairs as merge_pairs_reference  # noqa: E402
+from kvslimmer_vllm.core.paged import compact_rows as compact_rows_reference  # noqa: E402
+from kvslimmer_vllm.core.paged import slot_ids  # noqa: E402
 from kvslimmer_vllm.core.rope import (  # noqa: E402
     RotarySpec,
     build_cos_sin_cache,
     default_inv_freq,
 )
+from kvslimmer_vllm.core.stats import value_spread as value_spread_reference  # noqa: E402
 
 TEST_PATHS = ["tests/core", "tests/kernels"]
 PYTEST_CHILD = "--pytest-child"
@@ -108,6 +116,7 @@ CPU_PROFILE = Profile(
     attention_repeats=1, merge_repeats=1, tolerance=1e-4,
 )
 MASS_TOLERANCE = 1e-3  # relative error of the total mass
+MERGE_MISMATCH_FRACTION = 1e-4  # of cache elements the two round kernel sets may disagree on
 
 
 def say(message: str) -> None:
@@ -136,13 +145,13 @@ def expose_triton_kernels() -> None:
     importlib.import_module("kvslimmer_vllm").triton_kernels = module
 
 
-def load_paged_attention(interpret: bool):
-    """The Triton paged-attention module; built for Triton's interpreter when ``interpret``
-    (``TRITON_INTERPRET`` must be set before Triton builds the kernels)."""
+def load_triton_module(name: str, interpret: bool):
+    """``kvslimmer_vllm.triton_kernels.<name>``; built for Triton's interpreter when
+    ``interpret`` (``TRITON_INTERPRET`` must be set before Triton builds the kernels)."""
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     expose_triton_kernels()
-    module = importlib.import_module("kvslimmer_vllm.triton_kernels.paged_attention")
+    module = importlib.import_module(f"kvslimmer_vllm.triton_kernels.{name}")
     if module.is_interpreted() != interpret:
         raise RuntimeError("TRITON_INTERPRET=1 is set on a CUDA machine: unset it")
     return module
@@ -337,57 +346,124 @@ class TimedSelector:
             self.seconds += time.perf_counter() - started
 
 
+@dataclasses.dataclass(frozen=True)
+class RoundKernels:
+    """The four steps of an engine round that move or transform cache data."""
+
+    gather: Callable  # (caches, slots, out) -> out
+    spread: Callable  # value_spread contract
+    pair_merge: Callable  # core.merge.merge_pairs contract
+    compact: Callable  # (caches, slots, source, start, merged_slots, keys, values, rows)
+
+
+def torch_round_kernels() -> RoundKernels:
+    """The PyTorch references, as a round runs on CUDA without the Triton kernels."""
+    def gather(caches, slots, out):
+        for row, cache in enumerate(caches):
+            torch.index_select(cache, 0, slots, out=out[row])
+        return out
+
+    def compact(caches, slots, source, start, merged_slots, keys, values, rows):
+        compact_rows_reference(caches, slots, source, start, merged_slots, keys, values)
+
+    return RoundKernels(gather, value_spread_reference, merge_pairs_reference, compact)
+
+
+def triton_round_kernels(module) -> RoundKernels:
+    """``triton_kernels/round.py`` (the module given: built for CUDA, or interpreted)."""
+    def pair_merge(keys, values, left, a, c_i, c_j, rotary=None, delta=None):
+        return module.merge_pairs(keys, values, left, a, c_i, c_j,
+                                  *kernels.shift_table(rotary, delta, torch.float32))
+
+    return RoundKernels(module.gather_rows, module.value_spread, pair_merge,
+                        module.compact_rows)
+
+
 def merge_state(p: Profile, layers: int, device: torch.device, seed: int) -> tuple:
-    """Random layer-batched slots of one request: keys, values ``[L, N, Hkv, D]``, counts
-    of 1-3 tokens, their positions, carried Hessians and observation mass."""
+    """One request's ``p.merge_slots`` slots in ``layers`` separate paged caches (blocks
+    scattered over caches twice its size, as the engine holds them) and its slot state:
+    ``(caches, slot ids, counts, positions, hess, mass)``, counts of 1-3 tokens."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    shape = (layers, p.merge_slots, p.kv_heads)
-    keys, values = (torch.randn(*shape, p.head_dim, device=device, dtype=p.dtype,
-                                generator=gen) for _ in range(2))
+    n = p.merge_slots
+    blocks = -(-n // p.block_size)
+    order = torch.randperm(2 * blocks, device=device, generator=gen)[:blocks]
+    slots = slot_ids(order, n, p.block_size, device)
+    caches = [torch.randn(2 * blocks * p.block_size, p.kv_heads, 2 * p.head_dim,
+                          device=device, dtype=p.dtype, generator=gen) for _ in range(layers)]
+    shape = (layers, n, p.kv_heads)
     counts = torch.randint(1, 4, shape[:2], device=device, generator=gen).float()
     positions = torch.cumsum(counts.long(), dim=1) - 1
     hess = torch.rand(shape, device=device, generator=gen)
     mass = torch.rand(shape, device=device, generator=gen) ** 4
-    return keys, values, counts, positions, hess, mass
+    return caches, slots, counts, positions, hess, mass
 
 
-def merge_once(state: tuple, k: int, rotary: RotarySpec, selector) -> MergeResult:
-    """One KVSlimmer round freeing ``k`` slots (sub-rounds as needed), with the compacted
-    keys and values assembled as the engine's cache would hold them."""
-    result = merge_rounds(*state, sink=SINK, recent=RECENT, k=k, max_fraction=MAX_FRACTION,
-                          round_idx=2, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS, rotary=rotary,
-                          selector=selector)
-    _ = result.keys, result.values  # assembled on first use
+def engine_round(state: tuple, k: int, rotary: RotarySpec, selector, kit: RoundKernels,
+                 scratch: torch.Tensor) -> MergeResult:
+    """One KVSlimmer round freeing ``k`` slots as the engine runs it: gather the slots of
+    every layer into ``scratch``, merge (sub-rounds as needed), write the result back into
+    the caches (in place)."""
+    caches, slots, *tail = state
+    rows = kit.gather(caches, slots, scratch)
+    dim = rows.shape[-1] // 2
+    result = merge_rounds(rows[..., :dim], rows[..., dim:], *tail, sink=SINK, recent=RECENT,
+                          k=k, max_fraction=MAX_FRACTION, round_idx=2, gamma=DEFAULT_GAMMA,
+                          eps=DEFAULT_EPS, rotary=rotary, selector=selector,
+                          spread=kit.spread, pair_merge=kit.pair_merge)
+    kit.compact(caches, slots, result.source, result.first_changed, result.merged_slots,
+                result.merged_keys, result.merged_values, rows)
     return result
 
 
-def merge_result_ok(state: tuple, result: MergeResult, k: int) -> bool:
+def merge_result_ok(state: tuple, result: MergeResult, k: int, tolerance: float,
+                    other: tuple) -> bool:
     """``N - k`` slots per layer, token counts preserved, positions still in order, finite
-    keys and values."""
-    counts, n = state[2], state[2].shape[1]
+    caches, and the caches within ``10 * tolerance`` of ``other`` (the same round with the
+    other kernels) over the request's slots, but for at most
+    :data:`MERGE_MISMATCH_FRACTION` of the elements: the kernels round differently, so a
+    key weight that lands on the edge of its guard in one may fall back in the other."""
+    caches, slots, counts = state[0], state[1], state[2]
+    n = counts.shape[1]
+    kept = slots[:n - k]
+    far = sum(int(((a[kept].float() - b[kept].float()).abs() > 10 * tolerance).sum())
+              for a, b in zip(caches, other[0]))
+    close = far <= MERGE_MISMATCH_FRACTION * kept.numel() * caches[0][0].numel() * len(caches)
     return (tuple(result.counts.shape) == (counts.shape[0], n - k)
             and torch.equal(result.counts.sum(dim=1), counts.sum(dim=1))
             and bool((result.positions.diff(dim=1) >= 0).all())
-            and bool(torch.isfinite(result.keys.float()).all())
-            and bool(torch.isfinite(result.values.float()).all()))
+            and all(bool(torch.isfinite(c[kept].float()).all()) for c in caches)
+            and close)
 
 
-def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: int) -> dict:
-    """Time one round of ``layers`` layers from ``p.merge_slots`` slots to ``target``."""
-    state = merge_state(p, layers, device, seed)
+def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: int,
+              triton_round) -> dict:
+    """Time one round of ``layers`` layers from ``p.merge_slots`` slots to ``target``, with
+    the PyTorch ops and with the Triton kernels; their caches must agree afterwards."""
     k = p.merge_slots - target
     inv_freq = default_inv_freq(p.head_dim, ROPE_THETA)
     rotary = RotarySpec(p.head_dim, True,
                         cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
+    kits = {"torch": torch_round_kernels(), "triton": triton_round_kernels(triton_round)}
+    states = {name: merge_state(p, layers, device, seed) for name in kits}
+    scratch = torch.empty(layers, p.merge_slots, p.kv_heads, 2 * p.head_dim, device=device,
+                          dtype=p.dtype)
     selector = TimedSelector(kernels.select_pairs)
-    ok = merge_result_ok(state, merge_once(state, k, rotary, selector), k)  # and warm-up
+    results = {name: engine_round(states[name], k, rotary, selector, kit, scratch)
+               for name, kit in kits.items()}  # the checks, and the warm-up
+    synchronize(device)
+    ok = all(merge_result_ok(states[name], results[name], k, p.tolerance,
+                             states["torch" if name == "triton" else "triton"])
+             for name in kits)
     selector.seconds = 0.0
-    times = median_ms_host({"round": lambda: merge_once(state, k, rotary, selector)},
-                           p.merge_repeats, sync=lambda: synchronize(device))
+    # Timed rounds run on the already merged caches: same shapes, the slots' data changes.
+    times = median_ms_host(
+        {name: functools.partial(engine_round, states[name], k, rotary, selector, kit,
+                                 scratch) for name, kit in kits.items()},
+        p.merge_repeats, sync=lambda: synchronize(device))
     return dict(layers=layers, slots=p.merge_slots, target=target,
                 subrounds=len(subround_sizes(p.merge_slots - SINK - RECENT, k, MAX_FRACTION)),
-                round_ms=times["round"], select_ms=selector.seconds * 1e3 / p.merge_repeats,
-                ok=ok)
+                torch_ms=times["torch"], triton_ms=times["triton"],
+                select_ms=selector.seconds * 1e3 / (2 * p.merge_repeats), ok=ok)
 
 
 # ---------------------------------------------------------------------------- report
@@ -425,19 +501,26 @@ def attention_table(rows: list[dict], p: Profile) -> list[str]:
 def merge_table(rows: list[dict], p: Profile) -> list[str]:
     """Markdown section of the merge-round rows."""
     lines = [
-        "## Merge round: core.merge_rounds, layers batched", "",
-        f"Hkv {p.kv_heads}, D {p.head_dim}, {str(p.dtype).removeprefix('torch.')}, sink "
-        f"{SINK}, recent {RECENT}, RoPE-aware; the round's compacted keys and values "
-        "assembled. Pair selection runs on the host: "
-        f"{selector_name()}. Median ms per round of {p.merge_repeats} run(s).", "",
-        "| layers | slots | to slots | sub-rounds | round (ms) | of which pair selection "
-        "(ms) | ok |",
-        "|---|---|---|---|---|---|---|",
+        "## Merge round as the engine runs it: gather, core.merge_rounds, write-back", "",
+        f"One request's slots in L separate paged caches (scattered blocks), Hkv "
+        f"{p.kv_heads}, D {p.head_dim}, {str(p.dtype).removeprefix('torch.')}, sink {SINK}, "
+        f"recent {RECENT}, RoPE-aware (vLLM-layout cos_sin_cache). PyTorch: index_select "
+        "gathers, core.stats.value_spread, core.merge.merge_pairs, core.paged.compact_rows. "
+        "Triton: triton_kernels/round.py (one-launch gather, value spread, pair merge, "
+        "write-back from the gathered copy). Both run the same statistics and the pair "
+        f"selection on the host ({selector_name()}). Median ms per round of "
+        f"{p.merge_repeats} run(s); ok: the caches of both agree (within "
+        f"{10 * p.tolerance:g} on all but {MERGE_MISMATCH_FRACTION:g} of the elements) and "
+        "the round keeps every token.", "",
+        "| layers | slots | to slots | sub-rounds | PyTorch (ms) | Triton (ms) "
+        "| Triton/PyTorch | of which pair selection (ms) | ok |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layers']} | {r['slots']} | {r['target']} | {r['subrounds']} "
-            f"| {fmt_ms(r['round_ms'])} | {fmt_ms(r['select_ms'])} "
+            f"| {fmt_ms(r['torch_ms'])} | {fmt_ms(r['triton_ms'])} "
+            f"| {r['triton_ms'] / r['torch_ms']:.2f} | {fmt_ms(r['select_ms'])} "
             f"| {'yes' if r['ok'] else 'NO'} |")
     return lines
 
@@ -500,7 +583,8 @@ def report(device, p: Profile, tests, attention: list, merges: list, notes: list
 def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: list):
     """Every attention case, then every merge round, until ``budget_s`` seconds have
     passed (cases not started then are listed in ``notes``)."""
-    kernel = load_paged_attention(interpret=device.type != "cuda")
+    kernel = load_triton_module("paged_attention", interpret=device.type != "cuda")
+    triton_round = load_triton_module("round", interpret=device.type != "cuda")
     deadline = time.monotonic() + budget_s
     attention, merges = [], []
     jobs = [("attention", case) for case in attention_cases(p)]
@@ -520,10 +604,11 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
                 + f", max abs err {row['max_err']:.2e}, mass err {row['mass_err']:.1e}"
                 + ("" if row["ok"] else " DISAGREE"))
         else:
-            row = merge_row(p, *job, device, seed)
+            row = merge_row(p, *job, device, seed, triton_round)
             merges.append(row)
             say(f"merge round {row['layers']} layer(s) {row['slots']} -> {row['target']}: "
-                f"{fmt_ms(row['round_ms'])} ms (selection {fmt_ms(row['select_ms'])} ms)"
+                f"PyTorch {fmt_ms(row['torch_ms'])} ms, Triton {fmt_ms(row['triton_ms'])} ms "
+                f"(selection {fmt_ms(row['select_ms'])} ms)"
                 + ("" if row["ok"] else " CHECK FAILED"))
         say(f"  ({time.perf_counter() - started:.1f} s)")
         if device.type == "cuda":

@@ -6,8 +6,9 @@
 #   2. Triton paged attention (log-count bias, observation mass) vs PyTorch SDPA at
 #      8B-class shapes (Hq 32, Hkv 8, D 128, bf16), decode and a 512-row prefill chunk,
 #      4K-32K slots: median times, ratios, max abs error,
-#   3. one merge round (core.merge_rounds, layers batched), 16K slots to 8K and to 2K,
-#      for 1 and 32 layers.
+#   3. one merge round as the engine runs it on a paged cache (gather, core.merge_rounds,
+#      write-back), 16K slots to 8K and to 2K, for 1 and 32 layers: PyTorch ops vs the
+#      Triton round kernels (triton_kernels/round.py), side by side, caches compared.
 # Without CUDA the same runs on CPU, Triton under its interpreter, at small shapes (a smoke
 # test of this script, said so in its output).
 #

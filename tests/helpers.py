@@ -21,7 +21,8 @@ from kvslimmer_vllm.eval.text import documentation_text as long_text
 from kvslimmer_vllm.eval.text import documentation_tokens as token_prompt
 
 __all__ = ["MERGE", "TINY_VOCAB", "Server", "engine_args", "free_port", "long_text",
-           "merging_server_via_entrypoint", "offline_llm", "random_tokens", "token_prompt"]
+           "merging_server_via_entrypoint", "offline_llm", "random_tokens", "token_prompt",
+           "triton_kernel_modules"]
 
 VENV_BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,3 +207,38 @@ def merging_server_via_entrypoint(model_dir: str, *, log_path: Path) -> Server:
            "VLLM_EXTRA_ARGS": extra}
     return Server([str(ROOT / "docker" / "entrypoint.sh")], port=port, env=env,
                   log_path=log_path, api_key=MERGE.API_KEY, name=MERGE.NAME)
+
+
+def triton_kernel_modules(*names: str):
+    """The modules ``kvslimmer_vllm.triton_kernels.<name>``, built for the GPU when CUDA is
+    present and for Triton's CPU interpreter otherwise.
+
+    triton.jit reads TRITON_INTERPRET when a kernel is defined, so it is set while the
+    modules are imported (re-running any imported earlier without it, in the order given,
+    so a module that imports another sees the rebuilt one), then restored so the rest of the
+    test session and its subprocesses (vLLM engines) do not inherit it; interpreted kernels
+    do not read it again. Triton itself is imported first, as vLLM would in any test module,
+    so its own library is built the same way whatever the test order.
+    """
+    import importlib
+
+    import torch
+    import triton  # noqa: F401 - deliberately before TRITON_INTERPRET is set
+
+    interpret = not torch.cuda.is_available()
+    saved = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        modules = []
+        for name in names:
+            module = importlib.import_module(f"kvslimmer_vllm.triton_kernels.{name}")
+            if interpret and not module.is_interpreted():
+                module = importlib.reload(module)
+            modules.append(module)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return modules

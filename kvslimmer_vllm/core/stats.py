@@ -47,7 +47,8 @@ def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``d_j = ||v_j - o||_1`` over ``D`` with ``o = sum_j alpha_j v_j`` (per head).
 
     Args:
-        values: ``[M, Hkv, D]`` (or ``[L, M, Hkv, D]``) slot values, in alpha's dtype.
+        values: ``[M, Hkv, D]`` (or ``[L, M, Hkv, D]``) slot values (any float dtype; the
+            computation runs in alpha's).
         alpha: ``[M, Hkv]`` (``[L, M, Hkv]``) normalised mass.
 
     Returns:
@@ -55,6 +56,7 @@ def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         ``torch.ops.kvslimmer.value_spread`` computes the same without materialising
         ``values - o`` (:func:`kvslimmer_vllm.kernels.value_spread` dispatches).
     """
+    values = values.to(alpha.dtype)
     mean = torch.einsum("...mh,...mhd->...hd", alpha, values)
     return (values - mean.unsqueeze(-3)).abs().sum(dim=-1)
 
@@ -77,7 +79,7 @@ def hessian_stats(
         ``h_diag_j = alpha_j (1 - 2 alpha_j) d_j``. ``|h_diag_j|`` is the L1 norm of the exact
         second derivative ``d2 o / d logit_j^2``; its sign is the sign of ``1 - 2 alpha_j``.
     """
-    d = spread(values.to(alpha.dtype), alpha)
+    d = spread(values, alpha)
     return alpha * (1 - 2 * alpha) * d, d
 
 

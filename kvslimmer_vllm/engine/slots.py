@@ -28,7 +28,7 @@ import torch
 from kvslimmer_vllm.core.paged import slot_ids
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine.plan import MergeRound
-from kvslimmer_vllm.kernels import compact_rows
+from kvslimmer_vllm.kernels import compact_rows, gather_rows
 from kvslimmer_vllm.methods.base import MergeMethod, SlotData
 
 
@@ -201,8 +201,9 @@ def apply_round(
     for group in _rotary_groups(layers):
         for first in range(0, len(group), batch):
             part = group[first:first + batch]
+            rows = _gather_rows(part, state, src)
             result = method.run_round(
-                gather(part, state, src),
+                _slot_data(rows, part, state, src),
                 k=plan.num_merge,
                 round_index=plan.round_index,
                 rotary=part[0].rotary,
@@ -210,7 +211,7 @@ def apply_round(
                 pool=plan.pool,
                 max_fraction=plan.max_fraction,
             )
-            _write_back(part, state, result, src, dst)
+            _write_back(part, state, result, src, dst, rows)
 
 
 def reset_mass(state: SlotState, block_ids, num_slots: int, block_size: int) -> None:
@@ -229,13 +230,16 @@ def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
     return list(groups.values())
 
 
-def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst) -> None:
+def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst,
+                rows: torch.Tensor) -> None:
     """Store a layer-batched round's result in the request's slots ``dst``: move the
     surviving rows inside each layer's cache from ``first_changed`` on and write the
-    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`), then the slots' state."""
+    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`; ``rows``, the round's
+    gathered copy, is where the CUDA kernel reads the surviving rows), then the slots'
+    state."""
     index = torch.tensor([layer.index for layer in layers], device=dst.device)
     compact_rows([layer.kv for layer in layers], src, result.source, result.first_changed,
-                 result.merged_slots, result.merged_keys, result.merged_values)
+                 result.merged_slots, result.merged_keys, result.merged_values, rows)
     rows = index[:, None]
     state.counts[rows, dst] = result.counts
     state.positions[rows, dst] = result.positions
@@ -251,9 +255,19 @@ def gather(layers: LayerCache | list[LayerCache], state: SlotState,
     if isinstance(layers, LayerCache):  # a copy: the scratch buffer is reused
         data = gather([layers], state, slots)
         return SlotData(**{name: t.squeeze(0).clone() for name, t in vars(data).items()})
+    return _slot_data(_gather_rows(layers, state, slots), layers, state, slots)
+
+
+def _gather_rows(layers: list[LayerCache], state: SlotState,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """The request's ``[L, N, Hkv, 2D]`` cache rows of ``layers``, in the scratch buffer."""
     kv = state.scratch((len(layers), len(slots), *layers[0].kv.shape[1:]), layers[0].kv)
-    for row, layer in enumerate(layers):
-        torch.index_select(layer.kv, 0, slots, out=kv[row])
+    return gather_rows([layer.kv for layer in layers], slots, kv)
+
+
+def _slot_data(kv: torch.Tensor, layers: list[LayerCache], state: SlotState,
+               slots: torch.Tensor) -> SlotData:
+    """Gathered rows ``kv`` (keys and values as views) with the slots' state."""
     head_dim = kv.shape[-1] // 2
     index = torch.tensor([layer.index for layer in layers], device=slots.device)
     rows = index[:, None]

@@ -1,15 +1,18 @@
 """Kernel dispatch: the fastest implementation of each contract for the device.
 
-| contract (reference in ``core``)  | CUDA                          | CPU                          |
-|-----------------------------------|-------------------------------|------------------------------|
-| ``core.paged.paged_attention``    | Triton (``triton_kernels/``)  | C++ op ``kvslimmer._C`` (*)  |
-| ``core.select.select_pairs``      | C++ op (host)                 | C++ op                       |
-| ``core.stats.value_spread``       | reference (torch)             | C++ op                       |
-| ``core.merge.merge_pairs``        | reference (torch)             | C++ op                       |
-| ``core.paged.compact_rows``       | reference (torch)             | C++ op                       |
+| contract (reference in ``core``)  | CUDA                            | CPU                         |
+|-----------------------------------|---------------------------------|-----------------------------|
+| ``core.paged.paged_attention``    | Triton ``paged_attention.py``   | C++ op ``kvslimmer._C`` (*) |
+| ``core.select.select_pairs``      | C++ op (host)                   | C++ op                      |
+| ``core.stats.value_spread``       | Triton ``round.py``             | C++ op                      |
+| ``core.merge.merge_pairs``        | Triton ``round.py``             | C++ op                      |
+| ``core.paged.compact_rows``       | Triton ``round.py`` (**)        | C++ op                      |
+| :func:`gather_rows`               | Triton ``round.py``             | index_select per layer      |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
+(**) When the caller passes the round's gathered rows (the engine does): programs read the
+surviving rows from that copy, so moving rows inside a cache cannot race.
 
 When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
 ``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
@@ -35,7 +38,11 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
-           "merge_pairs", "paged_attention", "select_pairs", "value_spread"]
+           "gather_rows", "merge_pairs", "paged_attention", "round_backend_name",
+           "select_pairs", "shift_table", "value_spread"]
+
+#: Cache dtypes the Triton round kernels take.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _forced_reference() -> bool:
@@ -69,6 +76,30 @@ def _triton_attention():
                        "PyTorch reference on GPU", exc)
         return None
     return paged_attention
+
+
+@functools.cache
+def _triton_round():
+    try:
+        from kvslimmer_vllm.triton_kernels import round as module
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
+        logger.warning("kvslimmer-vllm: Triton round kernels unavailable (%s); merge rounds "
+                       "run the PyTorch reference on GPU", exc)
+        return None
+    return module
+
+
+def round_backend_name(tensor: torch.Tensor) -> str:
+    """Which implementation the round kernels (:func:`value_spread`, :func:`merge_pairs`,
+    :func:`compact_rows`, :func:`gather_rows`) use for ``tensor``'s device and dtype:
+    ``triton`` (CUDA, 16/32-bit floats), ``cpp`` (CPU, float32/float64) or ``reference``."""
+    if _forced_reference():
+        return "reference"
+    if tensor.device.type == "cuda":
+        ok = tensor.dtype in _TRITON_DTYPES and _triton_round() is not None
+        return "triton" if ok else "reference"
+    ok = tensor.dtype in (torch.float32, torch.float64) and _cpp_ops() is not None
+    return "cpp" if ok else "reference"
 
 
 def attention_backend_name(device: torch.device) -> str:
@@ -121,13 +152,28 @@ def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
     return _paged_ref.paged_attention(*args, mass)
 
 
+def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[l] = kvs[l][slots]`` for every layer cache ``kvs[l]`` (``[S, Hkv, 2D]``) into
+    ``out`` ``[L, N, Hkv, 2D]``: one Triton launch on CUDA, an ``index_select`` per layer
+    elsewhere."""
+    if round_backend_name(out) == "triton":
+        return _triton_round().gather_rows(kvs, slots, out)
+    for row, kv in enumerate(kvs):
+        torch.index_select(kv, 0, slots, out=out[row])
+    return out
+
+
 def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """:func:`kvslimmer_vllm.core.stats.value_spread` (the C++ op for float32/float64 CPU
-    tensors when built; the reference elsewhere)."""
-    ops = None if _forced_reference() else _cpp_ops()
-    if (ops is None or values.device.type != "cpu" or values.dtype != alpha.dtype
-            or values.dtype not in (torch.float32, torch.float64)):
+    tensors, Triton for float32 ``alpha`` on CUDA; the reference elsewhere)."""
+    backend = round_backend_name(values)
+    if backend == "triton" and alpha.dtype == torch.float32:
+        if values.dim() == 3:
+            return _triton_round().value_spread(values[None], alpha[None])[0]
+        return _triton_round().value_spread(values, alpha)
+    if backend != "cpp" or values.dtype != alpha.dtype:
         return _stats_ref.value_spread(values, alpha)
+    ops = _cpp_ops()
     if values.dim() == 3:
         return ops.value_spread(values.unsqueeze(0), alpha.unsqueeze(0)).squeeze(0)
     return ops.value_spread(values, alpha)
@@ -141,35 +187,45 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ops.select_pairs(scores.detach().to("cpu", torch.float64), k).to(scores.device)
 
 
+def shift_table(rotary, delta: torch.Tensor, dtype: torch.dtype):
+    """``(cos_sin, shift, rotary_dim, is_neox)`` for the merge_pairs kernels: rows
+    ``|shift|`` of ``cos_sin`` rotate by ``shift`` (the kernels normalise and mirror them).
+    vLLM's own cos_sin_cache when it is on the keys' device in ``dtype``; else this round's
+    rows, built once (already normalised and signed, with ``shift`` = their row numbers)."""
+    if rotary is None:
+        return None, None, 0, True
+    table = rotary.cos_sin_cache
+    if table is None or table.dtype != dtype or table.device != delta.device:
+        cos, sin = rotary.shift_cos_sin(delta.flatten())
+        table = torch.cat((cos, sin), dim=-1).to(delta.device, dtype)
+        delta = torch.arange(table.shape[0], device=delta.device).view_as(delta)
+    return table, delta, rotary.rotary_dim, rotary.is_neox
+
+
 def merge_pairs(keys, values, left, a, c_i, c_j, rotary=None, delta=None):
     """:func:`kvslimmer_vllm.core.merge.merge_pairs` (the C++ op for float32/float64 CPU
-    tensors of one dtype when built; the reference elsewhere)."""
-    ops = None if _forced_reference() else _cpp_ops()
+    tensors of one dtype, Triton on CUDA for float32 weights; the reference elsewhere)."""
+    backend = round_backend_name(keys)
+    if backend == "triton" and a.dtype == torch.float32 and values.dtype == keys.dtype:
+        return _triton_round().merge_pairs(keys, values, left, a, c_i, c_j,
+                                           *shift_table(rotary, delta, torch.float32))
     dtype = keys.dtype
-    if (ops is None or keys.device.type != "cpu" or dtype not in (torch.float32, torch.float64)
-            or any(t.dtype != dtype for t in (values, a, c_i, c_j))):
+    if backend != "cpp" or any(t.dtype != dtype for t in (values, a, c_i, c_j)):
         return _merge_ref.merge_pairs(keys, values, left, a, c_i, c_j, rotary, delta)
-    cos_sin = shift = None
-    rotary_dim, is_neox = 0, True
-    if rotary is not None:
-        rotary_dim, is_neox = rotary.rotary_dim, rotary.is_neox
-        table = rotary.cos_sin_cache
-        if table is not None and table.dtype == dtype and table.device.type == "cpu":
-            cos_sin, shift = table, delta  # the op reads rows |delta| of vLLM's cache
-        else:  # angles from inv_freq (or a cache of another dtype): this round's rows
-            cos, sin = rotary.shift_cos_sin(delta.flatten())
-            cos_sin = torch.cat((cos, sin), dim=-1).to(dtype)
-            shift = torch.arange(cos_sin.shape[0], device=delta.device).view_as(delta)
-    return ops.merge_pairs(keys, values, left, a, c_i, c_j, cos_sin, shift, rotary_dim,
-                           is_neox)
+    return _cpp_ops().merge_pairs(keys, values, left, a, c_i, c_j,
+                                  *shift_table(rotary, delta, dtype))
 
 
-def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values) -> None:
-    """:func:`kvslimmer_vllm.core.paged.compact_rows` (the C++ op for CPU caches when
-    built; the reference elsewhere)."""
-    ops = None if _forced_reference() else _cpp_ops()
-    if ops is None or kvs[0].device.type != "cpu":
-        _paged_ref.compact_rows(kvs, slots, source, start, merged_slots, merged_keys,
-                                merged_values)
-        return
-    ops.compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values)
+def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values,
+                 rows=None) -> None:
+    """:func:`kvslimmer_vllm.core.paged.compact_rows` (the C++ op for CPU caches, Triton on
+    CUDA when ``rows``, the round's ``[L, N, Hkv, 2D]`` gathered copy of the slots, is
+    given; the reference elsewhere)."""
+    args = (kvs, slots, source, start, merged_slots, merged_keys, merged_values)
+    cpu = kvs[0].device.type == "cpu"
+    if round_backend_name(kvs[0]) == "triton" and rows is not None:
+        _triton_round().compact_rows(*args, rows)
+    elif cpu and not _forced_reference() and _cpp_ops() is not None:  # any cache dtype
+        _cpp_ops().compact_rows(*args)
+    else:
+        _paged_ref.compact_rows(*args)

@@ -13,6 +13,8 @@ from kvslimmer_vllm.core import (
     evict_oldest,
     merge_round,
 )
+from helpers import triton_kernel_modules
+from kvslimmer_vllm import kernels
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine import slots as slots_module
 from kvslimmer_vllm.engine.plan import MergeRound
@@ -45,13 +47,27 @@ def _core_round(method, b, k, cfg, rotary):
     return evict(*args, sink=4, recent=8, k=k)
 
 
+def _use_triton_round_kernels(monkeypatch):
+    """Route the round kernels to Triton (interpreted on CPU tensors without a GPU), as
+    they run on CUDA caches."""
+    (interpreted,) = triton_kernel_modules("round")
+    monkeypatch.setattr(kernels, "_triton_round", lambda: interpreted)
+    monkeypatch.setattr(kernels, "round_backend_name", lambda tensor: "triton")
+
+
 @pytest.mark.parametrize("method", ["kvslimmer", "average", "evict", "streaming"])
 @pytest.mark.parametrize("num_slots, num_merge", [(100, 20), (64, 1), (47, 6), (160, 50)])
 @pytest.mark.parametrize("batching", ["one batch", "two ropes", "one layer per batch"])
+@pytest.mark.parametrize("round_kernels", ["this device's", "triton"])
 def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, method,
-                                                         batching, monkeypatch):
+                                                         batching, round_kernels,
+                                                         monkeypatch):
     """Layers are merged as layer batches (grouped by RoPE, bounded in size); every
-    layer must still equal the core round on that layer alone."""
+    layer must still equal the core round on that layer alone, with this device's round
+    kernels and with the CUDA ones (Triton: one-launch gather, value spread, pair merge,
+    write-back reading the gathered copy)."""
+    if round_kernels == "triton":
+        _use_triton_round_kernels(monkeypatch)
     cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
     rotary = RotarySpec(rotary_dim=DIM, is_neox=True, inv_freq=default_inv_freq(DIM, 1e4))
     other = RotarySpec(rotary_dim=DIM // 2, is_neox=False, inv_freq=default_inv_freq(4, 500))

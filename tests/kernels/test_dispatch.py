@@ -142,3 +142,21 @@ def test_compact_rows_dispatch_matches_core(dtype):
     paged.compact_rows(copies, *args)
     for got, want in zip(caches, copies):
         assert torch.equal(got, want)
+
+
+def test_round_backend_follows_device_dtype_and_setting(monkeypatch):
+    """CPU float32/float64 tensors take the C++ ops, other CPU dtypes the reference; the
+    setting forces the reference; the gather dispatch equals index_select per layer."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    cpp = "cpp" if kernels._cpp_ops() is not None else "reference"
+    assert kernels.round_backend_name(torch.zeros(2)) == cpp
+    assert kernels.round_backend_name(torch.zeros(2, dtype=torch.float64)) == cpp
+    assert kernels.round_backend_name(torch.zeros(2, dtype=torch.bfloat16)) == "reference"
+    monkeypatch.setenv(kernels.ENV, "reference")
+    assert kernels.round_backend_name(torch.zeros(2)) == "reference"
+    monkeypatch.delenv(kernels.ENV)
+    g = torch.Generator().manual_seed(4)
+    kvs = [torch.randn(50, 3, 16, generator=g) for _ in range(3)]
+    slots = torch.randperm(50, generator=g)[:21]
+    out = kernels.gather_rows(kvs, slots, torch.empty(3, 21, 3, 16))
+    assert torch.equal(out, torch.stack([kv[slots] for kv in kvs]))

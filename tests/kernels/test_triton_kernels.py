@@ -1,15 +1,15 @@
 """Triton kernels against the engine-free reference.
 
 ``paged_attention`` is checked against :func:`kvslimmer_vllm.core.merged_attention` applied per
-request to the gathered slots (output and observation mass). Without a CUDA device every kernel runs on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``, set here before the kernel modules are imported), so shapes stay small;
+request to the gathered slots (output and observation mass). Without a CUDA device every
+kernel runs on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set while the
+kernel modules are imported: ``helpers.triton_kernel_modules``), so shapes stay small;
 with one they run natively on the GPU. A last test compiles the kernels for sm_90 offline
 (no GPU needed), which the interpreter alone cannot vouch for.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess
@@ -21,30 +21,12 @@ import torch
 
 from kvslimmer_vllm.core import merged_attention
 
+from helpers import triton_kernel_modules
+
 HAS_CUDA = torch.cuda.is_available()
 
-# Without CUDA the kernels must be built for Triton's interpreter: triton.jit reads
-# TRITON_INTERPRET when a kernel is defined, so it is set while the kernel modules are imported
-# (re-running them if they were imported earlier without it), then restored so the rest of the
-# test session and its subprocesses (vLLM engines) do not inherit it; interpreted kernels do not
-# read it again. Triton itself is imported first, as vLLM would in any test module, so its
-# own library is always built the same way whatever the test order (the kernels need none of
-# its @jit functions under the interpreter).
-import triton  # noqa: E402,F401,I001 - deliberately before TRITON_INTERPRET is set
-
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from kvslimmer_vllm.triton_kernels import paged_attention as pa
-
-    if not HAS_CUDA and not pa.is_interpreted():
-        pa = importlib.reload(pa)
-finally:
-    if _SAVED_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
+# Built for the GPU with CUDA, for Triton's interpreter without (see triton_kernel_modules).
+(pa,) = triton_kernel_modules("paged_attention")
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -331,23 +313,26 @@ def test_rejects_bad_arguments():
 # --------------------------------------------------------------------------- sm_90 compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import importlib
     import importlib.util
+    import os
     import sys
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def load(name, path):
-        # The kernel files the parent process tested (installed package or not).
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    # The kernel files the parent process tested (installed package or not), as a package
+    # of their own so that round.py's relative import resolves.
+    folder = sys.argv[1]
+    spec = importlib.util.spec_from_file_location(
+        "kvs_tk", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+    package = sys.modules["kvs_tk"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    pa = importlib.import_module("kvs_tk.paged_attention")
+    rk = importlib.import_module("kvs_tk.round")
 
-    pa = load("kvslimmer_paged_attention", sys.argv[1])
-
-    def build(fn, types, consts, warps):
+    def build(fn, types, consts, warps=4):
         sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
         triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps})
@@ -365,6 +350,26 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         for fn in (pa._attention_kernel, pa._mass_kernel):
             c = {k: v for k, v in consts.items() if k in fn.arg_names}
             build(fn, types, c, cfg["num_warps"])
+
+    # Round kernels: 8B-class rows (8 KV heads, D 128) and SmolLM2's (3, 64), every dtype.
+    for dt in ("bf16", "fp16", "fp32"):
+        for heads, dim in ((8, 128), (3, 64)):
+            row = dict(ROW=2 * dim, WIDTH=heads * 2 * dim, BLOCK_N=16,
+                       BLOCK_C=min(triton.next_power_of_2(heads * 2 * dim), 1024))
+            ptrs = dict(table_ptr="*i64", slots_ptr="*i64", source_ptr="*i64",
+                        merged_slots_ptr="*i64", left_ptr="*i64", shift_ptr="*i64",
+                        out_ptr="*" + dt, rows_ptr="*" + dt, k_ptr="*" + dt, v_ptr="*" + dt,
+                        alpha_ptr="*fp32", mean_ptr="*fp32", a_ptr="*fp32", ci_ptr="*fp32",
+                        cj_ptr="*fp32", cs_ptr="*fp32")
+            build(rk._gather_kernel, ptrs, row)
+            build(rk._move_rows_kernel, ptrs, row)
+            head = dict(HEAD_DIM=dim, D_PAD=dim)
+            build(rk._write_merged_kernel, ptrs, dict(head, BLOCK_N=16))
+            build(rk._weighted_mean_kernel, ptrs, dict(head, BLOCK_M=32))
+            build(rk._spread_kernel, dict(ptrs, out_ptr="*fp32"), dict(head, BLOCK_M=64))
+            for rot, neox in ((dim, True), (dim, False), (dim // 2, True), (0, True)):
+                build(rk._merge_pairs_kernel, ptrs,
+                      dict(head, ROT=rot, IS_NEOX=neox, BLOCK_P=16))
     print("compiled")
 """)
 
@@ -380,7 +385,8 @@ def test_kernels_compile_for_sm90_offline():
         pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, pa.__file__], env=env,
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT,
+                           os.path.dirname(pa.__file__)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas is not available")
