@@ -22,6 +22,8 @@ the kernels also run under Triton's CPU interpreter, which the tests use without
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -63,8 +65,15 @@ def _layer_table(kvs: list[torch.Tensor]) -> tuple[torch.Tensor, int, int]:
                              "and device")
     if first.stride(2) != 1 or first.shape[2] % 2:
         raise ValueError("a layer cache needs an even, contiguous last dim (key, value)")
-    table = torch.tensor([kv.data_ptr() for kv in kvs], dtype=torch.int64)
-    return table.to(first.device), first.stride(0), first.stride(1)
+    table = _address_table(tuple(kv.data_ptr() for kv in kvs), first.device)
+    return table, first.stride(0), first.stride(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _address_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``addresses`` as an int64 tensor on ``device``, built once per set of caches (the
+    engine's layer caches never move), so a round makes no host-to-device copy for it."""
+    return torch.tensor(addresses, dtype=torch.int64).to(device)
 
 
 def _row_tile(width: int) -> int:
