@@ -22,6 +22,7 @@ forces the reference everywhere (for debugging and for measuring the kernels).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 
@@ -68,25 +69,24 @@ def _cpp_ops():
 
 
 @functools.cache
+def _triton_module(name: str):
+    """``kvslimmer_vllm.triton_kernels.<name>``, or None (logged once) when it cannot be
+    imported: the PyTorch reference then runs on GPU."""
+    try:
+        return importlib.import_module(f"kvslimmer_vllm.triton_kernels.{name}")
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
+        logger.warning("kvslimmer-vllm: Triton kernels (%s) unavailable (%s); using the "
+                       "PyTorch reference on GPU", name, exc)
+        return None
+
+
 def _triton_attention():
-    try:
-        from kvslimmer_vllm.triton_kernels.paged_attention import paged_attention
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
-        logger.warning("kvslimmer-vllm: Triton kernels unavailable (%s); using the "
-                       "PyTorch reference on GPU", exc)
-        return None
-    return paged_attention
+    module = _triton_module("paged_attention")
+    return None if module is None else module.paged_attention
 
 
-@functools.cache
 def _triton_round():
-    try:
-        from kvslimmer_vllm.triton_kernels import round as module
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
-        logger.warning("kvslimmer-vllm: Triton round kernels unavailable (%s); merge rounds "
-                       "run the PyTorch reference on GPU", exc)
-        return None
-    return module
+    return _triton_module("round")
 
 
 def round_backend_name(tensor: torch.Tensor) -> str:
