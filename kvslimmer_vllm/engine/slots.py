@@ -231,15 +231,15 @@ def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
 
 
 def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst,
-                rows: torch.Tensor) -> None:
+                gathered: torch.Tensor) -> None:
     """Store a layer-batched round's result in the request's slots ``dst``: move the
     surviving rows inside each layer's cache from ``first_changed`` on and write the
-    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`; ``rows``, the round's
-    gathered copy, is where the CUDA kernel reads the surviving rows), then the slots'
-    state."""
+    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`; ``gathered``, the round's
+    copy of the slots, is where the CUDA kernel reads the surviving rows), then the
+    slots' state."""
     index = torch.tensor([layer.index for layer in layers], device=dst.device)
     compact_rows([layer.kv for layer in layers], src, result.source, result.first_changed,
-                 result.merged_slots, result.merged_keys, result.merged_values, rows)
+                 result.merged_slots, result.merged_keys, result.merged_values, gathered)
     rows = index[:, None]
     state.counts[rows, dst] = result.counts
     state.positions[rows, dst] = result.positions
