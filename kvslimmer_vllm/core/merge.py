@@ -276,13 +276,21 @@ def _kept(num_layers: int, n: int, removed: torch.Tensor) -> torch.Tensor:
     return keep.nonzero()[:, 1].view(num_layers, n - removed.shape[1])
 
 
-def _take(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _take(tensor: torch.Tensor, index: torch.Tensor,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor[l, index[l]]`` for every layer ``l`` (``tensor`` ``[L, N, ...]``,
-    ``index`` ``[L, P]``): one ``index_select`` over the flattened ``L * N`` rows."""
+    ``index`` ``[L, P]``): one ``index_select`` over the flattened ``L * N`` rows, into
+    ``out`` (a contiguous buffer of at least that many elements, not overlapping
+    ``tensor``) when given."""
     num_layers, n = tensor.shape[:2]
     offsets = torch.arange(0, num_layers * n, n, device=index.device)[:, None]
-    rows = tensor.flatten(0, 1).index_select(0, (index + offsets).flatten())
-    return rows.view(*index.shape, *tensor.shape[2:])
+    flat_index = (index + offsets).flatten()
+    shape = (*index.shape, *tensor.shape[2:])
+    if out is None:
+        return tensor.flatten(0, 1).index_select(0, flat_index).view(shape)
+    rows = out[:math.prod(shape)].view(flat_index.numel(), *tensor.shape[2:])
+    torch.index_select(tensor.flatten(0, 1), 0, flat_index, out=rows)
+    return rows.view(shape)
 
 
 def merge_round(
@@ -531,10 +539,13 @@ def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> 
     layer = torch.arange(num_layers, device=device)[:, None]
     origin = torch.arange(n, device=device).expand(num_layers, n)
     # Each sub-round's keys and values, as views of one [L, N, Hkv, 2D] tensor: a sub-round's
-    # output is then one gather of whole rows (not two of strided halves).
+    # output is then one gather of whole rows (not two of strided halves). The outputs
+    # alternate between two buffers allocated once: tens of MB allocated afresh for every
+    # sub-round cost more in page faults than the copy itself.
     kv = _joined(keys, values)
+    buffers: list[torch.Tensor] = []
     steps = iter(sizes) if not callable(sizes) else iter(lambda: sizes(state, protect), 0)
-    for step in steps:
+    for turn, step in enumerate(steps):
         if protect is None:
             result = run(*state, k=step)
         else:
@@ -544,7 +555,9 @@ def _compose(run, state, sizes, k: int, protect: torch.Tensor | None = None) -> 
         origin = origin.clone()
         origin[layer, result.pairs] = -1
         origin = _take(origin, result.source)
-        kv = _take(kv, result.source)
+        if len(buffers) < 2:  # the first outputs are the largest: the slots only shrink
+            buffers.append(kv.new_empty(result.source.numel() * kv[0, 0].numel()))
+        kv = _take(kv, result.source, out=buffers[turn % 2])
         kv[layer, result.merged_slots] = _joined(result.merged_keys, result.merged_values)
         state = (kv[..., :dim], kv[..., dim:], result.counts, result.positions, result.hess,
                  mass)
