@@ -1,13 +1,13 @@
 """Kernel dispatch: the fastest implementation of each contract for the device.
 
-| contract (reference in ``core``)  | CUDA                            | CPU                         |
-|-----------------------------------|---------------------------------|-----------------------------|
-| ``core.paged.paged_attention``    | Triton ``paged_attention.py``   | C++ op ``kvslimmer._C`` (*) |
-| ``core.select.select_pairs``      | C++ op (host)                   | C++ op                      |
-| ``core.stats.value_spread``       | Triton ``round.py``             | C++ op                      |
-| ``core.merge.merge_pairs``        | Triton ``round.py``             | C++ op                      |
-| ``core.paged.compact_rows``       | Triton ``round.py`` (**)        | C++ op                      |
-| :func:`gather_rows`               | Triton ``round.py``             | index_select per layer      |
+| contract (reference in ``core``)  | CUDA                           | CPU                         |
+|-----------------------------------|--------------------------------|-----------------------------|
+| ``core.paged.paged_attention``    | Triton ``paged_attention.py``  | C++ op ``kvslimmer._C`` (*) |
+| ``core.select.select_pairs``      | C++ op (host)                  | C++ op                      |
+| ``core.stats.value_spread``       | Triton ``round.py``            | C++ op                      |
+| ``core.merge.merge_pairs``        | Triton ``round.py``            | C++ op                      |
+| ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
+| :func:`gather_rows`               | Triton ``round.py``            | index_select per layer      |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
