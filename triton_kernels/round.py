@@ -3,18 +3,21 @@
 Each function implements the contract of a ``core`` reference; the math is the reference's,
 computed in float32 from caches of any float dtype:
 
-| function            | reference                                   | launches            |
-|---------------------|---------------------------------------------|---------------------|
-| :func:`gather_rows` | ``torch.index_select`` per layer            | 1 for all layers    |
-| :func:`value_spread`| :func:`kvslimmer_vllm.core.stats.value_spread` | 2 (mean, spread) |
-| :func:`merge_pairs` | :func:`kvslimmer_vllm.core.merge.merge_pairs`  | 1                |
-| :func:`compact_rows`| :func:`kvslimmer_vllm.core.paged.compact_rows` | 2 (moves, merged)|
+| function             | reference                                       | launches          |
+|----------------------|-------------------------------------------------|-------------------|
+| :func:`gather_rows`  | ``torch.index_select`` per layer                | 1 for all layers  |
+| :func:`value_spread` | :func:`kvslimmer_vllm.core.stats.value_spread`  | 2 (mean, spread)  |
+| :func:`merge_pairs`  | :func:`kvslimmer_vllm.core.merge.merge_pairs`   | 1                 |
+| :func:`compact_rows` | :func:`kvslimmer_vllm.core.paged.compact_rows`  | 2 (moves, merged) |
 
-Layer caches are separate tensors (``[S, Hkv, 2D]``, one per layer, rows contiguous); a
-kernel reaches all of them through a table of their addresses, so one launch serves every
-layer of a round. :func:`compact_rows` reads the surviving rows from the round's gathered
-copy (``rows``), not from the cache it writes: programs run in any order, so moving rows
-inside one cache would let a program overwrite a row another has yet to read.
+Layer caches are separate tensors (``[S, Hkv, 2D]``, one per layer, of one shape and
+strides, last dim contiguous); a kernel reaches all of them through a table of their
+addresses, so one launch serves every layer of a round. :func:`compact_rows` reads the
+surviving rows from the round's gathered copy (``rows``), not from the cache it writes:
+programs run in any order, so moving rows inside one cache would let a program overwrite
+a row another has yet to read. Shapes, dtypes and devices are checked; slot ids and
+indices are not (that would cost a host synchronisation per call): the engine builds them,
+and the ``core`` references and the C++ ops check them.
 
 Reductions use ``tl.reduce`` with the combiners of :mod:`.paged_attention` (see there why:
 the kernels also run under Triton's CPU interpreter, which the tests use without a GPU).
