@@ -62,6 +62,7 @@ from kvslimmer_vllm.core.merge import (  # noqa: E402
 )
 from kvslimmer_vllm.core.merge import merge_pairs as merge_pairs_reference  # noqa: E402
 from kvslimmer_vllm.core.paged import compact_rows as compact_rows_reference  # noqa: E402
+from kvslimmer_vllm.core.paged import gather_rows as gather_rows_reference  # noqa: E402
 from kvslimmer_vllm.core.paged import slot_ids  # noqa: E402
 from kvslimmer_vllm.core.rope import (  # noqa: E402
     RotarySpec,
@@ -358,15 +359,11 @@ class RoundKernels:
 
 def torch_round_kernels() -> RoundKernels:
     """The PyTorch references, as a round runs on CUDA without the Triton kernels."""
-    def gather(caches, slots, out):
-        for row, cache in enumerate(caches):
-            torch.index_select(cache, 0, slots, out=out[row])
-        return out
-
     def compact(caches, slots, source, start, merged_slots, keys, values, rows):
         compact_rows_reference(caches, slots, source, start, merged_slots, keys, values)
 
-    return RoundKernels(gather, value_spread_reference, merge_pairs_reference, compact)
+    return RoundKernels(gather_rows_reference, value_spread_reference, merge_pairs_reference,
+                        compact)
 
 
 def triton_round_kernels(module) -> RoundKernels:

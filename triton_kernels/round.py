@@ -5,7 +5,7 @@ computed in float32 from caches of any float dtype:
 
 | function             | reference                                       | launches          |
 |----------------------|-------------------------------------------------|-------------------|
-| :func:`gather_rows`  | ``torch.index_select`` per layer                | 1 for all layers  |
+| :func:`gather_rows`  | :func:`kvslimmer_vllm.core.paged.gather_rows`   | 1 for all layers  |
 | :func:`value_spread` | :func:`kvslimmer_vllm.core.stats.value_spread`  | 2 (mean, spread)  |
 | :func:`merge_pairs`  | :func:`kvslimmer_vllm.core.merge.merge_pairs`   | 1                 |
 | :func:`compact_rows` | :func:`kvslimmer_vllm.core.paged.compact_rows`  | 2 (moves, merged) |

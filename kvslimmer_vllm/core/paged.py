@@ -12,7 +12,7 @@ import torch
 
 from .attention import merged_attention
 
-__all__ = ["compact_rows", "paged_attention", "slot_ids"]
+__all__ = ["compact_rows", "gather_rows", "paged_attention", "slot_ids"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -20,6 +20,22 @@ def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.T
     blocks = torch.as_tensor(block_ids, dtype=torch.int64, device=device)
     offsets = torch.arange(block_size, dtype=torch.int64, device=device)
     return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:num_slots]
+
+
+def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Copy a request's slots of every layer into one tensor: ``out[l] = kvs[l][slots]``.
+
+    Args:
+        kvs: ``L`` caches ``[S, Hkv, 2D]``, one per layer.
+        slots: ``[N]`` int64 slot ids.
+        out: ``[L, N, Hkv, 2D]`` in the caches' dtype.
+
+    Returns ``out``. The Triton kernel does the same in one launch for all layers
+    (:func:`kvslimmer_vllm.kernels.gather_rows`).
+    """
+    for layer, kv in enumerate(kvs):
+        torch.index_select(kv, 0, slots, out=out[layer])
+    return out
 
 
 def compact_rows(

@@ -7,7 +7,7 @@
 | ``core.stats.value_spread``       | Triton ``round.py``            | C++ op                      |
 | ``core.merge.merge_pairs``        | Triton ``round.py``            | C++ op                      |
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
-| :func:`gather_rows`               | Triton ``round.py``            | index_select per layer      |
+| ``core.paged.gather_rows``        | Triton ``round.py``            | reference (index_select)    |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
@@ -153,14 +153,11 @@ def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
 
 
 def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out[l] = kvs[l][slots]`` for every layer cache ``kvs[l]`` (``[S, Hkv, 2D]``) into
-    ``out`` ``[L, N, Hkv, 2D]``: one Triton launch on CUDA, an ``index_select`` per layer
-    elsewhere."""
+    """:func:`kvslimmer_vllm.core.paged.gather_rows` (one Triton launch on CUDA; the
+    reference, an ``index_select`` per layer, elsewhere)."""
     if round_backend_name(out) == "triton":
         return _triton_round().gather_rows(kvs, slots, out)
-    for row, kv in enumerate(kvs):
-        torch.index_select(kv, 0, slots, out=out[row])
-    return out
+    return _paged_ref.gather_rows(kvs, slots, out)
 
 
 def value_spread(values: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

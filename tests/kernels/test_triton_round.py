@@ -16,6 +16,7 @@ import torch
 from helpers import triton_kernel_modules
 from kvslimmer_vllm.core.merge import merge_pairs as merge_pairs_ref
 from kvslimmer_vllm.core.paged import compact_rows as compact_rows_ref
+from kvslimmer_vllm.core.paged import gather_rows as gather_rows_ref
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.core.stats import value_spread as value_spread_ref
 
@@ -41,13 +42,15 @@ def _tol(dtype):
     (1, 4, 1, 2, 1, False), (3, 64, 3, 64, 17, False), (2, 40, 2, 40, 33, True),
     (1, 300, 8, 16, 256, False),
 ])
-def test_gather_rows_equals_index_select(dtype, layers, num_slots, heads, dim, n, padded):
+def test_gather_rows_matches_reference(dtype, layers, num_slots, heads, dim, n, padded):
     gen = torch.Generator().manual_seed(n)
     kvs = _caches(layers, num_slots, heads, dim, dtype, gen, padded)
     slots = torch.randperm(num_slots, generator=gen)[:n].to(DEVICE)
     out = torch.full((layers, n, heads, 2 * dim), float("nan"), dtype=dtype, device=DEVICE)
     rk.gather_rows(kvs, slots, out)
-    assert torch.equal(out, torch.stack([kv.index_select(0, slots) for kv in kvs]))
+    want = gather_rows_ref(kvs, slots, torch.empty_like(out))
+    assert torch.equal(out, want)
+    assert torch.equal(want, torch.stack([kv[slots] for kv in kvs]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -159,7 +162,8 @@ def test_compact_rows_matches_reference(dtype, layers, num_slots, heads, dim, n_
     merged_slots = torch.stack([torch.randperm(n, generator=gen)[:width]
                                 for _ in range(layers)]).to(DEVICE)
     merged = torch.randn(layers, width, heads, 2 * dim, generator=gen).to(dtype).to(DEVICE)
-    rows = torch.stack([kv.index_select(0, slots) for kv in kvs])
+    rows = gather_rows_ref(kvs, slots, torch.empty(layers, n_in, heads, 2 * dim, dtype=dtype,
+                                                   device=DEVICE))
     outside = torch.ones(num_slots, dtype=torch.bool, device=DEVICE)
     outside[slots] = False
     for start in sorted({0, n // 2, n}):
