@@ -1,15 +1,20 @@
-"""One merge round of one request over all layers: layer batches vs one layer at a time.
+"""One merge round of one request over all layers: in place vs gathered, layer batches
+vs one layer at a time.
 
 What it measures
 ----------------
-Wall time of ``kvslimmer_vllm.engine.slots.apply_round`` (gather the request's slots from
-its blocks, run the method, move the surviving rows and write the merged slots back) for
-one request of ``N`` slots freeing ``k``, over every layer of the model:
+Wall time of ``kvslimmer_vllm.engine.slots.apply_round`` for one request of ``N`` slots
+freeing ``k``, over every layer of the model:
 
-* ``batched``: the engine's path, all layers that share a RoPE in one layer-batched round;
-* ``per layer``: the same function with the batch size forced to one layer
-  (the state's ``max_batch_elements`` lowered), i.e. ``L`` separate rounds;
-* ``reference stats``: the engine's path with the Hessian statistics' value spread
+* ``engine``: the engine's path. A round that is one pairwise sub-round runs where the
+  slots live when the device has that kernel (``MergeMethod.run_paged_round``: the C++
+  round_stats / round_apply ops on CPU); other rounds (prompt-end steps with sub-rounds)
+  and devices gather the slots into a scratch buffer, run the method on all layers that
+  share a RoPE at once, and move the surviving rows and write the merged slots back;
+* ``gathered``: that gathered path for every round (the in-place kernel off);
+* ``per layer``: the gathered path with the batch size forced to one layer (the state's
+  ``max_batch_elements`` lowered), i.e. ``L`` separate rounds;
+* ``reference stats``: the gathered path with the Hessian statistics' value spread
   computed by the torch reference (``core.stats.value_spread``) instead of the kernel
   (``kernels.value_spread``: the C++ op on CPU; on CUDA both are the reference).
 
@@ -39,6 +44,7 @@ import torch
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.engine.plan import MergeRound
+from kvslimmer_vllm.core.paged import slot_ids
 from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, batch_limit
 from kvslimmer_vllm.methods import get_method
 
@@ -79,6 +85,16 @@ def _copy(state: SlotState, kvs):
 
 
 @contextlib.contextmanager
+def _gathered(method):
+    """The method's in-place round switched off: every round gathers."""
+    method.run_paged_round = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        del method.run_paged_round
+
+
+@contextlib.contextmanager
 def _reference_spread():
     """The methods' value spread swapped for the torch reference."""
     from kvslimmer_vllm.core.stats import value_spread
@@ -96,9 +112,13 @@ def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     saved = state.max_batch_elements
     if arm == "per layer":
         state.max_batch_elements = kvs[0][0].numel() * plan.num_slots
-    context = _reference_spread() if arm == "reference stats" else contextlib.nullcontext()
+    contexts = contextlib.ExitStack()
+    if arm != "engine":
+        contexts.enter_context(_gathered(method))
+    if arm == "reference stats":
+        contexts.enter_context(_reference_spread())
     try:
-        with context:
+        with contexts:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     inv_freq = default_inv_freq(shape["head_dim"], 500000.0)
     rotary = RotarySpec(shape["head_dim"], True,
                         cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
-    arms = ("batched", "per layer", "reference stats")
+    arms = ("engine", "gathered", "per layer", "reference stats")
     rows = []
     for num_slots, num_merge, observe in CASES:
         n_blocks = math.ceil(num_slots / BLOCK)
@@ -134,38 +154,46 @@ def main(argv: list[str] | None = None) -> int:
                           round_index=1 if prompt_end else 2, method=args.method,
                           recent=32 if prompt_end else 128, pool=7 if prompt_end else 1,
                           max_fraction=0.25 if prompt_end else 0.5)
-        # Every arm must leave the same cache behind.
+        # Every arm must leave the same cache behind, but in the slots the round freed
+        # (stale in any case: the in-place arm leaves its sub-rounds' rows there).
+        valid = torch.ones(kvs[0].shape[0], dtype=torch.bool)
+        valid[slot_ids(plan.block_ids, num_slots, BLOCK)[plan.num_slots_after:]] = False
         outcomes = []
         for arm in arms:
             s, k = _copy(state, kvs)
             _run(s, k, rotary, plan, method, arm, device)
             outcomes.append((s, k))
         s1, k1 = outcomes[0]
-        state._scratch = s1._scratch  # timed runs gather into a warm buffer, as the engine
+        # Timed runs gather into a warm buffer, as the engine does (the in-place arm has none).
+        state._scratch = next((s._scratch for s, _ in outcomes if s._scratch is not None), None)
         for s2, k2 in outcomes[1:]:
             for a, b in zip(k1, k2):
-                torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
-            torch.testing.assert_close(s1.hess, s2.hess, equal_nan=True, atol=1e-6,
-                                       rtol=1e-4)
-            assert torch.equal(s1.counts, s2.counts)
-            assert torch.equal(s1.positions, s2.positions)
+                torch.testing.assert_close(a[valid].float(), b[valid].float(), atol=1e-2,
+                                           rtol=1e-2)
+            torch.testing.assert_close(s1.hess[:, valid], s2.hess[:, valid], equal_nan=True,
+                                       atol=1e-6, rtol=1e-4)
+            assert torch.equal(s1.counts[:, valid], s2.counts[:, valid])
+            assert torch.equal(s1.positions[:, valid], s2.positions[:, valid])
+            assert torch.equal(s1.mass, s2.mass)
         times = {arm: [] for arm in arms}
         for repeat in range(args.repeats):
             for arm in (arms if repeat % 2 == 0 else arms[::-1]):
                 s, k = _copy(state, kvs)
                 times[arm].append(_run(s, k, rotary, plan, method, arm, device))
-        batched, single, reference = (statistics.median(times[a]) * 1e3 for a in arms)
-        rows.append((num_slots, num_merge, observe, batched, single, reference))
-        print(f"[merge_round] N={num_slots} k={num_merge} {observe}: batched {batched:.1f} "
-              f"ms, per layer {single:.1f} ms, reference stats {reference:.1f} ms",
-              file=sys.stderr, flush=True)
+        engine, batched, single, reference = (statistics.median(times[a]) * 1e3
+                                              for a in arms)
+        rows.append((num_slots, num_merge, observe, engine, batched, single, reference))
+        print(f"[merge_round] N={num_slots} k={num_merge} {observe}: engine {engine:.1f} ms, "
+              f"gathered {batched:.1f} ms, per layer {single:.1f} ms, reference stats "
+              f"{reference:.1f} ms", file=sys.stderr, flush=True)
     lines = [
         f"# One merge round over {shape['layers']} layers ({args.method}, {device.type})", "",
-        "| slots N | freed k | observe | batched (ms) | per layer (ms) | per layer / batched "
-        "| reference stats (ms) | reference stats / batched |",
-        "|---|---|---|---|---|---|---|---|",
-        *(f"| {n} | {k} | {o} | {b:.1f} | {p:.1f} | {p / b:.2f} | {r:.1f} | {r / b:.2f} |"
-          for n, k, o, b, p, r in rows), "",
+        "| slots N | freed k | observe | engine (ms) | gathered (ms) | gathered / engine "
+        "| per layer (ms) | per layer / gathered | reference stats (ms) "
+        "| reference stats / gathered |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *(f"| {n} | {k} | {o} | {e:.1f} | {b:.1f} | {b / e:.2f} | {p:.1f} | {p / b:.2f} | "
+          f"{r:.1f} | {r / b:.2f} |" for n, k, o, e, b, p, r in rows), "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- shapes: Hkv {shape['kv_heads']}, D {shape['head_dim']}, {shape['dtype']}, "
         f"block {BLOCK}; medians of {args.repeats} interleaved repeats; progressive: one "

@@ -22,6 +22,14 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def(
       "compact_rows(Tensor(a!)[] kvs, Tensor slots, Tensor source, int start, "
       "Tensor merged_slots, Tensor merged_keys, Tensor merged_values) -> ()");
+  m.def(
+      "round_stats(Tensor[] kvs, Tensor slots, Tensor layers, Tensor hess, Tensor mass, "
+      "int sink, int recent, int round_idx, float gamma, int pool) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "round_apply(Tensor(a!)[] kvs, Tensor slots, Tensor layers, Tensor(b!) counts, "
+      "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor left, Tensor alpha, "
+      "Tensor h, int sink, int recent, float eps, bool hessian_weights, Tensor? cos_sin, "
+      "int rotary_dim, bool is_neox, bool carry_mass=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
@@ -29,6 +37,8 @@ TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("value_spread", &kvslimmer::value_spread);
   m.impl("merge_pairs", &kvslimmer::merge_pairs);
   m.impl("compact_rows", &kvslimmer::compact_rows);
+  m.impl("round_stats", &kvslimmer::round_stats);
+  m.impl("round_apply", &kvslimmer::round_apply);
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, Meta, m) {

@@ -52,4 +52,21 @@ void compact_rows(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                   const at::Tensor& source, int64_t start, const at::Tensor& merged_slots,
                   const at::Tensor& merged_keys, const at::Tensor& merged_values);
 
+// torch.ops.kvslimmer.round_stats / round_apply on CPU (csrc/cpu/paged_round.cpp): one
+// pairwise merge round of one request read from and written into the paged caches in place,
+// as kvslimmer_vllm.core.paged.paged_merge_round (round_stats gives alpha, the smoothed
+// Hessian proxy and the pair scores; the caller selects the pairs; round_apply merges them,
+// compacts the slots and stores their state).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
+    const std::vector<at::Tensor>& kvs, const at::Tensor& slots, const at::Tensor& layer_rows,
+    const at::Tensor& hess, const at::Tensor& mass, int64_t sink, int64_t recent,
+    int64_t round_idx, double gamma, int64_t pool);
+void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
+                 const at::Tensor& layer_rows, const at::Tensor& counts,
+                 const at::Tensor& positions, const at::Tensor& hess, const at::Tensor& mass,
+                 const at::Tensor& left, const at::Tensor& alpha, const at::Tensor& h,
+                 int64_t sink, int64_t recent, double eps, bool hessian_weights,
+                 const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim, bool is_neox,
+                 bool carry_mass);
+
 }  // namespace kvslimmer

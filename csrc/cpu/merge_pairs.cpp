@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "round_math.h"
 
 namespace kvslimmer {
 namespace {
@@ -35,31 +36,6 @@ struct Strides {
 };
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
-
-// One head's merged key; the pairing branch is outside the loops so they vectorise.
-template <typename T>
-void merge_key(const T* ki, const T* kj, T* out, T a, const T* cos, const T* sin,
-               int64_t dim, int64_t rotary_dim, bool is_neox) {
-  const T b = T(1) - a;
-  const int64_t half = rotary_dim / 2;
-  int64_t first_plain = 0;
-  if (cos != nullptr && is_neox) {
-    for (int64_t e = 0; e < half; ++e) {
-      const T x1 = ki[e], x2 = ki[e + half];
-      out[e] = a * (x1 * cos[e] - x2 * sin[e]) + b * kj[e];
-      out[e + half] = a * (x2 * cos[e] + x1 * sin[e]) + b * kj[e + half];
-    }
-    first_plain = rotary_dim;
-  } else if (cos != nullptr) {
-    for (int64_t e = 0; e < half; ++e) {
-      const T x1 = ki[2 * e], x2 = ki[2 * e + 1];
-      out[2 * e] = a * (x1 * cos[e] - x2 * sin[e]) + b * kj[2 * e];
-      out[2 * e + 1] = a * (x2 * cos[e] + x1 * sin[e]) + b * kj[2 * e + 1];
-    }
-    first_plain = rotary_dim;
-  }
-  for (int64_t e = first_plain; e < dim; ++e) out[e] = a * ki[e] + b * kj[e];
-}
 
 }  // namespace
 
@@ -147,18 +123,8 @@ std::tuple<at::Tensor, at::Tensor> merge_pairs(
       std::vector<T> cos(half), sin(half);
       for (int64_t n = begin; n < end; ++n) {
         const int64_t l = n / pairs, i = ip[n];
-        if (rotate) {  // the angles of |delta|, normalised, mirrored for a negative delta
-          const int64_t d = shift_p[n];
-          const T* row = table_p + (d < 0 ? -d : d) * rotary_dim;
-          const T sign = d < 0 ? T(-1) : T(1);
-          for (int64_t e = 0; e < half; ++e) {
-            const T c = row[e], s = row[half + e];
-            const T norm = std::sqrt(c * c + s * s);
-            cos[e] = c / norm;
-            sin[e] = s * sign / norm;
-          }
-        }
-        const T c1 = cip[n], c2 = cjp[n], total = c1 + c2;
+        if (rotate) shift_angles<T>(table_p, shift_p[n], half, cos.data(), sin.data());
+        const T c1 = cip[n], c2 = cjp[n];
         const T* key_i = kp + l * ks.layer + i * ks.slot;
         const T* val_i = vp + l * vs.layer + i * vs.slot;
         for (int64_t h = 0; h < heads; ++h) {
@@ -168,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor> merge_pairs(
           T* ov = ok + dim;
           merge_key<T>(ki, ki + ks.slot, ok, ap[n * heads + h], rotate ? cos.data() : nullptr,
                        rotate ? sin.data() : nullptr, dim, rotary_dim, is_neox);
-          for (int64_t e = 0; e < dim; ++e) ov[e] = (c1 * vi[e] + c2 * vi[e + vs.slot]) / total;
+          merge_value<T>(vi, vi + vs.slot, ov, c1, c2, dim);
         }
       }
     });

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "spread.h"
 
 #include "../ops.h"
 
@@ -57,6 +58,17 @@ auto spread_task_for_cpu() {
 
 }  // namespace
 
+template <typename T>
+void spread_rows(const T* const* values, const T* alpha, T* out, int64_t rows, int64_t dim,
+                 int64_t a_row_stride, int64_t o_row_stride, double* mean, T* block, T* o) {
+  spread_task_for_cpu<T>()(values, alpha, out, rows, dim, a_row_stride, o_row_stride, mean,
+                           block, o);
+}
+template void spread_rows<float>(const float* const*, const float*, float*, int64_t, int64_t,
+                                 int64_t, int64_t, double*, float*, float*);
+template void spread_rows<double>(const double* const*, const double*, double*, int64_t,
+                                  int64_t, int64_t, int64_t, double*, double*, double*);
+
 at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha) {
   TORCH_CHECK_VALUE(values.dim() == 4 && alpha.dim() == 3,
                     "value_spread takes values [L, M, H, D] and alpha [L, M, H]; got ",
@@ -80,15 +92,16 @@ at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha) {
     const scalar_t* vp = v.data_ptr<scalar_t>();
     const scalar_t* ap = a.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const auto task_fn = spread_task_for_cpu<scalar_t>();
     const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
     at::parallel_for(0, layers * heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> mean(dim);
       std::vector<scalar_t> block(dim), o(dim);
+      std::vector<const scalar_t*> row(rows);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t l = task / heads, h = task % heads;
-        task_fn(vp + l * vs0 + h * vs2, ap + l * rows * heads + h, op + l * rows * heads + h,
-                rows, dim, vs1, heads, heads, mean.data(), block.data(), o.data());
+        for (int64_t m = 0; m < rows; ++m) row[m] = vp + l * vs0 + m * vs1 + h * vs2;
+        spread_rows<scalar_t>(row.data(), ap + l * rows * heads + h, op + l * rows * heads + h,
+                              rows, dim, heads, heads, mean.data(), block.data(), o.data());
       }
     });
   });

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from .attention import merged_attention
+from .merge import merge_rounds
 
-__all__ = ["compact_rows", "gather_rows", "paged_attention", "slot_ids"]
+__all__ = ["compact_rows", "gather_rows", "paged_attention", "paged_merge_round", "slot_ids",
+           "store_round"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -73,6 +75,46 @@ def compact_rows(
         moved = kv.index_select(0, slots[source[layer, start:]])
         kv.index_copy_(0, dst[start:], moved)
         kv.index_copy_(0, dst[merged_slots[layer]], merged[layer])
+
+
+def store_round(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torch.Tensor,
+                counts: torch.Tensor, positions: torch.Tensor, hess: torch.Tensor,
+                mass: torch.Tensor, result, compact=compact_rows) -> None:
+    """Write a layer-batched round's result (a :class:`~.merge.MergeResult` of ``[L, ...]``
+    tensors) into a request's slots ``slots`` (``[N]``) of the caches ``kvs`` and into the
+    slots' state rows ``layers`` (``[L]`` int64) of ``counts`` ``[Ltot, S]``,
+    ``positions``, ``hess`` and ``mass`` ``[Ltot, S, Hkv]``, in place: the rows with
+    ``compact`` (:func:`compact_rows`'s contract), then the kept slots' counts, positions
+    and Hessian proxies; the observation mass of all ``N`` slots is reset."""
+    compact(kvs, slots, result.source, result.first_changed, result.merged_slots,
+            result.merged_keys, result.merged_values)
+    rows = layers[:, None]
+    dst = slots[: result.source.shape[1]]
+    counts[rows, dst] = result.counts
+    positions[rows, dst] = result.positions
+    hess[rows, dst] = result.hess
+    mass[rows, slots] = 0.0
+
+
+def paged_merge_round(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torch.Tensor,
+                      counts: torch.Tensor, positions: torch.Tensor, hess: torch.Tensor,
+                      mass: torch.Tensor, **round_kwargs) -> None:
+    """One pairwise merge round of one request over ``L`` layers (:func:`~.merge.merge_rounds`:
+    one round, or the sub-rounds ``max_fraction`` asks for), in place where its slots live:
+    gather the slots, run the round, write it back (:func:`store_round`; arguments as
+    there, ``round_kwargs`` those of ``merge_rounds`` but ``protect``).
+
+    The reference of ``kvslimmer::round_stats`` + ``round_apply`` (C++), which read the
+    slots where they are and move them in one walk
+    (:func:`kvslimmer_vllm.kernels.paged_merge_round`).
+    """
+    kv = gather_rows(kvs, slots, kvs[0].new_empty(len(kvs), len(slots), *kvs[0].shape[1:]))
+    rows = layers[:, None]
+    dim = kv.shape[-1] // 2
+    result = merge_rounds(kv[..., :dim], kv[..., dim:], counts[rows, slots],
+                          positions[rows, slots], hess[rows, slots], mass[rows, slots],
+                          **round_kwargs)
+    store_round(kvs, slots, layers, counts, positions, hess, mass, result)
 
 
 def paged_attention(

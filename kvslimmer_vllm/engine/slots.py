@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvslimmer_vllm.core.paged import slot_ids
+from kvslimmer_vllm.core.paged import slot_ids, store_round
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.kernels import compact_rows, gather_rows
-from kvslimmer_vllm.methods.base import MergeMethod, SlotData
+from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData
 
 
 #: Attribute set on each vLLM attention layer: ``(SlotState, layer index)``.
@@ -189,29 +189,28 @@ def apply_round(
     The observation mass of the request's slots is reset: the next round observes anew.
 
     Layers that share a RoPE run as one layer-batched round (each layer still gets its
-    own pairs), in batches of at most ``state.max_batch_elements`` gathered elements.
+    own pairs): in place where the slots live when the method has a kernel for the round
+    (:meth:`MergeMethod.run_paged_round`), else gathered into the state's scratch in
+    batches of at most ``state.max_batch_elements`` elements and written back.
     """
     if not layers:
         return
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
-    dst = src[: plan.num_slots_after]
     batch = layers_per_batch(plan.num_slots * layers[0].kv[0].numel(),
                              state.max_batch_elements)
+    settings = dict(k=plan.num_merge, round_index=plan.round_index, recent=plan.recent,
+                    pool=plan.pool, max_fraction=plan.max_fraction)
     for group in _rotary_groups(layers):
+        if method.run_paged_round(_paged_slots(group, state, src), rotary=group[0].rotary,
+                                  **settings):
+            continue
         for first in range(0, len(group), batch):
             part = group[first:first + batch]
             rows = _gather_rows(part, state, src)
-            result = method.run_round(
-                _slot_data(rows, part, state, src),
-                k=plan.num_merge,
-                round_index=plan.round_index,
-                rotary=part[0].rotary,
-                recent=plan.recent,
-                pool=plan.pool,
-                max_fraction=plan.max_fraction,
-            )
-            _write_back(part, state, result, src, dst, rows)
+            result = method.run_round(_slot_data(rows, part, state, src),
+                                      rotary=part[0].rotary, **settings)
+            _write_back(part, state, result, src, rows)
 
 
 def reset_mass(state: SlotState, block_ids, num_slots: int, block_size: int) -> None:
@@ -230,21 +229,25 @@ def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
     return list(groups.values())
 
 
-def _write_back(layers: list[LayerCache], state: SlotState, result, src, dst,
+def _write_back(layers: list[LayerCache], state: SlotState, result, src,
                 gathered: torch.Tensor) -> None:
-    """Store a layer-batched round's result in the request's slots ``dst``: move the
-    surviving rows inside each layer's cache from ``first_changed`` on and write the
-    merged slots (:func:`~kvslimmer_vllm.kernels.compact_rows`; ``gathered``, the round's
-    copy of the slots, is where the CUDA kernel reads the surviving rows), then the
-    slots' state."""
-    index = torch.tensor([layer.index for layer in layers], device=dst.device)
-    compact_rows([layer.kv for layer in layers], src, result.source, result.first_changed,
-                 result.merged_slots, result.merged_keys, result.merged_values, gathered)
-    rows = index[:, None]
-    state.counts[rows, dst] = result.counts
-    state.positions[rows, dst] = result.positions
-    state.hess[rows, dst] = result.hess
-    state.mass[rows, src] = 0.0
+    """Store a layer-batched round's result in the request's slots ``src`` and their state (:func:`~kvslimmer_vllm.core.paged.store_round`
+    with :func:`~kvslimmer_vllm.kernels.compact_rows`; ``gathered``, the round's copy of
+    the slots, is where the CUDA kernel reads the surviving rows)."""
+    def compact(*args):
+        compact_rows(*args, gathered)
+
+    store_round([layer.kv for layer in layers], src, _layer_index(layers, src.device),
+                state.counts, state.positions, state.hess, state.mass, result, compact)
+
+
+def _layer_index(layers: list[LayerCache], device) -> torch.Tensor:
+    return torch.tensor([layer.index for layer in layers], device=device)
+
+
+def _paged_slots(layers: list[LayerCache], state: SlotState, slots: torch.Tensor) -> PagedSlots:
+    return PagedSlots([layer.kv for layer in layers], slots, _layer_index(layers, slots.device),
+                      state.counts, state.positions, state.hess, state.mass)
 
 
 def gather(layers: LayerCache | list[LayerCache], state: SlotState,
@@ -269,8 +272,7 @@ def _slot_data(kv: torch.Tensor, layers: list[LayerCache], state: SlotState,
                slots: torch.Tensor) -> SlotData:
     """Gathered rows ``kv`` (keys and values as views) with the slots' state."""
     head_dim = kv.shape[-1] // 2
-    index = torch.tensor([layer.index for layer in layers], device=slots.device)
-    rows = index[:, None]
+    rows = _layer_index(layers, slots.device)[:, None]
     return SlotData(
         keys=kv[..., :head_dim],
         values=kv[..., head_dim:],

@@ -8,11 +8,15 @@
 | ``core.merge.merge_pairs``        | Triton ``round.py``            | C++ op                      |
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
 | ``core.paged.gather_rows``        | Triton ``round.py``            | reference (index_select)    |
+| ``core.paged.paged_merge_round``  | reference                      | C++ ops (***)               |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
 (**) When the caller passes the round's gathered rows (the engine does): programs read the
 surviving rows from that copy, so moving rows inside a cache cannot race.
+(***) ``round_stats`` + ``round_apply``: a whole pairwise round read from and written into
+the paged caches in place (no gathered copy), pairs chosen by ``select_pairs`` in between;
+:func:`paged_round_backend_name` says whether a cache runs it.
 
 When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
 ``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
@@ -39,7 +43,8 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
-           "gather_rows", "merge_pairs", "paged_attention", "round_backend_name",
+           "gather_rows", "merge_pairs", "paged_attention", "paged_merge_round",
+           "paged_round_backend_name", "round_backend_name",
            "select_pairs", "shift_table", "value_spread"]
 
 #: Cache dtypes the Triton round kernels take.
@@ -226,3 +231,60 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
         _cpp_ops().compact_rows(*args)
     else:
         _paged_ref.compact_rows(*args)
+
+
+def paged_round_backend_name(kv: torch.Tensor) -> str:
+    """Which implementation :func:`paged_merge_round` uses for caches like ``kv``: ``cpp``
+    (float32/float64 CPU caches with the C++ extension) or ``reference``."""
+    return "cpp" if kv.device.type == "cpu" and round_backend_name(kv) == "cpp" else "reference"
+
+
+def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink: int,
+                      recent: int, k: int, round_idx: int, gamma: float, eps: float,
+                      rotary=None, key_weights: str = "hessian", pool: int = 1,
+                      max_fraction: float = 0.5, score_reduce=None) -> None:
+    """:func:`kvslimmer_vllm.core.paged.paged_merge_round` (the C++ ops on CPU: per
+    sub-round, the statistics, the scores reduced by ``score_reduce``, the pairs chosen by
+    :func:`select_pairs`, the merge and compaction, the observation mass carried between
+    sub-rounds and reset after the last; the reference elsewhere)."""
+    if key_weights not in ("hessian", "count"):
+        raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
+    if paged_round_backend_name(kvs[0]) != "cpp":
+        _paged_ref.paged_merge_round(
+            kvs, slots, layers, counts, positions, hess, mass, sink=sink, recent=recent, k=k,
+            round_idx=round_idx, gamma=gamma, eps=eps, rotary=rotary, key_weights=key_weights,
+            pool=pool, max_fraction=max_fraction, score_reduce=score_reduce,
+            selector=select_pairs)
+        return
+    ops = _cpp_ops()
+    sizes = _merge_ref.subround_sizes(len(slots) - sink - recent, k, max_fraction)
+    table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers, slots)
+    carry = len(sizes) > 1
+    held = len(slots)
+    for step in sizes:
+        now = slots[:held]
+        alpha, h, scores = ops.round_stats(kvs, now, layers, hess, mass, sink, recent,
+                                           round_idx, gamma, pool)
+        if score_reduce is not None:
+            scores = score_reduce(scores)
+        left = ops.select_pairs(scores.to(torch.float64), step)
+        ops.round_apply(kvs, now, layers, counts, positions, hess, mass, left, alpha, h, sink,
+                        recent, eps, key_weights == "hessian", table, rotary_dim, is_neox,
+                        carry)
+        held -= step
+    if carry:
+        mass[layers[:, None], slots] = 0.0
+
+
+def _shift_rows(rotary, dtype: torch.dtype, positions, layers, slots):
+    """``(cos_sin, rotary_dim, is_neox)`` for ``round_apply``: a table whose row ``r`` holds
+    the angles of a shift by ``r`` positions (normalised there). vLLM's cos_sin_cache when it
+    is in ``dtype``; else rows up to the request's last position, built for this round."""
+    if rotary is None:
+        return None, 0, True
+    table = rotary.cos_sin_cache
+    if table is None or table.dtype != dtype or table.device.type != "cpu":
+        last = int(positions[layers[:, None], slots].max()) if len(slots) else 0
+        cos, sin = rotary.shift_cos_sin(torch.arange(last + 1))
+        table = torch.cat((cos, sin), dim=-1).to("cpu", dtype)
+    return table, rotary.rotary_dim, rotary.is_neox

@@ -27,6 +27,22 @@ class SlotData:
     mass: torch.Tensor  # [N, Hkv] observation mass since the last round
 
 
+@dataclass
+class PagedSlots:
+    """One request's slots where they live (the engine's layout): ``L`` layer caches
+    ``kvs`` (``[S, Hkv, 2D]`` each), the request's ``[N]`` slot ids ``slots``, and the
+    slots' state: rows ``layers`` (``[L]`` int64) of ``counts`` / ``positions``
+    ``[Ltot, S]`` and ``hess`` / ``mass`` ``[Ltot, S, Hkv]``."""
+
+    kvs: list[torch.Tensor]
+    slots: torch.Tensor
+    layers: torch.Tensor
+    counts: torch.Tensor
+    positions: torch.Tensor
+    hess: torch.Tensor
+    mass: torch.Tensor
+
+
 class MergeMethod(ABC):
     """Frees ``k`` slots of one request per round, in each layer independently.
 
@@ -55,6 +71,16 @@ class MergeMethod(ABC):
         max-pooled over ``pool`` slots; a pairwise method frees at most ``max_fraction``
         of the mergeable slots per sub-round (the engine's policy decides all three per
         round)."""
+
+    def run_paged_round(
+        self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
+    ) -> bool:
+        """Run the round in place where the slots live, when this method has a kernel for
+        this round on these caches; return False to have the engine gather the slots and
+        call :meth:`run_round` instead (the default). The result must be what
+        :meth:`run_round` followed by the engine's write-back would leave."""
+        return False
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

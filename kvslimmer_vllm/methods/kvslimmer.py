@@ -7,8 +7,10 @@ import torch
 from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds
 from kvslimmer_vllm.core.select import pool_mass
 from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.kernels import merge_pairs, select_pairs, value_spread
-from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
+from kvslimmer_vllm.kernels import (
+    merge_pairs, paged_merge_round, paged_round_backend_name, select_pairs, value_spread,
+)
+from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
 
 def _kernels() -> dict:
@@ -35,6 +37,26 @@ class KVSlimmer(MergeMethod):
             key_weights=self.key_weights, score_reduce=self.score_reduce, **_kernels(),
         )
 
+    def run_paged_round(
+        self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
+    ) -> bool:
+        """Rounds run where the slots live when the caches have that kernel (C++ on CPU:
+        no gathered copy of the request, sub-rounds one after another in place); other
+        caches go through :meth:`run_round`."""
+        cfg = self.config
+        recent = cfg.recent if recent is None else recent
+        if paged_round_backend_name(slots.kvs[0]) != "cpp":
+            return False
+        paged_merge_round(
+            slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions, slots.hess,
+            slots.mass, sink=cfg.sink, recent=recent, k=k, round_idx=round_index,
+            gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
+            key_weights=self.key_weights, pool=pool, max_fraction=max_fraction,
+            score_reduce=self.score_reduce,
+        )
+        return True
+
 
 @register
 class SnapMerge(KVSlimmer):
@@ -48,6 +70,9 @@ class SnapMerge(KVSlimmer):
     default."""
 
     name = "snapmerge"
+
+    def run_paged_round(self, slots: PagedSlots, **kwargs) -> bool:
+        return False  # its protected slots need the gathered path (merge_rounds' protect)
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,

@@ -131,3 +131,31 @@ def test_slot_ids_follow_the_block_table():
     assert slot_ids((3, 0, 7), 35, 16).tolist() == (
         list(range(48, 64)) + list(range(0, 16)) + list(range(112, 115))
     )
+
+
+@pytest.mark.parametrize("method, gathers", [("kvslimmer", False), ("average", False),
+                                             ("snapmerge", True), ("evict", True)])
+def test_pairwise_rounds_run_in_place_on_cpu(method, gathers, monkeypatch):
+    """Catches: the engine gathering a request's slots for a pairwise round that the C++
+    in-place round handles (KVSlimmer and its count-weighted ablation, one round or
+    sub-rounds), or skipping the gathered path for a method that needs it (SnapMerge's
+    protected slots, eviction)."""
+    if kernels.paged_round_backend_name(torch.zeros(1)) != "cpp":
+        pytest.skip("C++ extension not built")
+    calls = []
+    real = slots_module._gather_rows
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(slots_module, "_gather_rows", spy)
+    cfg = KVMergeConfig(method=method, sink=4, recent=8)
+    rotary = RotarySpec(rotary_dim=DIM, is_neox=True, inv_freq=default_inv_freq(DIM, 1e4))
+    state, kvs = _filled(BLOCKS * BLOCK, seed=7)
+    layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
+    for max_fraction in (0.5, 0.1):
+        plan = MergeRound("r", tuple(range(10)), 150, 40, round_index=1, method=method,
+                          max_fraction=max_fraction)
+        apply_round(plan, layers, state, get_method(cfg), BLOCK)
+    assert bool(calls) == gathers

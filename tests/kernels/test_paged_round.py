@@ -1,0 +1,297 @@
+"""The C++ paged round (round_stats + select_pairs + round_apply, run by
+``kernels.paged_merge_round``) against its reference ``core.paged.paged_merge_round``
+(gather the request's slots, ``core.merge.merge_round``, compact, store the state).
+
+Both run on copies of one request's paged caches and slot state; afterwards every cache
+row and every state entry must agree: moved rows, counts and positions exactly, merged
+rows and Hessian proxies within rounding, the observation mass reset, and nothing outside
+the request's slots or layers touched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kvslimmer_vllm import kernels
+from kvslimmer_vllm.core import paged as paged_ref
+from kvslimmer_vllm.core.merge import DEFAULT_EPS, DEFAULT_GAMMA
+from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
+from kvslimmer_vllm.core.select import pair_scores, pool_mass
+from kvslimmer_vllm.core.stats import hessian_stats, normalize_mass, smooth_hessian
+
+pytest.importorskip("kvslimmer_vllm._C", reason="C++ extension not built")
+OPS = torch.ops.kvslimmer
+TOTAL_LAYERS, BLOCK = 4, 8
+
+
+def _request(n, heads, dim, dtype, seed, mass="random", hess="random", spare_blocks=3):
+    """A paged cache of TOTAL_LAYERS layers holding one request of n slots in scattered
+    blocks, and the slot state. Returns (kvs, slots, state dict)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = -(-n // BLOCK) + spare_blocks
+    num_slots = blocks * BLOCK
+    kvs = [torch.randn(num_slots, heads, 2 * dim, generator=gen, dtype=torch.float64)
+           .to(dtype) for _ in range(TOTAL_LAYERS)]
+    order = torch.randperm(blocks, generator=gen)[: -(-n // BLOCK)]
+    slots = paged_ref.slot_ids(order.tolist(), n, BLOCK)
+    counts = torch.randint(1, 5, (TOTAL_LAYERS, num_slots), generator=gen).float()
+    positions = torch.cumsum(counts.long(), dim=1) - 1
+    positions[:, slots] = torch.cumsum(counts[:, slots].long(), dim=1) - 1  # in slot order
+    state = dict(
+        counts=counts,
+        positions=positions,
+        hess=torch.rand(TOTAL_LAYERS, num_slots, heads, generator=gen) - 0.2,
+        mass=torch.rand(TOTAL_LAYERS, num_slots, heads, generator=gen) ** 4,
+    )
+    if hess == "nan":  # a first round: no smoothed proxy anywhere
+        state["hess"].fill_(float("nan"))
+    else:
+        state["hess"][:, ::3] = float("nan")
+    if mass == "zero":  # no query observed: uniform alpha, all scores tie
+        state["mass"].zero_()
+    elif mass == "one-hot":  # one slot per head takes all: alpha 1, w = -1
+        state["mass"].zero_()
+        state["mass"][:, slots[n // 2]] = 1.0
+    elif mass == "some heads":
+        state["mass"][:, :, 0] = 0.0
+    return kvs, slots, state
+
+
+def _rotary(kind, dim, dtype):
+    if kind == "none":
+        return None
+    rotary_dim = dim if kind != "partial" else dim // 2
+    if kind == "inv_freq":  # angles in the caches' precision, as vLLM's table would be
+        inv_freq = default_inv_freq(rotary_dim, 1e4).to(dtype)
+        return RotarySpec(rotary_dim, True, inv_freq=inv_freq)
+    cache = build_cos_sin_cache(default_inv_freq(rotary_dim, 1e4), 4096).to(dtype)
+    return RotarySpec(rotary_dim, kind != "gptj",
+                      cos_sin_cache=cache * 1.3 if kind == "scaled" else cache)
+
+
+def _run_both(kvs, slots, state, layers, **kwargs):
+    """(reference, kernel) caches and states after the same round, and the mask of the
+    slots to compare: all but those the round freed (``slots[N - k:]``), whose contents
+    are stale either way."""
+    outcomes = []
+    for run in (paged_ref.paged_merge_round, kernels.paged_merge_round):
+        c, s = [kv.clone() for kv in kvs], copy.deepcopy(state)
+        extra = dict(selector=kernels.select_pairs) if run is paged_ref.paged_merge_round else {}
+        if run is kernels.paged_merge_round:
+            assert kernels.paged_round_backend_name(c[0]) == "cpp"
+        run(c, slots, layers, s["counts"], s["positions"], s["hess"], s["mass"], **kwargs,
+            **extra)
+        outcomes.append((c, s))
+    valid = torch.ones(kvs[0].shape[0], dtype=torch.bool)
+    valid[slots[len(slots) - kwargs["k"]:]] = False
+    return (*outcomes, valid)
+
+
+def _assert_same(ref, got, valid, dtype):
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10,
+                                                                         atol=1e-12)
+    (ref_kvs, ref_state), (got_kvs, got_state) = ref, got
+    for a, b in zip(got_kvs, ref_kvs):
+        torch.testing.assert_close(a[valid], b[valid], **tol)
+    assert torch.equal(got_state["counts"][:, valid], ref_state["counts"][:, valid])
+    assert torch.equal(got_state["positions"][:, valid], ref_state["positions"][:, valid])
+    assert torch.equal(got_state["mass"], ref_state["mass"])
+    torch.testing.assert_close(got_state["hess"][:, valid], ref_state["hess"][:, valid],
+                               equal_nan=True, rtol=1e-4, atol=1e-6)
+
+
+CASES = [  # (n, sink, recent, k, heads, dim)
+    (40, 4, 8, 1, 3, 8),
+    (40, 4, 8, 14, 3, 8),     # every other slot of the region in a pair
+    (12, 4, 6, 1, 1, 4),      # a two-slot region
+    (75, 0, 0, 20, 8, 64),    # no sink, no recent slots
+    (130, 6, 16, 37, 2, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n,sink,recent,k,heads,dim", CASES)
+@pytest.mark.parametrize("rope", ["neox", "gptj", "partial", "scaled", "inv_freq", "none"])
+@pytest.mark.parametrize("weights", ["hessian", "count"])
+def test_paged_round_matches_reference(dtype, n, sink, recent, k, heads, dim, rope, weights):
+    """Random requests over block boundaries, two of four layers (in reverse order),
+    every RoPE layout, both key weightings, float32 and float64, a round after earlier
+    ones (smoothing) with pooled scores."""
+    kvs, slots, state = _request(n, heads, dim, dtype, seed=n * 7 + dim)
+    layers = torch.tensor([3, 1])
+    both = _run_both([kvs[3], kvs[1]], slots, state, layers, sink=sink, recent=recent, k=k,
+                     round_idx=3, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+                     rotary=_rotary(rope, dim, dtype), key_weights=weights, pool=3)
+    _assert_same(*both, dtype)
+    # Layers 0 and 2 and the slots outside the request are as they were.
+    got_kvs, got_state = both[1]
+    for name in ("counts", "positions", "hess", "mass"):
+        assert torch.equal(got_state[name][[0, 2]].nan_to_num(),
+                           state[name][[0, 2]].nan_to_num()), name
+    outside = torch.ones(kvs[0].shape[0], dtype=torch.bool)
+    outside[slots] = False
+    assert torch.equal(got_kvs[0][outside], kvs[3][outside])
+    assert torch.equal(got_state["counts"][:, outside], state["counts"][:, outside])
+
+
+@pytest.mark.parametrize("n,k,max_fraction", [
+    (200, 150, 0.25),   # a prompt-end step: many sub-rounds of at most a quarter
+    (60, 40, 0.5),      # more than one round of disjoint pairs can free
+    (60, 1, 0.01),      # a sub-round still frees one slot
+    (60, 0, 0.25),      # nothing to free: statistics only
+])
+@pytest.mark.parametrize("weights", ["hessian", "count"])
+def test_subrounds_in_place_match_the_composed_reference(n, k, max_fraction, weights):
+    """A step of several sub-rounds (each over what the previous left, the mass carried
+    from pairs to their merged slot, reset after the last) equals core.merge_rounds'
+    composed result written back."""
+    kvs, slots, state = _request(n, 3, 16, torch.float32, seed=n + k)
+    both = _run_both(kvs[1:], slots, state, torch.tensor([1, 2, 3]), sink=4, recent=8, k=k,
+                     round_idx=1, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+                     rotary=_rotary("neox", 16, torch.float32), key_weights=weights, pool=7,
+                     max_fraction=max_fraction)
+    _assert_same(*both, torch.float32)
+    assert bool((both[1][1]["mass"][1:, slots] == 0).all())
+    assert torch.equal(both[1][1]["mass"][0], state["mass"][0])
+
+
+@pytest.mark.parametrize("mass", ["zero", "one-hot", "some heads"])
+@pytest.mark.parametrize("hess", ["nan", "random"])
+@pytest.mark.parametrize("pool", [1, 7])
+def test_paged_round_adversarial_statistics(mass, hess, pool):
+    """No mass at all (every score ties: the lowest pairs win in both), one slot holding
+    all mass (alpha 1, negative Hessian weights: the guard falls back to counts), heads
+    without mass, a first round (no carried proxy), pooling wider than runs of pairs."""
+    kvs, slots, state = _request(50, 3, 16, torch.float32, seed=5, mass=mass, hess=hess)
+    layers = torch.tensor([0, 1, 2, 3])
+    both = _run_both(kvs, slots, state, layers, sink=2, recent=6, k=12,
+                     round_idx=1 if hess == "nan" else 2, gamma=DEFAULT_GAMMA,
+                     eps=DEFAULT_EPS, rotary=_rotary("neox", 16, torch.float32),
+                     key_weights="hessian", pool=pool)
+    _assert_same(*both, torch.float32)
+
+
+def test_identical_pairs_merge_losslessly_and_counts_add():
+    """A request whose slots come in identical pairs (one RoPE-free layer): the merged
+    rows equal the pairs', counts add up, the last position survives."""
+    kvs, slots, state = _request(24, 2, 8, torch.float64, seed=2)
+    rows = kvs[0][slots]
+    rows[1::2] = rows[0::2]
+    kvs[0][slots] = rows
+    state["mass"].zero_()  # all pairs score alike; k = 10 takes every pair of the region
+    before = state["counts"][0, slots].clone(), state["positions"][0, slots].clone()
+    kernels.paged_merge_round(kvs[:1], slots, torch.tensor([0]), state["counts"],
+                              state["positions"], state["hess"], state["mass"], sink=0,
+                              recent=4, k=10, round_idx=1, gamma=DEFAULT_GAMMA,
+                              eps=DEFAULT_EPS, key_weights="hessian")
+    kept = slots[:14]
+    torch.testing.assert_close(kvs[0][kept[:10]], rows[0:20:2])
+    torch.testing.assert_close(kvs[0][kept[10:]], rows[20:])
+    assert state["counts"][0, kept[:10]].tolist() == (before[0][0:20:2]
+                                                      + before[0][1:20:2]).tolist()
+    assert state["positions"][0, kept[:10]].tolist() == before[1][1:20:2].tolist()
+
+
+def test_round_stats_match_the_core_statistics():
+    """round_stats alone: alpha, the smoothed Hessian proxy and the pooled pair scores are
+    the core functions' (the pieces the round's choice and weights come from)."""
+    kvs, slots, state = _request(60, 3, 16, torch.float32, seed=11, mass="some heads")
+    layers = torch.tensor([2, 0])
+    sink, recent = 3, 5
+    alpha, h, scores = OPS.round_stats([kvs[2], kvs[0]], slots, layers, state["hess"],
+                                       state["mass"], sink, recent, 4, 100.0, 5)
+    region = slots[sink:len(slots) - recent]
+    mass = state["mass"][layers[:, None], region]
+    values = torch.stack([kvs[2][region], kvs[0][region]])[..., 16:]
+    want_alpha = normalize_mass(mass)
+    h_new, _ = hessian_stats(want_alpha, values)
+    want_h = smooth_hessian(h_new, state["hess"][layers[:, None], region], 4)
+    torch.testing.assert_close(alpha, want_alpha)
+    torch.testing.assert_close(h, want_h, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scores, pair_scores(pool_mass(mass, 5), 100.0), rtol=1e-12,
+                               atol=0.0)
+
+
+def test_tensor_parallel_score_reduction_steers_both_alike():
+    """A score reduction (the all-reduce under tensor parallelism) runs between the
+    statistics and the choice, in both implementations: a reduction that makes the late
+    pairs expensive moves every merge to the front."""
+    kvs, slots, state = _request(40, 2, 8, torch.float32, seed=4)
+    penalty = torch.arange(40 - 4 - 4 - 1, dtype=torch.float64) * 1e6
+
+    def reduce(scores):
+        return scores + penalty
+
+    both = _run_both(kvs[:2], slots, state, torch.tensor([0, 1]), sink=4, recent=4, k=6,
+                     round_idx=2, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+                     rotary=_rotary("neox", 8, torch.float32), score_reduce=reduce)
+    _assert_same(*both, torch.float32)
+    counts = both[1][1]["counts"][0, slots[4:10]]  # the first six pairs of the region
+    assert bool((counts == state["counts"][0, slots[4:16:2]]
+                 + state["counts"][0, slots[5:16:2]]).all())
+
+
+def _apply_args(**change):
+    kvs, slots, state = _request(20, 2, 4, torch.float32, seed=1)
+    args = dict(kvs=kvs[:2], slots=slots, layers=torch.tensor([0, 1]), **state,
+                left=torch.tensor([[0, 2], [1, 5]]), alpha=torch.zeros(2, 14, 2),
+                h=torch.zeros(2, 14, 2), sink=2, recent=4, eps=1e-21, hessian_weights=True,
+                cos_sin=None, rotary_dim=0, is_neox=True)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(slots=torch.tensor([0, 1, 2, 999])), "region .* must hold at least 2 slots"),
+    (dict(slots=torch.arange(16) + 1000), "slot id 1000 outside the cache's"),
+    (dict(layers=torch.tensor([0, 7])), "layer 7 outside the state's 4 layers"),
+    (dict(layers=torch.tensor([0])), "layers must be CPU int64 \\[L\\] with L = 2"),
+    (dict(left=torch.tensor([[0, 1], [1, 5]])), "ascending, disjoint pairs"),
+    (dict(left=torch.tensor([[0, 13], [1, 5]])), "ascending, disjoint pairs of the 14-slot"),
+    (dict(left=torch.tensor([[0, 2]])), "left must be CPU int64 \\[L, k\\] with L = 2"),
+    (dict(alpha=torch.zeros(2, 13, 2)), "alpha and h must be contiguous \\[2, 14, 2\\]"),
+    (dict(counts=torch.ones(4, 48, dtype=torch.float64)), "counts must be float32"),
+    (dict(mass=torch.zeros(4, 48)), "hess and mass must be \\[layers, S, H\\]"),
+    (dict(hess=torch.zeros(4, 40, 2)), "slot state must be contiguous CPU tensors"),
+    (dict(cos_sin=torch.ones(8, 6), rotary_dim=6), "rotary_dim must be even and in \\(0, 4\\]"),
+    (dict(cos_sin=torch.ones(8, 2), rotary_dim=4), "cos_sin must be a CPU \\[P, 4\\] table"),
+    (dict(cos_sin=torch.ones(2, 4), rotary_dim=4), "shift .* is outside the 2 rows"),
+    (dict(kvs=[torch.zeros(48, 2, 8, dtype=torch.bfloat16)] * 2),
+     "float32 or float64 caches"),
+])
+def test_round_apply_errors_name_the_problem_and_write_nothing(change, pattern):
+    args = _apply_args(**change)
+    before = [t.clone() for t in args["kvs"]], args["counts"].clone()
+    with pytest.raises(ValueError, match=pattern):
+        OPS.round_apply(*args.values())
+    if all(t.dtype == torch.float32 for t in args["kvs"]):
+        assert all(torch.equal(a, b) for a, b in zip(args["kvs"], before[0]))
+    assert torch.equal(args["counts"], before[1])
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(round_idx=0), "round_idx must be >= 1"),
+    (dict(pool=2), "pool width must be an odd integer"),
+    (dict(gamma=0.0), "gamma must be > 0"),
+    (dict(recent=17), "region .* must hold at least 2 slots"),
+])
+def test_round_stats_errors_name_the_problem(change, pattern):
+    kvs, slots, state = _request(20, 2, 4, torch.float32, seed=1)
+    args = dict(kvs=kvs[:1], slots=slots, layers=torch.tensor([0]), hess=state["hess"],
+                mass=state["mass"], sink=2, recent=4, round_idx=1, gamma=10.0, pool=1)
+    args.update(change)
+    with pytest.raises(ValueError, match=pattern):
+        OPS.round_stats(*args.values())
+
+
+def test_freeing_the_whole_region_is_refused_before_anything_runs():
+    kvs, slots, state = _request(20, 2, 4, torch.float32, seed=1)
+    before = kvs[0].clone()
+    with pytest.raises(ValueError, match="cannot free k=14 slots of a 14-slot"):
+        kernels.paged_merge_round(kvs[:1], slots, torch.tensor([0]), state["counts"],
+                                  state["positions"], state["hess"], state["mass"], sink=2,
+                                  recent=4, k=14, round_idx=1, gamma=10.0, eps=1e-21)
+    assert torch.equal(kvs[0], before)
