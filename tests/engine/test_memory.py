@@ -17,6 +17,7 @@ import torch
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.engine import slots as slots_module
 from kvslimmer_vllm.engine.plan import MergeRound
+from kvslimmer_vllm import kernels
 from kvslimmer_vllm.engine.plugin import engine_kwargs
 from kvslimmer_vllm.engine.slots import (
     LayerCache,
@@ -64,9 +65,12 @@ def test_scratch_bound_covers_every_round_length(layers, max_batch, monkeypatch)
     assert scratch_bytes(2, 10, 2, 8, torch.bfloat16) == 2 * scratch_elements(2, 10, 2, 8)
 
 
-def test_a_real_round_stays_within_the_reserved_scratch():
-    """A layer-batched round over a whole cache's worth of slots allocates a scratch
-    buffer no larger than scratch_bytes reserves for that many slots."""
+@pytest.mark.parametrize("method", ["evict", "average"])
+def test_a_real_round_stays_within_the_reserved_scratch(method):
+    """A round over a whole cache's worth of slots: a gathering method (eviction) fills a
+    scratch buffer of exactly what scratch_bytes reserves for that many slots; a pairwise
+    method runs in place on CPU (C++ round ops): no scratch, and its transient
+    statistics (alpha and h [L, M, H], float64 scores [L, M - 1]) fit the reservation."""
     layers, heads, dim, block, blocks = 3, 2, 8, 16, 10
     num_slots = block * blocks
     state = SlotState(layers, num_slots, heads, torch.device("cpu"))
@@ -74,12 +78,16 @@ def test_a_real_round_stays_within_the_reserved_scratch():
     kvs = [torch.randn(num_slots, heads, 2 * dim, generator=g) for _ in range(layers)]
     caches = [LayerCache(i, kv, None) for i, kv in enumerate(kvs)]
     plan = MergeRound("r", tuple(range(blocks)), num_slots, 40, round_index=1,
-                      method="average")
-    cfg = KVMergeConfig(method="average", sink=4, recent=8, rope_aware=False)
+                      method=method)
+    cfg = KVMergeConfig(method=method, sink=4, recent=8, rope_aware=False)
     apply_round(plan, caches, state, get_method(cfg), block)
     reserved = scratch_bytes(layers, num_slots, heads, dim, torch.float32)
-    assert 0 < state.scratch_nbytes <= reserved
-    assert state.scratch_nbytes == reserved  # the whole request in one batch
+    if method == "evict" or kernels.paged_round_backend_name(kvs[0]) != "cpp":
+        assert state.scratch_nbytes == reserved  # the whole request in one batch
+    else:
+        assert state.scratch_nbytes == 0
+        region = num_slots - 4 - 8
+        assert 2 * layers * region * heads * 4 + layers * (region - 1) * 8 <= reserved
 
 
 def test_blocks_within_is_the_most_that_fit():
@@ -165,7 +173,12 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
         prompt = TokensPrompt(prompt_token_ids=random_tokens(MAX_MODEL_LEN - 8, seed=5))
         out = llm.generate([prompt], params, use_tqdm=False)[0]
         assert out.kv_transfer_params["kv_merge"]["rounds"] >= 1
-        assert 0 < state.scratch_nbytes <= scratch
+        assert state.scratch_nbytes <= scratch  # kvslimmer's CPU rounds need none
+        evicting = SamplingParams(temperature=0.0, max_tokens=8, detokenize=False,
+                                  extra_args={"kv_merge_method": "evict"})
+        out = llm.generate([prompt], evicting, use_tqdm=False)[0]
+        assert out.kv_transfer_params["kv_merge"]["rounds"] >= 1
+        assert 0 < state.scratch_nbytes <= scratch  # a gathering method fills it
 
     used = blocks * (kv_per_block + state_per_block) + scratch
     assert used <= KV_BUDGET < used + kv_per_block + state_per_block
