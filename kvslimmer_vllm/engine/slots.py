@@ -231,9 +231,10 @@ def _rotary_groups(layers: list[LayerCache]) -> list[list[LayerCache]]:
 
 def _write_back(layers: list[LayerCache], state: SlotState, result, src,
                 gathered: torch.Tensor) -> None:
-    """Store a layer-batched round's result in the request's slots ``src`` and their state (:func:`~kvslimmer_vllm.core.paged.store_round`
-    with :func:`~kvslimmer_vllm.kernels.compact_rows`; ``gathered``, the round's copy of
-    the slots, is where the CUDA kernel reads the surviving rows)."""
+    """Store a layer-batched round's result in the request's slots ``src`` and their
+    state (:func:`~kvslimmer_vllm.core.paged.store_round` with
+    :func:`~kvslimmer_vllm.kernels.compact_rows`; ``gathered``, the round's copy of the
+    slots, is where the CUDA kernel reads the surviving rows)."""
     def compact(*args):
         compact_rows(*args, gathered)
 
