@@ -69,13 +69,15 @@ Round check_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
   }
   Round r{static_cast<int64_t>(kvs.size()), first.size(0), first.size(1), first.size(2) / 2,
           slots.numel(), sink, 0};
-  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_cpu(),
-                    "slots must be CPU int64 [N]; got ", slots.scalar_type(), " ",
+  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_cpu() &&
+                        slots.is_contiguous(),
+                    "slots must be contiguous CPU int64 [N]; got ", slots.scalar_type(), " ",
                     slots.sizes());
   TORCH_CHECK_VALUE(layer_rows.dim() == 1 && layer_rows.numel() == r.layers &&
-                        layer_rows.scalar_type() == at::kLong && layer_rows.is_cpu(),
-                    "layers must be CPU int64 [L] with L = ", r.layers, " caches; got ",
-                    layer_rows.scalar_type(), " ", layer_rows.sizes());
+                        layer_rows.scalar_type() == at::kLong && layer_rows.is_cpu() &&
+                        layer_rows.is_contiguous(),
+                    "layers must be contiguous CPU int64 [L] with L = ", r.layers,
+                    " caches; got ", layer_rows.scalar_type(), " ", layer_rows.sizes());
   TORCH_CHECK_VALUE(sink >= 0 && recent >= 0 && r.n - sink - recent >= 2,
                     "the mergeable region [sink, N - recent) = [", sink, ", ", r.n - recent,
                     ") must hold at least 2 slots (N = ", r.n, ")");
