@@ -242,36 +242,83 @@ def paged_round_backend_name(kv: torch.Tensor) -> str:
 def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink: int,
                       recent: int, k: int, round_idx: int, gamma: float, eps: float,
                       rotary=None, key_weights: str = "hessian", pool: int = 1,
-                      max_fraction: float = 0.5, score_reduce=None) -> None:
+                      max_fraction: float = 0.5, protect=None, score_reduce=None) -> None:
     """:func:`kvslimmer_vllm.core.paged.paged_merge_round` (the C++ ops on CPU: per
     sub-round, the statistics, the scores reduced by ``score_reduce``, the pairs chosen by
     :func:`select_pairs`, the merge and compaction, the observation mass carried between
-    sub-rounds and reset after the last; the reference elsewhere)."""
+    sub-rounds and reset after the last; the reference elsewhere). With ``protect``
+    (``[L, N]`` bool: slots no pair may touch) each layer runs its own sub-rounds, sized
+    as :func:`kvslimmer_vllm.core.merge.merge_rounds` sizes them for its mask."""
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
     if paged_round_backend_name(kvs[0]) != "cpp":
         _paged_ref.paged_merge_round(
             kvs, slots, layers, counts, positions, hess, mass, sink=sink, recent=recent, k=k,
             round_idx=round_idx, gamma=gamma, eps=eps, rotary=rotary, key_weights=key_weights,
-            pool=pool, max_fraction=max_fraction, score_reduce=score_reduce,
+            pool=pool, max_fraction=max_fraction, protect=protect, score_reduce=score_reduce,
             selector=select_pairs)
         return
-    ops = _cpp_ops()
-    sizes = _merge_ref.subround_sizes(len(slots) - sink - recent, k, max_fraction)
     table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers, slots)
-    carry = len(sizes) > 1
-    held = len(slots)
-    for step in sizes:
+    run = functools.partial(_paged_subrounds, slots=slots, counts=counts, positions=positions,
+                            hess=hess, mass=mass, sink=sink, recent=recent,
+                            round_idx=round_idx, gamma=gamma, eps=eps, pool=pool,
+                            hessian_weights=key_weights == "hessian", table=table,
+                            rotary_dim=rotary_dim, is_neox=is_neox, score_reduce=score_reduce)
+    if protect is None:
+        run(kvs, layers, _merge_ref.subround_sizes(len(slots) - sink - recent, k,
+                                                   max_fraction))
+        return
+    if not 0 < max_fraction <= 0.5:
+        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
+    if k > int(_merge_ref.mergeable_without(protect[:, sink:len(slots) - recent]).min()):
+        raise ValueError(f"cannot free k={k} slots without merging a protected slot")
+    for layer in range(len(kvs)):  # each layer's mask sizes its own sub-rounds
+        mask = protect[layer].clone()
+
+        def next_step(held: int, freed: int) -> int:
+            """merge_rounds' rule for protected slots, on the current mask."""
+            free = mask[None, sink:held - recent]
+            return min(k - freed, max(1, int(max_fraction * free.shape[1])),
+                       int(_merge_ref.disjoint_free_pairs(free)[0]))
+
+        run(kvs[layer:layer + 1], layers[layer:layer + 1], [0] if k == 0 else next_step,
+            mask, total=k)
+
+
+def _paged_subrounds(kvs, layers, sizes, protect=None, total: int = 0, *, slots, counts,
+                     positions, hess, mass, sink, recent, round_idx, gamma, eps, pool,
+                     hessian_weights, table, rotary_dim, is_neox, score_reduce) -> None:
+    """The C++ in-place sub-rounds over ``kvs``: ``sizes`` lists the slots each frees, or
+    (with ``protect``, one layer's ``[N]`` mask, updated here as its slots merge) gives the
+    next size from the slots held and freed so far until ``total`` are freed. A protected
+    slot's pairs score :data:`~kvslimmer_vllm.core.merge.PROTECTED_SCORE`. The mass is
+    carried between sub-rounds and reset after the last."""
+    ops = _cpp_ops()
+    steps = iter(sizes) if not callable(sizes) else None
+    carry = protect is not None or len(sizes) > 1
+    held, freed = len(slots), 0
+    while True:
+        step = next(steps, None) if steps is not None else (
+            sizes(held, freed) if freed < total else None)
+        if step is None:
+            break
         now = slots[:held]
         alpha, h, scores = ops.round_stats(kvs, now, layers, hess, mass, sink, recent,
                                            round_idx, gamma, pool)
         if score_reduce is not None:
             scores = score_reduce(scores)
+        if protect is not None:
+            guarded = protect[sink:held - recent]
+            scores = torch.where(guarded[:-1] | guarded[1:], _merge_ref.PROTECTED_SCORE,
+                                 scores)
         left = ops.select_pairs(scores.to(torch.float64), step)
         ops.round_apply(kvs, now, layers, counts, positions, hess, mass, left, alpha, h, sink,
-                        recent, eps, key_weights == "hessian", table, rotary_dim, is_neox,
-                        carry)
-        held -= step
+                        recent, eps, hessian_weights, table, rotary_dim, is_neox, carry)
+        if protect is not None:  # the pairs' right slots are gone
+            kept = torch.ones(held, dtype=torch.bool)
+            kept[sink + 1 + left[0]] = False
+            protect[:held - step] = protect[:held][kept].clone()
+        held, freed = held - step, freed + step
     if carry:
         mass[layers[:, None], slots] = 0.0
 

@@ -71,8 +71,34 @@ class SnapMerge(KVSlimmer):
 
     name = "snapmerge"
 
-    def run_paged_round(self, slots: PagedSlots, **kwargs) -> bool:
-        return False  # its protected slots need the gathered path (merge_rounds' protect)
+    def _protect(self, mass: torch.Tensor, k: int, recent: int, pool: int) -> torch.Tensor:
+        """``[L, N]`` bool: the region's slots SnapKV would keep (``mass`` ``[L, N, Hkv]``)."""
+        sink, n = self.config.sink, mass.shape[1]
+        scores = pool_mass(mass[:, sink:n - recent].to(torch.float64), pool).sum(-1)
+        if self.score_reduce is not None:
+            scores = self.score_reduce(scores)
+        protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
+        protect[:, sink:n - recent] = keep_set(scores, k)
+        return protect
+
+    def run_paged_round(
+        self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
+    ) -> bool:
+        """In place as :class:`KVSlimmer`'s, each layer with its own protected slots."""
+        cfg = self.config
+        recent = cfg.recent if recent is None else recent
+        if paged_round_backend_name(slots.kvs[0]) != "cpp":
+            return False
+        mass = slots.mass[slots.layers[:, None], slots.slots]
+        paged_merge_round(
+            slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions, slots.hess,
+            slots.mass, sink=cfg.sink, recent=recent, k=k, round_idx=round_index,
+            gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
+            key_weights=self.key_weights, pool=pool, max_fraction=max_fraction,
+            protect=self._protect(mass, k, recent, pool), score_reduce=self.score_reduce,
+        )
+        return True
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
@@ -80,18 +106,13 @@ class SnapMerge(KVSlimmer):
     ) -> MergeResult:
         cfg = self.config
         recent = cfg.recent if recent is None else recent
-        mass = slots.mass if slots.mass.dim() == 3 else slots.mass.unsqueeze(0)
-        n = mass.shape[1]
-        scores = pool_mass(mass[:, cfg.sink:n - recent].to(torch.float64), pool).sum(-1)
-        if self.score_reduce is not None:
-            scores = self.score_reduce(scores)
-        protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
-        protect[:, cfg.sink:n - recent] = keep_set(scores, k)
-        if slots.mass.dim() == 2:
-            protect = protect.squeeze(0)
+        single = slots.mass.dim() == 2
+        protect = self._protect(slots.mass.unsqueeze(0) if single else slots.mass, k, recent,
+                                pool)
         return merge_rounds(
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
-            sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction, protect=protect,
+            sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction,
+            protect=protect.squeeze(0) if single else protect,
             pool=pool, round_idx=round_index, gamma=cfg.gamma, eps=cfg.eps,
             rotary=rotary if cfg.rope_aware else None, key_weights=self.key_weights,
             score_reduce=self.score_reduce, **_kernels(),

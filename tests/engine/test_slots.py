@@ -134,12 +134,12 @@ def test_slot_ids_follow_the_block_table():
 
 
 @pytest.mark.parametrize("method, gathers", [("kvslimmer", False), ("average", False),
-                                             ("snapmerge", True), ("evict", True)])
+                                             ("snapmerge", False), ("evict", True)])
 def test_pairwise_rounds_run_in_place_on_cpu(method, gathers, monkeypatch):
     """Catches: the engine gathering a request's slots for a pairwise round that the C++
-    in-place round handles (KVSlimmer and its count-weighted ablation, one round or
-    sub-rounds), or skipping the gathered path for a method that needs it (SnapMerge's
-    protected slots, eviction)."""
+    in-place round handles (KVSlimmer, its count-weighted ablation and SnapMerge, one
+    round or sub-rounds), or skipping the gathered path for a method that needs it
+    (eviction)."""
     if kernels.paged_round_backend_name(torch.zeros(1)) != "cpp":
         pytest.skip("C++ extension not built")
     calls = []

@@ -158,6 +158,44 @@ def test_subrounds_in_place_match_the_composed_reference(n, k, max_fraction, wei
     assert torch.equal(both[1][1]["mass"][0], state["mass"][0])
 
 
+@pytest.mark.parametrize("k,max_fraction", [(30, 0.25), (12, 0.5), (0, 0.25)])
+@pytest.mark.parametrize("pattern", ["snapkv keep set", "runs", "none"])
+def test_protected_slots_match_the_reference(k, max_fraction, pattern):
+    """SnapMerge's rounds: slots no pair may touch, each layer sub-rounded by its own
+    mask (a SnapKV keep set per layer, long protected runs, or nothing protected)."""
+    from kvslimmer_vllm.core.merge import keep_set
+
+    n, sink, recent = 90, 4, 8
+    kvs, slots, state = _request(n, 3, 16, torch.float32, seed=k + len(pattern))
+    layers = torch.tensor([0, 2, 3])
+    protect = torch.zeros(3, n, dtype=torch.bool)
+    if pattern == "snapkv keep set":
+        mass = state["mass"][layers[:, None], slots[sink:n - recent]]
+        protect[:, sink:n - recent] = keep_set(pool_mass(mass.double(), 3).sum(-1), k)
+    elif pattern == "runs":
+        protect[0, 10:30] = protect[1, 40:44] = protect[2, sink:n - recent:4] = True
+    both = _run_both([kvs[0], kvs[2], kvs[3]], slots, state, layers, sink=sink,
+                     recent=recent, k=k, round_idx=2, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+                     rotary=_rotary("gptj", 16, torch.float32), pool=3,
+                     max_fraction=max_fraction, protect=protect)
+    _assert_same(*both, torch.float32)
+    if pattern == "runs":  # protected slots kept exactly, in order
+        kept_rows = both[1][0][0][slots[:n - k]]
+        assert any(torch.equal(kept_rows[i:i + 20], kvs[0][slots[10:30]])
+                   for i in range(n - k - 19))
+
+
+def test_too_many_protected_slots_are_refused():
+    kvs, slots, state = _request(40, 2, 4, torch.float32, seed=3)
+    protect = torch.zeros(1, 40, dtype=torch.bool)
+    protect[0, 4:30] = True
+    with pytest.raises(ValueError, match="cannot free k=6 slots without merging a protected"):
+        kernels.paged_merge_round(kvs[:1], slots, torch.tensor([0]), state["counts"],
+                                  state["positions"], state["hess"], state["mass"], sink=4,
+                                  recent=4, k=6, round_idx=1, gamma=10.0, eps=1e-21,
+                                  protect=protect)
+
+
 @pytest.mark.parametrize("mass", ["zero", "one-hot", "some heads"])
 @pytest.mark.parametrize("hess", ["nan", "random"])
 @pytest.mark.parametrize("pool", [1, 7])
