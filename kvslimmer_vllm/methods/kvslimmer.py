@@ -23,6 +23,8 @@ def _kernels() -> dict:
 class KVSlimmer(MergeMethod):
     name = "kvslimmer"
     key_weights = "hessian"
+    #: Whether some slots are kept out of every pair (``_protect`` gives them).
+    protects = False
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
@@ -48,12 +50,16 @@ class KVSlimmer(MergeMethod):
         recent = cfg.recent if recent is None else recent
         if paged_round_backend_name(slots.kvs[0]) != "cpp":
             return False
+        protect = None
+        if self.protects:
+            mass = slots.mass[slots.layers[:, None], slots.slots]
+            protect = self._protect(mass, k, recent, pool)
         paged_merge_round(
             slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions, slots.hess,
             slots.mass, sink=cfg.sink, recent=recent, k=k, round_idx=round_index,
             gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
             key_weights=self.key_weights, pool=pool, max_fraction=max_fraction,
-            score_reduce=self.score_reduce,
+            protect=protect, score_reduce=self.score_reduce,
         )
         return True
 
@@ -70,9 +76,11 @@ class SnapMerge(KVSlimmer):
     default."""
 
     name = "snapmerge"
+    protects = True
 
     def _protect(self, mass: torch.Tensor, k: int, recent: int, pool: int) -> torch.Tensor:
-        """``[L, N]`` bool: the region's slots SnapKV would keep (``mass`` ``[L, N, Hkv]``)."""
+        """``[L, N]`` bool: the region's slots SnapKV would keep (``mass`` ``[L, N, Hkv]``);
+        :meth:`KVSlimmer.run_paged_round` runs each layer's sub-rounds around them."""
         sink, n = self.config.sink, mass.shape[1]
         scores = pool_mass(mass[:, sink:n - recent].to(torch.float64), pool).sum(-1)
         if self.score_reduce is not None:
@@ -80,25 +88,6 @@ class SnapMerge(KVSlimmer):
         protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
         protect[:, sink:n - recent] = keep_set(scores, k)
         return protect
-
-    def run_paged_round(
-        self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
-        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
-    ) -> bool:
-        """In place as :class:`KVSlimmer`'s, each layer with its own protected slots."""
-        cfg = self.config
-        recent = cfg.recent if recent is None else recent
-        if paged_round_backend_name(slots.kvs[0]) != "cpp":
-            return False
-        mass = slots.mass[slots.layers[:, None], slots.slots]
-        paged_merge_round(
-            slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions, slots.hess,
-            slots.mass, sink=cfg.sink, recent=recent, k=k, round_idx=round_index,
-            gamma=cfg.gamma, eps=cfg.eps, rotary=rotary if cfg.rope_aware else None,
-            key_weights=self.key_weights, pool=pool, max_fraction=max_fraction,
-            protect=self._protect(mass, k, recent, pool), score_reduce=self.score_reduce,
-        )
-        return True
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
