@@ -672,6 +672,24 @@ def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def check_protected(region: torch.Tensor, k: int, max_fraction: float) -> None:
+    """Raise ValueError unless ``k`` slots can be freed from the mergeable region's
+    ``[L, M]`` protect mask ``region`` in sub-rounds of at most ``max_fraction``."""
+    if not 0 < max_fraction <= 0.5:
+        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
+    if k > int(mergeable_without(region).min()):
+        raise ValueError(f"cannot free k={k} slots without merging a protected slot")
+
+
+def protected_step(region: torch.Tensor, remaining: int, max_fraction: float) -> int:
+    """Slots the next sub-round frees with protected slots (``region``: the current
+    ``[L, M]`` protect mask of the mergeable region): at most ``remaining``, at most
+    ``max_fraction`` of the region (at least one), at most the disjoint pairs of free
+    slots in every layer."""
+    return min(remaining, max(1, int(max_fraction * region.shape[1])),
+               int(disjoint_free_pairs(region).min()))
+
+
 def _merge_protected(keys, values, counts, positions, hess, mass, protect, *, sink, recent,
                      k, max_fraction, **round_kwargs) -> MergeResult:
     """:func:`merge_rounds` with protected slots ([L, N] inputs). How much a sub-round can
@@ -687,19 +705,14 @@ def _merge_protected(keys, values, counts, positions, hess, mass, protect, *, si
             for i in range(num_layers)
         ]
         return _stack(parts, keys, values)
-    if not 0 < max_fraction <= 0.5:
-        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
-    if k > int(mergeable_without(protect[:, sink:n - recent]).min()):
-        raise ValueError(f"cannot free k={k} slots without merging a protected slot")
+    check_protected(protect[:, sink:n - recent], k, max_fraction)
     left = [k]
 
     def next_step(state, mask) -> int:
         if left[0] <= 0:
             return 0
         size = state[0].shape[1]
-        region = mask[:, sink:size - recent]
-        step = min(left[0], max(1, int(max_fraction * region.shape[1])),
-                   int(disjoint_free_pairs(region).min()))
+        step = protected_step(mask[:, sink:size - recent], left[0], max_fraction)
         left[0] -= step
         return step
 

@@ -265,42 +265,51 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
                             hessian_weights=key_weights == "hessian", table=table,
                             rotary_dim=rotary_dim, is_neox=is_neox, score_reduce=score_reduce)
     if protect is None:
-        run(kvs, layers, _merge_ref.subround_sizes(len(slots) - sink - recent, k,
-                                                   max_fraction))
+        sizes = _merge_ref.subround_sizes(len(slots) - sink - recent, k, max_fraction)
+        steps = iter(sizes)
+        run(kvs, layers, lambda held: next(steps), carry=len(sizes) > 1)
         return
-    if not 0 < max_fraction <= 0.5:
-        raise ValueError(f"max_fraction must be in (0, 0.5], got {max_fraction}")
-    if k > int(_merge_ref.mergeable_without(protect[:, sink:len(slots) - recent]).min()):
-        raise ValueError(f"cannot free k={k} slots without merging a protected slot")
+    _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
     for layer in range(len(kvs)):  # each layer's mask sizes its own sub-rounds
         mask = protect[layer].clone()
-
-        def next_step(held: int, freed: int) -> int:
-            """merge_rounds' rule for protected slots, on the current mask."""
-            free = mask[None, sink:held - recent]
-            return min(k - freed, max(1, int(max_fraction * free.shape[1])),
-                       int(_merge_ref.disjoint_free_pairs(free)[0]))
-
-        run(kvs[layer:layer + 1], layers[layer:layer + 1], [0] if k == 0 else next_step,
-            mask, total=k)
+        run(kvs[layer:layer + 1], layers[layer:layer + 1],
+            _protected_steps(mask, sink, recent, k, max_fraction), mask,
+            carry=True)
 
 
-def _paged_subrounds(kvs, layers, sizes, protect=None, total: int = 0, *, slots, counts,
-                     positions, hess, mass, sink, recent, round_idx, gamma, eps, pool,
+def _protected_steps(mask, sink: int, recent: int, k: int, max_fraction: float):
+    """``next_step`` for one layer's protected sub-rounds: sizes by
+    :func:`~kvslimmer_vllm.core.merge.protected_step` on ``mask`` as it is when asked,
+    until ``k`` slots are freed (one round of 0 when ``k`` is 0)."""
+    freed, asked = 0, False
+
+    def next_step(held: int) -> int:
+        nonlocal freed, asked
+        if asked and freed >= k:
+            raise StopIteration
+        asked = True
+        step = _merge_ref.protected_step(mask[None, sink:held - recent], k - freed,
+                                         max_fraction) if k else 0
+        freed += step
+        return step
+
+    return next_step
+
+
+def _paged_subrounds(kvs, layers, next_step, protect=None, carry: bool = False, *, slots,
+                     counts, positions, hess, mass, sink, recent, round_idx, gamma, eps, pool,
                      hessian_weights, table, rotary_dim, is_neox, score_reduce) -> None:
-    """The C++ in-place sub-rounds over ``kvs``: ``sizes`` lists the slots each frees, or
-    (with ``protect``, one layer's ``[N]`` mask, updated here as its slots merge) gives the
-    next size from the slots held and freed so far until ``total`` are freed. A protected
-    slot's pairs score :data:`~kvslimmer_vllm.core.merge.PROTECTED_SCORE`. The mass is
-    carried between sub-rounds and reset after the last."""
+    """The C++ in-place sub-rounds over ``kvs``, each freeing ``next_step(held)`` slots
+    (``held``: the slots held now; StopIteration ends the step). With ``protect`` (one
+    layer's ``[N]`` mask, updated here as its slots merge) a protected slot's pairs score
+    :data:`~kvslimmer_vllm.core.merge.PROTECTED_SCORE`. With ``carry`` the mass is
+    carried between sub-rounds and reset after the last (else round_apply resets it)."""
     ops = _cpp_ops()
-    steps = iter(sizes) if not callable(sizes) else None
-    carry = protect is not None or len(sizes) > 1
-    held, freed = len(slots), 0
+    held = len(slots)
     while True:
-        step = next(steps, None) if steps is not None else (
-            sizes(held, freed) if freed < total else None)
-        if step is None:
+        try:
+            step = next_step(held)
+        except StopIteration:
             break
         now = slots[:held]
         alpha, h, scores = ops.round_stats(kvs, now, layers, hess, mass, sink, recent,
@@ -318,7 +327,7 @@ def _paged_subrounds(kvs, layers, sizes, protect=None, total: int = 0, *, slots,
             kept = torch.ones(held, dtype=torch.bool)
             kept[sink + 1 + left[0]] = False
             protect[:held - step] = protect[:held][kept].clone()
-        held, freed = held - step, freed + step
+        held -= step
     if carry:
         mass[layers[:, None], slots] = 0.0
 
