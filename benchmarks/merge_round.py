@@ -6,11 +6,12 @@ What it measures
 Wall time of ``kvslimmer_vllm.engine.slots.apply_round`` for one request of ``N`` slots
 freeing ``k``, over every layer of the model:
 
-* ``engine``: the engine's path. A round that is one pairwise sub-round runs where the
-  slots live when the device has that kernel (``MergeMethod.run_paged_round``: the C++
-  round_stats / round_apply ops on CPU); other rounds (prompt-end steps with sub-rounds)
-  and devices gather the slots into a scratch buffer, run the method on all layers that
-  share a RoPE at once, and move the surviving rows and write the merged slots back;
+* ``engine``: the engine's path. On CPU every method's round (one round, or a prompt-end
+  step's sub-rounds) runs where the slots live (``MergeMethod.paged_rounds``: the C++
+  round_stats / round_apply ops for pairwise methods, compact_rows for eviction); on CUDA
+  rounds gather the slots into a scratch buffer, run the method on all layers that share
+  a RoPE at once (in batches bounded by ``footprint_per_slot``), and move the surviving
+  rows and write the merged slots back;
 * ``gathered``: that gathered path for every round (the in-place kernel off);
 * ``per layer``: the gathered path with the batch size forced to one layer (the state's
   ``max_batch_elements`` lowered), i.e. ``L`` separate rounds;
@@ -45,7 +46,9 @@ from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.core.paged import slot_ids
-from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, batch_limit
+from kvslimmer_vllm.engine.slots import (
+    LayerCache, SlotState, apply_round, batch_limit, footprint_per_slot,
+)
 from kvslimmer_vllm.methods import get_method
 
 BLOCK = 128
@@ -87,11 +90,11 @@ def _copy(state: SlotState, kvs):
 @contextlib.contextmanager
 def _gathered(method):
     """The method's in-place round switched off: every round gathers."""
-    method.run_paged_round = lambda *args, **kwargs: False
+    method.paged_rounds = lambda kv: False
     try:
         yield
     finally:
-        del method.run_paged_round
+        del method.paged_rounds
 
 
 @contextlib.contextmanager
@@ -111,7 +114,9 @@ def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
     saved = state.max_batch_elements
     if arm == "per layer":
-        state.max_batch_elements = kvs[0][0].numel() * plan.num_slots
+        heads, row = kvs[0].shape[1:]
+        state.max_batch_elements = plan.num_slots * footprint_per_slot(
+            heads, row // 2, kvs[0].dtype, in_place=False)
     contexts = contextlib.ExitStack()
     if arm != "engine":
         contexts.enter_context(_gathered(method))

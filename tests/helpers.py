@@ -242,3 +242,22 @@ def triton_kernel_modules(*names: str):
         else:
             os.environ["TRITON_INTERPRET"] = saved
     return modules
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Most bytes of CPU tensors that ``fn()`` holds allocated at once beyond what existed
+    before it (torch's memory profiler: every tensor allocation and free, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        fn()
+    held = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            held += size
+        elif action == Action.DESTROY:
+            held -= size
+        peak = max(peak, held)
+    return peak

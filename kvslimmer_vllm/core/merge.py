@@ -34,8 +34,9 @@ from .stats import (
 )
 
 __all__ = [
-    "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "evict_lowest", "evict_oldest", "keep_set",
-    "merge_pairs", "merge_round", "merge_rounds", "merge_weights",
+    "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "drop_slots", "evict_lowest", "evict_oldest",
+    "keep_set", "lowest_mass_slots", "merge_pairs", "merge_round", "merge_rounds", "merge_weights",
+    "oldest_slots",
 ]
 
 #: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
@@ -64,7 +65,8 @@ class MergeResult:
             changes over the whole mergeable region regardless. With a layer dimension: the
             smallest over the layers.
         source: ``[N - k]`` int64, the input slot each output slot's key and value come from.
-        input_keys, input_values: the round's ``[N, Hkv, D]`` inputs (not copies).
+        input_keys, input_values: the round's ``[N, Hkv, D]`` inputs (not copies); None
+            when the round read no key or value (an eviction compacted where the slots live).
         merged_slots: ``[k]`` int64 output indices of the merged slots (``[0]`` when slots
             were dropped), with their ``[k, Hkv, D]`` ``merged_keys`` (post-RoPE) and
             ``merged_values``, input dtype.
@@ -80,8 +82,8 @@ class MergeResult:
     pairs: torch.Tensor
     first_changed: int
     source: torch.Tensor
-    input_keys: torch.Tensor
-    input_values: torch.Tensor
+    input_keys: torch.Tensor | None
+    input_values: torch.Tensor | None
     merged_slots: torch.Tensor
     merged_keys: torch.Tensor
     merged_values: torch.Tensor
@@ -229,6 +231,12 @@ def _mergeable_region(
             if not single:
                 expected, got = [layers, *expected], list(tensor.shape)
             raise ValueError(f"{name} must have shape {expected}, got {got}")
+    return _region(n, sink, recent, k, slots_per_freed)
+
+
+def _region(n: int, sink: int, recent: int, k: int, slots_per_freed: int) -> slice:
+    """The mergeable region ``[sink, n - recent)`` of ``n`` slots, checked to hold
+    ``slots_per_freed * k`` slots."""
     if sink < 0 or recent < 0 or k < 0:
         raise ValueError(
             f"sink, recent and k must be >= 0, got sink={sink}, recent={recent}, k={k}"
@@ -772,7 +780,7 @@ def evict_lowest(
 ) -> MergeResult:
     """Baseline (H2O/SnapKV style): drop the ``k`` slots of ``[sink, N - recent)`` with the
     lowest observation mass, summed over KV heads (after max-pooling it over ``pool``
-    neighbouring slots, SnapKV's rule; 1 = off).
+    neighbouring slots, SnapKV's rule; 1 = off): :func:`lowest_mass_slots`.
 
     Requires ``k <= N - sink - recent``. Ties drop the lower index first. Surviving slots keep
     everything, including ``hess``; ``pairs`` holds the dropped slots' input indices; counts of
@@ -782,14 +790,11 @@ def evict_lowest(
     single, (keys, values, counts, positions, hess, mass) = _batched(
         keys, values, counts, positions, hess, mass
     )
-    region = _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1,
-                               single)
-    score = pool_mass(mass[:, region].to(torch.float64), pool).sum(dim=-1)
-    if score_reduce is not None:
-        score = score_reduce(score)
-    order = torch.sort(score, dim=-1, stable=True).indices[:, :k]
-    dropped = sink + order.sort(dim=-1).values.to(keys.device)
-    return _unbatched(_drop(keys, values, counts, positions, hess, dropped), single)
+    _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1, single)
+    dropped = lowest_mass_slots(mass, sink=sink, recent=recent, k=k,
+                                score_reduce=score_reduce, pool=pool).to(keys.device)
+    return _unbatched(drop_slots(counts, positions, hess, dropped, _no_rows(keys), keys,
+                                 values), single)
 
 
 def evict_oldest(
@@ -804,8 +809,9 @@ def evict_oldest(
     recent: int,
     k: int,
 ) -> MergeResult:
-    """Baseline (StreamingLLM): drop the ``k`` oldest slots after the sink, ``[sink, sink + k)``,
-    so a request keeps its sink slots and its most recent ones. ``mass`` is not used.
+    """Baseline (StreamingLLM): drop the ``k`` oldest slots after the sink, ``[sink, sink + k)``
+    (:func:`oldest_slots`), so a request keeps its sink slots and its most recent ones.
+    ``mass`` is not used.
 
     Requires ``k <= N - sink - recent``. Arguments and result as in :func:`evict_lowest`.
     """
@@ -813,15 +819,47 @@ def evict_oldest(
         keys, values, counts, positions, hess, mass
     )
     _mergeable_region(keys, values, counts, positions, hess, mass, sink, recent, k, 1, single)
-    dropped = torch.arange(sink, sink + k, device=keys.device).expand(keys.shape[0], k)
-    return _unbatched(_drop(keys, values, counts, positions, hess, dropped), single)
+    dropped = oldest_slots(keys.shape[0], keys.shape[1], sink=sink, recent=recent, k=k,
+                           device=keys.device)
+    return _unbatched(drop_slots(counts, positions, hess, dropped, _no_rows(keys), keys,
+                                 values), single)
 
 
-def _drop(keys, values, counts, positions, hess, dropped: torch.Tensor) -> MergeResult:
-    """The slots not in ``dropped`` (``[L, k]`` sorted input indices), unchanged."""
-    num_layers, n = keys.shape[:2]
+def lowest_mass_slots(
+    mass: torch.Tensor, *, sink: int, recent: int, k: int,
+    score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, pool: int = 1,
+) -> torch.Tensor:
+    """:func:`evict_lowest`'s choice: ``[L, k]`` sorted indices of the ``k`` slots of
+    ``[sink, N - recent)`` with the least ``mass`` (``[L, N, Hkv]``), max-pooled over
+    ``pool`` slots and summed over KV heads (then over ranks by ``score_reduce``); ties
+    drop the lower index first. Reads nothing but the mass, so the engine chooses without
+    gathering the slots' keys and values."""
+    region = _region(mass.shape[1], sink, recent, k, 1)
+    score = pool_mass(mass[:, region].to(torch.float64), pool).sum(dim=-1)
+    if score_reduce is not None:
+        score = score_reduce(score)
+    order = torch.sort(score, dim=-1, stable=True).indices[:, :k]
+    return sink + order.sort(dim=-1).values
+
+
+def oldest_slots(num_layers: int, n: int, *, sink: int, recent: int, k: int,
+                 device=None) -> torch.Tensor:
+    """:func:`evict_oldest`'s choice for ``num_layers`` layers of ``n`` slots: ``[L, k]``
+    indices ``sink .. sink + k - 1``."""
+    _region(n, sink, recent, k, 1)
+    return torch.arange(sink, sink + k, device=device).expand(num_layers, k)
+
+
+def drop_slots(counts: torch.Tensor, positions: torch.Tensor, hess: torch.Tensor,
+               dropped: torch.Tensor, no_rows: torch.Tensor, keys: torch.Tensor | None = None,
+               values: torch.Tensor | None = None) -> MergeResult:
+    """The slots not in ``dropped`` (``[L, k]`` sorted input indices of each layer's ``N``
+    slots; ``counts`` ``[L, N]``, ...), unchanged: a result with no merged rows
+    (``no_rows``, ``[L, 0, Hkv, D]`` in the keys' dtype). ``keys`` / ``values`` are the
+    round's inputs when it gathered them (None when the slots are compacted where they
+    live, :func:`kvslimmer_vllm.core.paged.paged_drop`)."""
+    num_layers, n = counts.shape[:2]
     source = _kept(num_layers, n, dropped)
-    nothing = keys.new_empty(num_layers, 0, *keys.shape[2:])
     return MergeResult(
         counts=_take(counts, source),
         positions=_take(positions, source),
@@ -832,6 +870,11 @@ def _drop(keys, values, counts, positions, hess, dropped: torch.Tensor) -> Merge
         input_keys=keys,
         input_values=values,
         merged_slots=dropped.new_empty(num_layers, 0),
-        merged_keys=nothing,
-        merged_values=nothing,
+        merged_keys=no_rows,
+        merged_values=no_rows,
     )
+
+
+def _no_rows(keys: torch.Tensor) -> torch.Tensor:
+    """``[L, 0, Hkv, D]``: the merged rows of a round that merged nothing."""
+    return keys.new_empty(keys.shape[0], 0, *keys.shape[2:])

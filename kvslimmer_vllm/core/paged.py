@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from .attention import merged_attention
-from .merge import merge_rounds
+from .merge import drop_slots, merge_rounds
 
-__all__ = ["compact_rows", "gather_rows", "paged_attention", "paged_merge_round", "slot_ids",
-           "store_round"]
+__all__ = ["compact_rows", "gather_rows", "paged_attention", "paged_drop", "paged_merge_round",
+           "slot_ids", "store_round"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -115,6 +115,23 @@ def paged_merge_round(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torc
                           positions[rows, slots], hess[rows, slots], mass[rows, slots],
                           **round_kwargs)
     store_round(kvs, slots, layers, counts, positions, hess, mass, result)
+
+
+def paged_drop(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torch.Tensor,
+               counts: torch.Tensor, positions: torch.Tensor, hess: torch.Tensor,
+               mass: torch.Tensor, dropped: torch.Tensor, compact=compact_rows) -> None:
+    """Drop each layer's slots ``dropped[l]`` (``[L, k]`` sorted indices into the request's
+    ``N`` slots ``slots``) in place: the survivors move down where they live (``compact``,
+    :func:`compact_rows`'s contract), their counts, positions and Hessian proxies with
+    them; the observation mass of all ``N`` slots is reset (arguments as in
+    :func:`store_round`). Reads no key or value: what an eviction round leaves, without
+    gathering the request (the engine's CPU eviction, with the C++ ``compact_rows``)."""
+    rows = layers[:, None]
+    head_dim = kvs[0].shape[-1] // 2
+    no_rows = kvs[0].new_empty(len(kvs), 0, kvs[0].shape[1], head_dim)
+    result = drop_slots(counts[rows, slots], positions[rows, slots], hess[rows, slots],
+                        dropped, no_rows)
+    store_round(kvs, slots, layers, counts, positions, hess, mass, result, compact)
 
 
 def paged_attention(

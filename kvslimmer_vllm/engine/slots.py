@@ -13,7 +13,7 @@ A slot's state is reset whenever a new token's KV is written into it, so a reuse
 never carries a previous request's counts. Nothing here imports vLLM.
 
 The memory this costs is known before anything is allocated (:func:`state_bytes_per_slot`,
-:func:`scratch_bytes`, :func:`blocks_within`): the worker takes it from the KV budget
+:func:`round_reserve_bytes`, :func:`blocks_within`): the worker takes it from the KV budget
 before vLLM sizes the cache, so KV cache, state and scratch together fit the budget vLLM
 would have given the KV cache alone.
 """
@@ -67,7 +67,8 @@ class SlotState:
                                 dtype=HEAD_STATE_DTYPE, device=device)
 
         self._scratch: torch.Tensor | None = None
-        #: Most elements one batched round gathers (set from the KV budget by the worker).
+        #: Most elements one batched round allocates at its peak (set from the KV budget by
+        #: the worker; see footprint_per_slot).
         self.max_batch_elements = MAX_BATCH_ELEMENTS
 
     def scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,8 @@ class SlotState:
         buf = self._scratch
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
             # Drop the old buffer first: old and new never exist together, so the
-            # buffer never takes more than scratch_bytes() reserves.
+            # buffer stays within the share of round_reserve_bytes() that a gathered
+            # round's copy takes (one of GATHERED_FOOTPRINT copies).
             self._scratch = buf = None
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
@@ -111,8 +113,8 @@ class LayerCache:
     rotary: RotarySpec | None
 
 
-#: Most KV elements (slots x layers x heads x 2D) one batched round gathers at once;
-#: longer requests run their layers in several batches (256 MiB of float32).
+#: Most elements (of the cache dtype) one batched round may allocate at once; longer
+#: requests run their layers in several batches (256 MiB of float32).
 MAX_BATCH_ELEMENTS = 1 << 26
 #: The same on CPU (64 MiB of float32). The cases of ``benchmarks/merge_round.py`` timed
 #: through apply_round with caps of 4M and 16M elements, interleaved (2-core AVX-512 machine,
@@ -121,8 +123,26 @@ MAX_BATCH_ELEMENTS = 1 << 26
 #: a round made a dozen torch passes over its batch and 4M was best.
 CPU_BATCH_ELEMENTS = 1 << 24
 #: Batching layers beyond one may take at most this share of the KV cache budget: a small
-#: cache gathers one layer at a time rather than give a quarter of itself to the scratch.
+#: cache rounds one layer at a time rather than give a quarter of itself to rounds.
 SCRATCH_SHARE = 1 / 8
+
+#: Every round's peak tensor allocation per slot and layer for its statistics: bytes per
+#: KV head (the slots' gathered mass, pooled float64 scores, alpha and Hessian proxies)
+#: plus bytes per slot (index tensors, counts, positions, masks). In-place rounds,
+#: measured with torch's memory profiler: at most 27 B per head + 30 B
+#: (tests/engine/test_memory.py).
+STATS_BYTES_PER_HEAD, STATS_BYTES_PER_SLOT = 32, 64
+#: The C++ round ops' own buffers per slot and layer, which the profiler does not see
+#: (every layer may run at once): select_pairs' copy of the scores, run bookkeeping and
+#: heap (~130 B), round_stats' row pointers, spreads and pooled scores (~20 B).
+CPP_BUFFER_BYTES_PER_SLOT = 160
+#: A gathered round's peak allocation beyond its statistics, in copies of the rows it
+#: gathers: the gathered copy (the state's scratch), then, for a step of sub-rounds, the
+#: composed copy of what each sub-round leaves and the merged rows (measured with torch's
+#: memory profiler, CPU, torch and C++ ops: at most 3.1 copies plus the statistics, a
+#: prompt-end step of 10% sub-rounds; tests/engine/test_memory.py). The Triton kernels on
+#: CUDA take and return tensors of the same shapes.
+GATHERED_FOOTPRINT = 4
 
 
 def batch_limit(device: torch.device) -> int:
@@ -138,31 +158,46 @@ def batch_elements_within(budget: int, dtype: torch.dtype,
     return max(1, min(limit, int(budget * SCRATCH_SHARE) // dtype.itemsize))
 
 
+def footprint_per_slot(num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       in_place: bool) -> int:
+    """Elements of ``dtype`` (rounded up) a round allocates at its peak per slot and
+    layer: its statistics (:data:`STATS_BYTES_PER_HEAD`, :data:`STATS_BYTES_PER_SLOT`,
+    :data:`CPP_BUFFER_BYTES_PER_SLOT`) and, gathered, :data:`GATHERED_FOOTPRINT` copies
+    of the slot's ``Hkv * 2D`` row."""
+    nbytes = (STATS_BYTES_PER_HEAD * num_kv_heads + STATS_BYTES_PER_SLOT
+              + CPP_BUFFER_BYTES_PER_SLOT)
+    if not in_place:
+        nbytes += GATHERED_FOOTPRINT * num_kv_heads * 2 * head_dim * dtype.itemsize
+    return -(-nbytes // dtype.itemsize)
+
+
 def layers_per_batch(slot_elements: int, max_batch: int | None = None) -> int:
-    """Layers one batched round gathers at once when each layer contributes
-    ``slot_elements`` KV elements (at least one, however long the request), with at most
+    """Layers one batched round takes at once when each layer's footprint is
+    ``slot_elements`` elements (at least one, however long the request), with at most
     ``max_batch`` elements (default :data:`MAX_BATCH_ELEMENTS`) per batch."""
     cap = MAX_BATCH_ELEMENTS if max_batch is None else max_batch
     return max(1, cap // max(slot_elements, 1))
 
 
-def scratch_elements(num_layers: int, max_slots: int, num_kv_heads: int,
-                     head_dim: int, max_batch: int | None = None) -> int:
-    """Most KV elements the scratch buffer holds for rounds over at most ``max_slots``
-    slots of ``num_layers`` layers: ``min(L * N * c, max(B, N * c))`` with
-    ``c = Hkv * 2 * D`` and ``B = max_batch`` (default :data:`MAX_BATCH_ELEMENTS`), an upper
-    bound of ``layers_per_batch(n * c, B) * n * c`` over every ``n <= N`` (one layer alone
-    may exceed ``B``)."""
+def round_elements(num_layers: int, max_slots: int, per_slot: int,
+                   max_batch: int | None = None) -> int:
+    """Most elements a round over at most ``max_slots`` slots of ``num_layers`` layers
+    allocates, ``per_slot`` elements per slot and layer (:func:`footprint_per_slot`):
+    ``min(L * N * p, max(B, N * p))`` with ``B = max_batch`` (default
+    :data:`MAX_BATCH_ELEMENTS`), an upper bound of ``layers_per_batch(n * p, B) * n * p``
+    over every ``n <= N`` (one layer alone may exceed ``B``)."""
     cap = MAX_BATCH_ELEMENTS if max_batch is None else max_batch
-    per_layer = max_slots * num_kv_heads * 2 * head_dim
+    per_layer = max_slots * per_slot
     return min(num_layers * per_layer, max(cap, per_layer))
 
 
-def scratch_bytes(num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
-                  dtype: torch.dtype, max_batch: int | None = None) -> int:
-    """Worst-case bytes of :meth:`SlotState.scratch` with a KV cache of ``dtype``."""
-    return scratch_elements(num_layers, max_slots, num_kv_heads, head_dim,
-                            max_batch) * dtype.itemsize
+def round_reserve_bytes(num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype, in_place: bool,
+                        max_batch: int | None = None) -> int:
+    """Worst-case bytes a round allocates with a KV cache of ``dtype`` (rounds in place,
+    or gathered into :meth:`SlotState.scratch`): what the worker reserves."""
+    per_slot = footprint_per_slot(num_kv_heads, head_dim, dtype, in_place)
+    return round_elements(num_layers, max_slots, per_slot, max_batch) * dtype.itemsize
 
 
 def blocks_within(budget: int, kv_bytes_per_block: int, state_bytes_per_block: int,
@@ -188,25 +223,29 @@ def apply_round(
     only ever moved to lower slot indices, so later sources are read before any write).
     The observation mass of the request's slots is reset: the next round observes anew.
 
-    Layers that share a RoPE run as one layer-batched round (each layer still gets its
-    own pairs): in place where the slots live when the method has a kernel for the round
-    (:meth:`MergeMethod.run_paged_round`), else gathered into the state's scratch in
-    batches of at most ``state.max_batch_elements`` elements and written back.
+    Layers that share a RoPE run as layer-batched rounds (each layer still gets its own
+    pairs), in batches whose footprint (:func:`footprint_per_slot`) stays within
+    ``state.max_batch_elements``: in place where the slots live when the method has a
+    kernel for these caches (:meth:`MergeMethod.paged_rounds`), else gathered into the
+    state's scratch and written back.
     """
     if not layers:
         return
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
-    batch = layers_per_batch(plan.num_slots * layers[0].kv[0].numel(),
-                             state.max_batch_elements)
+    in_place = method.paged_rounds(layers[0].kv)
+    heads, row = layers[0].kv.shape[1:]
+    per_slot = footprint_per_slot(heads, row // 2, layers[0].kv.dtype, in_place)
+    batch = layers_per_batch(plan.num_slots * per_slot, state.max_batch_elements)
     settings = dict(k=plan.num_merge, round_index=plan.round_index, recent=plan.recent,
                     pool=plan.pool, max_fraction=plan.max_fraction)
     for group in _rotary_groups(layers):
-        if method.run_paged_round(_paged_slots(group, state, src), rotary=group[0].rotary,
-                                  **settings):
-            continue
         for first in range(0, len(group), batch):
             part = group[first:first + batch]
+            if in_place:
+                method.run_paged_round(_paged_slots(part, state, src),
+                                       rotary=part[0].rotary, **settings)
+                continue
             rows = _gather_rows(part, state, src)
             result = method.run_round(_slot_data(rows, part, state, src),
                                       rotary=part[0].rotary, **settings)

@@ -5,8 +5,9 @@
 model is built and extend vLLM's (V1) model runner with :class:`KVMergeRunnerMixin`:
 
 * when vLLM asks how much memory the KV cache may take (``determine_available_memory``):
-  take the per-slot side state and the worst-case round scratch out of that budget, so
-  KV cache, state and scratch together fit what vLLM would have given the KV cache alone;
+  take the per-slot side state and the worst-case memory of a merge round out of that
+  budget, so KV cache, state and rounds together fit what vLLM would have given the KV
+  cache alone;
 * after the KV cache exists: allocate the per-slot side state, bind it to every
   attention layer, find each layer's rotary embedding;
 * before each step's forward: run the step's merge rounds (compact each request in
@@ -42,10 +43,11 @@ from kvslimmer_vllm.engine.slots import (
     blocks_within,
     gather,
     reset_mass,
-    scratch_bytes,
+    round_reserve_bytes,
     slot_ids,
     state_bytes_per_slot,
 )
+from kvslimmer_vllm.core.config import METHODS
 from kvslimmer_vllm.methods import MergeMethod, get_method
 
 logger = logging.getLogger("vllm.kvslimmer.worker")
@@ -134,8 +136,8 @@ class KVMergeRunnerMixin:
     # --------------------------------------------------------------- KV cache setup
     def kv_merge_memory_plan(self, available: int) -> dict[str, int]:
         """How a KV budget of ``available`` bytes is shared: the most blocks whose KV
-        and per-slot state, plus the worst-case round scratch, fit in it
-        (``engine.slots.blocks_within``); ``kv_budget`` is what vLLM is told the KV cache
+        and per-slot state, plus the worst-case memory of a merge round
+        (``engine.slots.round_reserve_bytes``), fit in it (``engine.slots.blocks_within``); ``kv_budget`` is what vLLM is told the KV cache
         may take, so that it sizes exactly ``num_blocks`` blocks."""
         specs = list(self.get_kv_cache_spec().values())
         if not specs:
@@ -151,17 +153,23 @@ class KVMergeRunnerMixin:
         kv_per_block = sum(s.page_size_bytes for s in specs)
         state_per_block = num_layers * first.block_size * state_bytes_per_slot(
             first.num_kv_heads)
-        # A round gathers at most a whole request: max_model_len slots, in batches of
-        # layers capped by a share of the budget.
+        # A round takes at most a whole request: max_model_len slots, in batches of
+        # layers capped by a share of the budget; in place when every method a request may
+        # ask for has an in-place round on these caches, else gathered.
         self._kv_merge_max_batch = batch_elements_within(available, first.dtype,
                                                          batch_limit(self.device))
-        scratch = scratch_bytes(num_layers, self.max_model_len, first.num_kv_heads,
-                                first.head_size, first.dtype, self._kv_merge_max_batch)
+        probe = torch.empty(0, dtype=first.dtype, device=self.device)
+        in_place = all(self._kv_merge_method(name).paged_rounds(probe)
+                       for name in METHODS if name != "none")
+        scratch = round_reserve_bytes(num_layers, self.max_model_len, first.num_kv_heads,
+                                      first.head_size, first.dtype, in_place,
+                                      self._kv_merge_max_batch)
         num_blocks = blocks_within(available, kv_per_block, state_per_block, scratch)
         return {
             "available": available, "num_blocks": num_blocks,
             "kv_bytes_per_block": kv_per_block, "state_bytes_per_block": state_per_block,
             "state": num_blocks * state_per_block, "scratch": scratch,
+            "rounds_in_place": int(in_place),
             "kv_budget": num_blocks * kv_per_block,
             "unmodified_num_blocks": available // kv_per_block,
         }
@@ -420,7 +428,7 @@ def _worker_class(base: type) -> type:
             if plan["num_blocks"] < 1:
                 raise RuntimeError(
                     f"kv-merge: the KV cache budget ({available} bytes) cannot hold the "
-                    f"merge rounds' scratch ({plan['scratch']} bytes) and one KV block "
+                    f"merge rounds' working memory ({plan['scratch']} bytes) and one KV block "
                     f"with its slot state ({plan['kv_bytes_per_block']} + "
                     f"{plan['state_bytes_per_block']} bytes); give the KV cache more "
                     "memory (--gpu-memory-utilization, --kv-cache-memory-bytes or "
@@ -428,8 +436,9 @@ def _worker_class(base: type) -> type:
                 )
             logger.info(
                 "kv-merge: of the KV cache budget of %d bytes, reserved %d for slot state "
-                "and %d for the round scratch: %d KV blocks (%d without merging)",
-                available, plan["state"], plan["scratch"], plan["num_blocks"],
+                "and %d for merge rounds (%s): %d KV blocks (%d without merging)",
+                available, plan["state"], plan["scratch"],
+                "in place" if plan["rounds_in_place"] else "gathered", plan["num_blocks"],
                 plan["unmodified_num_blocks"],
             )
             return plan["kv_budget"]

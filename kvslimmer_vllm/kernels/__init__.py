@@ -9,6 +9,7 @@
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
 | ``core.paged.gather_rows``        | Triton ``round.py``            | reference (index_select)    |
 | ``core.paged.paged_merge_round``  | reference                      | C++ ops (***)               |
+| ``core.paged.paged_drop``         | reference                      | C++ ``compact_rows`` (***)  |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
@@ -16,7 +17,8 @@ run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
 surviving rows from that copy, so moving rows inside a cache cannot race.
 (***) ``round_stats`` + ``round_apply``: a whole pairwise round read from and written into
 the paged caches in place (no gathered copy), pairs chosen by ``select_pairs`` in between;
-:func:`paged_round_backend_name` says whether a cache runs it.
+an eviction chosen from the slots' state alone and compacted where the slots live;
+:func:`paged_round_backend_name` says whether a cache runs them.
 
 When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
 ``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
@@ -43,7 +45,7 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
-           "gather_rows", "merge_pairs", "paged_attention", "paged_merge_round",
+           "gather_rows", "merge_pairs", "paged_attention", "paged_drop", "paged_merge_round",
            "paged_round_backend_name", "round_backend_name",
            "select_pairs", "shift_table", "value_spread"]
 
@@ -234,9 +236,17 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
 
 
 def paged_round_backend_name(kv: torch.Tensor) -> str:
-    """Which implementation :func:`paged_merge_round` uses for caches like ``kv``: ``cpp``
-    (float32/float64 CPU caches with the C++ extension) or ``reference``."""
+    """Which implementation :func:`paged_merge_round` and :func:`paged_drop` use for caches
+    like ``kv``: ``cpp`` (float32/float64 CPU caches with the C++ extension) or
+    ``reference``."""
     return "cpp" if kv.device.type == "cpu" and round_backend_name(kv) == "cpp" else "reference"
+
+
+def paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped) -> None:
+    """:func:`kvslimmer_vllm.core.paged.paged_drop` with :func:`compact_rows` (the C++ op
+    moves each surviving row once, in place, on CPU)."""
+    _paged_ref.paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped,
+                          compact_rows)
 
 
 def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink: int,

@@ -72,15 +72,20 @@ class MergeMethod(ABC):
         of the mergeable slots per sub-round (the engine's policy decides all three per
         round)."""
 
+    def paged_rounds(self, kv: torch.Tensor) -> bool:
+        """Whether this method runs its rounds in place on caches like ``kv``
+        (:meth:`run_paged_round`); False (the default): the engine gathers the slots and
+        calls :meth:`run_round`. Decides the memory the worker reserves for rounds."""
+        return False
+
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
         recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
-    ) -> bool:
-        """Run the round in place where the slots live, when this method has a kernel for
-        this round on these caches; return False to have the engine gather the slots and
-        call :meth:`run_round` instead (the default). The result must be what
+    ) -> None:
+        """Run the round in place where the slots live (called only when
+        :meth:`paged_rounds` is true for the caches). The result must be what
         :meth:`run_round` followed by the engine's write-back would leave."""
-        return False
+        raise NotImplementedError(f"{self.name} has no in-place round")
 
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
-from kvslimmer_vllm.core.merge import MergeResult, evict_lowest, evict_oldest
+import torch
+
+from kvslimmer_vllm.core.merge import (
+    MergeResult, evict_lowest, evict_oldest, lowest_mass_slots, oldest_slots,
+)
 from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.methods.base import MergeMethod, SlotData, register
+from kvslimmer_vllm.kernels import paged_drop, paged_round_backend_name
+from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
+
+
+class _Dropping(MergeMethod):
+    """An eviction method: its choice reads only the slots' state (:meth:`_choose`), so on
+    caches with the in-place kernels a round compacts the survivors where they live,
+    without gathering the request (:func:`~kvslimmer_vllm.kernels.paged_drop`)."""
+
+    def _choose(self, mass: torch.Tensor, *, k: int, recent: int, pool: int) -> torch.Tensor:
+        """``[L, k]`` sorted indices of the slots to drop, from ``mass`` ``[L, N, Hkv]``."""
+        raise NotImplementedError
+
+    def paged_rounds(self, kv: torch.Tensor) -> bool:
+        """In place on CPU (C++ compact_rows); CUDA caches are gathered and compacted by
+        the Triton kernel."""
+        return paged_round_backend_name(kv) == "cpp"
+
+    def run_paged_round(
+        self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
+        recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
+    ) -> None:
+        recent = self.config.recent if recent is None else recent
+        mass = slots.mass[slots.layers[:, None], slots.slots]
+        dropped = self._choose(mass, k=k, recent=recent, pool=pool)
+        paged_drop(slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions,
+                   slots.hess, slots.mass, dropped)
 
 
 @register
-class Evict(MergeMethod):
+class Evict(_Dropping):
     """H2O/SnapKV style: drop the slots that drew the least attention since the last
     round (the same observation statistics KVSlimmer scores pairs with)."""
 
     name = "evict"
+
+    def _choose(self, mass, *, k, recent, pool):
+        return lowest_mass_slots(mass, sink=self.config.sink, recent=recent, k=k,
+                                 score_reduce=self.score_reduce, pool=pool)
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,
@@ -38,10 +72,14 @@ class SnapKV(Evict):
 
 
 @register
-class Streaming(MergeMethod):
+class Streaming(_Dropping):
     """StreamingLLM: keep the sink slots and the most recent ones, drop the oldest rest."""
 
     name = "streaming"
+
+    def _choose(self, mass, *, k, recent, pool):
+        return oldest_slots(mass.shape[0], mass.shape[1], sink=self.config.sink,
+                            recent=recent, k=k, device=mass.device)
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,

@@ -39,17 +39,17 @@ class KVSlimmer(MergeMethod):
             key_weights=self.key_weights, score_reduce=self.score_reduce, **_kernels(),
         )
 
+    def paged_rounds(self, kv: torch.Tensor) -> bool:
+        """In place where the caches have that kernel (C++ on CPU: no gathered copy of the
+        request, sub-rounds one after another in place)."""
+        return paged_round_backend_name(kv) == "cpp"
+
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
         recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
-    ) -> bool:
-        """Rounds run where the slots live when the caches have that kernel (C++ on CPU:
-        no gathered copy of the request, sub-rounds one after another in place); other
-        caches go through :meth:`run_round`."""
+    ) -> None:
         cfg = self.config
         recent = cfg.recent if recent is None else recent
-        if paged_round_backend_name(slots.kvs[0]) != "cpp":
-            return False
         protect = None
         if self.protects:
             mass = slots.mass[slots.layers[:, None], slots.slots]
@@ -61,7 +61,6 @@ class KVSlimmer(MergeMethod):
             key_weights=self.key_weights, pool=pool, max_fraction=max_fraction,
             protect=protect, score_reduce=self.score_reduce,
         )
-        return True
 
 
 @register

@@ -133,13 +133,14 @@ def test_slot_ids_follow_the_block_table():
     )
 
 
-@pytest.mark.parametrize("method, gathers", [("kvslimmer", False), ("average", False),
-                                             ("snapmerge", False), ("evict", True)])
-def test_pairwise_rounds_run_in_place_on_cpu(method, gathers, monkeypatch):
-    """Catches: the engine gathering a request's slots for a pairwise round that the C++
-    in-place round handles (KVSlimmer, its count-weighted ablation and SnapMerge, one
-    round or sub-rounds), or skipping the gathered path for a method that needs it
-    (eviction)."""
+@pytest.mark.parametrize("method", ["kvslimmer", "average", "snapmerge", "evict", "snapkv",
+                                    "streaming"])
+def test_cpu_rounds_run_in_place(method, monkeypatch):
+    """Catches: the engine gathering a request's slots on CPU, where every method has an
+    in-place round (the C++ pairwise round for KVSlimmer, its count-weighted ablation and
+    SnapMerge, one round or sub-rounds; eviction chosen from the slots' state and
+    compacted by the C++ compact_rows): the worker reserves no gather scratch there
+    (engine.slots.round_reserve_bytes)."""
     if kernels.paged_round_backend_name(torch.zeros(1)) != "cpp":
         pytest.skip("C++ extension not built")
     calls = []
@@ -158,4 +159,5 @@ def test_pairwise_rounds_run_in_place_on_cpu(method, gathers, monkeypatch):
         plan = MergeRound("r", tuple(range(10)), 150, 40, round_index=1, method=method,
                           max_fraction=max_fraction)
         apply_round(plan, layers, state, get_method(cfg), BLOCK)
-    assert bool(calls) == gathers
+    assert not calls
+    assert state.scratch_nbytes == 0

@@ -335,3 +335,91 @@ def test_freeing_the_whole_region_is_refused_before_anything_runs():
                                   state["positions"], state["hess"], state["mass"], sink=2,
                                   recent=4, k=14, round_idx=1, gamma=10.0, eps=1e-21)
     assert torch.equal(kvs[0], before)
+
+
+# ----------------------------------------------------------------------- eviction in place
+def _gathered_eviction(kvs, slots, layers, state, evict, **kwargs):
+    """The gathered reference of an eviction round: the request's slots copied out, the
+    core eviction on them, the result written back (what the engine did before)."""
+    from kvslimmer_vllm.core.merge import evict_lowest, evict_oldest
+
+    kvs, state = [kv.clone() for kv in kvs], copy.deepcopy(state)
+    kv = paged_ref.gather_rows(kvs, slots, kvs[0].new_empty(len(kvs), len(slots),
+                                                            *kvs[0].shape[1:]))
+    rows, dim = layers[:, None], kv.shape[-1] // 2
+    core = evict_lowest if evict == "lowest" else evict_oldest
+    result = core(kv[..., :dim], kv[..., dim:], *(state[name][rows, slots] for name in
+                                                  ("counts", "positions", "hess", "mass")),
+                  **kwargs)
+    paged_ref.store_round(kvs, slots, layers, state["counts"], state["positions"],
+                          state["hess"], state["mass"], result)
+    return kvs, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("n,sink,recent,k,heads,dim", CASES + [(40, 4, 8, 28, 3, 8),
+                                                               (40, 4, 8, 0, 3, 8)])
+@pytest.mark.parametrize("evict,pool", [("lowest", 1), ("lowest", 7), ("oldest", 1)])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_eviction_in_place_matches_the_gathered_round(dtype, n, sink, recent, k, heads, dim,
+                                                      evict, pool, impl):
+    """An eviction chosen from the slots' mass alone (core.merge.lowest_mass_slots /
+    oldest_slots) and compacted where the slots live (kernels.paged_drop: the C++
+    compact_rows; core.paged.paged_drop: the reference) leaves every row and state entry
+    the gathered eviction leaves: survivors moved down exactly, with their counts,
+    positions and proxies, mass reset; other layers and slots untouched. Cases include
+    the whole region dropped and nothing dropped."""
+    from kvslimmer_vllm.core.merge import lowest_mass_slots, oldest_slots
+
+    kvs, slots, state = _request(n, heads, dim, dtype, seed=n * 3 + k)
+    layers = torch.tensor([3, 1])
+    mine = [kvs[3], kvs[1]]
+    kwargs = dict(sink=sink, recent=recent, k=k)
+    want_kvs, want = _gathered_eviction(mine, slots, layers, state, evict, **kwargs,
+                                        **(dict(pool=pool) if evict == "lowest" else {}))
+    got_kvs, got = [kv.clone() for kv in mine], copy.deepcopy(state)
+    mass = got["mass"][layers[:, None], slots]
+    dropped = (lowest_mass_slots(mass, pool=pool, **kwargs) if evict == "lowest"
+               else oldest_slots(2, n, device=mass.device, **kwargs))
+    run = kernels.paged_drop if impl == "kernel" else paged_ref.paged_drop
+    run(got_kvs, slots, layers, got["counts"], got["positions"], got["hess"], got["mass"],
+        dropped)
+    valid = torch.ones(kvs[0].shape[0], dtype=torch.bool)
+    valid[slots[n - k:]] = False  # freed slots: stale either way
+    for a, b in zip(got_kvs, want_kvs):
+        assert torch.equal(a[valid], b[valid])
+    for name in ("counts", "positions", "hess", "mass"):
+        assert torch.equal(got[name][:, valid].nan_to_num(-1.0),
+                           want[name][:, valid].nan_to_num(-1.0)), name
+    assert torch.equal(got["counts"][[0, 2]], state["counts"][[0, 2]])
+
+
+def test_eviction_drops_the_least_attended_slots_of_each_layer():
+    """Each layer drops its own lowest-mass slots (summed over heads), the rest keep
+    their order: the kept rows are the input rows minus exactly those."""
+    kvs, slots, state = _request(30, 2, 4, torch.float32, seed=9)
+    layers = torch.tensor([0, 2])
+    state["mass"][0, slots] = 1.0
+    state["mass"][2, slots] = 1.0
+    low = {0: [5, 6, 17], 2: [9, 20, 21]}
+    for layer, idx in low.items():
+        state["mass"][layer, slots[idx]] = 0.01
+    before = [kvs[0][slots].clone(), kvs[2][slots].clone()]
+    mass = state["mass"][layers[:, None], slots]
+    from kvslimmer_vllm.core.merge import lowest_mass_slots
+    dropped = lowest_mass_slots(mass, sink=2, recent=4, k=3)
+    assert dropped.tolist() == [low[0], low[2]]
+    kernels.paged_drop([kvs[0], kvs[2]], slots, layers, state["counts"], state["positions"],
+                       state["hess"], state["mass"], dropped)
+    for row, (layer, idx) in enumerate(low.items()):
+        keep = [i for i in range(30) if i not in idx]
+        assert torch.equal(kvs[layer][slots[:27]], before[row][keep])
+
+
+def test_evicting_more_than_the_region_is_refused_naming_the_settings():
+    from kvslimmer_vllm.core.merge import lowest_mass_slots, oldest_slots
+
+    with pytest.raises(ValueError, match="has 14 slots, fewer than k = 15 .*sink=2"):
+        lowest_mass_slots(torch.rand(1, 20, 2), sink=2, recent=4, k=15)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        oldest_slots(1, 20, sink=2, recent=4, k=-1)
