@@ -128,9 +128,9 @@ SCRATCH_SHARE = 1 / 8
 
 #: Every round's peak tensor allocation per slot and layer for its statistics: bytes per
 #: KV head (the slots' gathered mass, pooled float64 scores, alpha and Hessian proxies)
-#: plus bytes per slot (index tensors, counts, positions, masks). In-place rounds,
-#: measured with torch's memory profiler: at most 27 B per head + 30 B
-#: (tests/engine/test_memory.py).
+#: plus bytes per slot (index tensors, counts, positions, masks). In-place rounds of every
+#: method, measured with torch's memory profiler: at most 55 B per slot and layer with one
+#: KV head, 215 B with eight (tests/engine/test_memory.py).
 STATS_BYTES_PER_HEAD, STATS_BYTES_PER_SLOT = 32, 64
 #: The C++ round ops' own buffers per slot and layer, which the profiler does not see
 #: (every layer may run at once): select_pairs' copy of the scores, run bookkeeping and

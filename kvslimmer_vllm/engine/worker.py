@@ -137,8 +137,9 @@ class KVMergeRunnerMixin:
     def kv_merge_memory_plan(self, available: int) -> dict[str, int]:
         """How a KV budget of ``available`` bytes is shared: the most blocks whose KV
         and per-slot state, plus the worst-case memory of a merge round
-        (``engine.slots.round_reserve_bytes``), fit in it (``engine.slots.blocks_within``); ``kv_budget`` is what vLLM is told the KV cache
-        may take, so that it sizes exactly ``num_blocks`` blocks."""
+        (``engine.slots.round_reserve_bytes``), fit in it (``engine.slots.blocks_within``);
+        ``kv_budget`` is what vLLM is told the KV cache may take, so that it sizes exactly
+        ``num_blocks`` blocks."""
         specs = list(self.get_kv_cache_spec().values())
         if not specs:
             raise RuntimeError("kv-merge: the model has no attention layer with a KV cache")
@@ -428,8 +429,8 @@ def _worker_class(base: type) -> type:
             if plan["num_blocks"] < 1:
                 raise RuntimeError(
                     f"kv-merge: the KV cache budget ({available} bytes) cannot hold the "
-                    f"merge rounds' working memory ({plan['scratch']} bytes) and one KV block "
-                    f"with its slot state ({plan['kv_bytes_per_block']} + "
+                    f"merge rounds' working memory ({plan['scratch']} bytes) and one KV "
+                    f"block with its slot state ({plan['kv_bytes_per_block']} + "
                     f"{plan['state_bytes_per_block']} bytes); give the KV cache more "
                     "memory (--gpu-memory-utilization, --kv-cache-memory-bytes or "
                     "VLLM_CPU_KVCACHE_SPACE) or lower --max-model-len"

@@ -12,6 +12,7 @@ import torch
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.merge import MergeResult
 from kvslimmer_vllm.core.rope import RotarySpec
+from kvslimmer_vllm.kernels import paged_round_backend_name
 
 
 @dataclass
@@ -72,11 +73,15 @@ class MergeMethod(ABC):
         of the mergeable slots per sub-round (the engine's policy decides all three per
         round)."""
 
+    #: Whether :meth:`run_paged_round` is implemented (on caches the in-place kernels take).
+    has_paged_round: ClassVar[bool] = False
+
     def paged_rounds(self, kv: torch.Tensor) -> bool:
         """Whether this method runs its rounds in place on caches like ``kv``
-        (:meth:`run_paged_round`); False (the default): the engine gathers the slots and
-        calls :meth:`run_round`. Decides the memory the worker reserves for rounds."""
-        return False
+        (:meth:`run_paged_round`: the method has one and the caches have the kernels, C++
+        on CPU); else the engine gathers the slots and calls :meth:`run_round`. Decides
+        the memory the worker reserves for rounds."""
+        return self.has_paged_round and paged_round_backend_name(kv) == "cpp"
 
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,

@@ -8,7 +8,7 @@ from kvslimmer_vllm.core.merge import (
     MergeResult, evict_lowest, evict_oldest, lowest_mass_slots, oldest_slots,
 )
 from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.kernels import paged_drop, paged_round_backend_name
+from kvslimmer_vllm.kernels import paged_drop
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
 
@@ -21,10 +21,9 @@ class _Dropping(MergeMethod):
         """``[L, k]`` sorted indices of the slots to drop, from ``mass`` ``[L, N, Hkv]``."""
         raise NotImplementedError
 
-    def paged_rounds(self, kv: torch.Tensor) -> bool:
-        """In place on CPU (C++ compact_rows); CUDA caches are gathered and compacted by
-        the Triton kernel."""
-        return paged_round_backend_name(kv) == "cpp"
+    #: In place on CPU (C++ compact_rows); CUDA caches are gathered and compacted by the
+    #: Triton kernel.
+    has_paged_round = True
 
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,

@@ -8,7 +8,7 @@ from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds
 from kvslimmer_vllm.core.select import pool_mass
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.kernels import (
-    merge_pairs, paged_merge_round, paged_round_backend_name, select_pairs, value_spread,
+    merge_pairs, paged_merge_round, select_pairs, value_spread,
 )
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
@@ -39,10 +39,8 @@ class KVSlimmer(MergeMethod):
             key_weights=self.key_weights, score_reduce=self.score_reduce, **_kernels(),
         )
 
-    def paged_rounds(self, kv: torch.Tensor) -> bool:
-        """In place where the caches have that kernel (C++ on CPU: no gathered copy of the
-        request, sub-rounds one after another in place)."""
-        return paged_round_backend_name(kv) == "cpp"
+    #: In place on CPU: no gathered copy of the request, sub-rounds one after another.
+    has_paged_round = True
 
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
