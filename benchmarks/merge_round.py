@@ -46,9 +46,8 @@ from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm.core.paged import slot_ids
-from kvslimmer_vllm.engine.slots import (
-    LayerCache, SlotState, apply_round, batch_limit, footprint_per_slot,
-)
+from kvslimmer_vllm.engine.memory import batch_limit, footprint_per_slot
+from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round
 from kvslimmer_vllm.methods import get_method
 
 BLOCK = 128

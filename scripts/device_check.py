@@ -17,12 +17,15 @@ pyyaml and numpy: no vLLM, no pydantic, no model weights, no network, no install
    :func:`kvslimmer_vllm.core.merge.merge_rounds`, write back in place), 16K slots down
    to 8K and 2K, for one layer and for 32: with PyTorch ops and with the Triton round
    kernels (``triton_kernels/round.py``), side by side, their caches compared; the pair
-   selection (on the host) is timed on its own as well.
+   selection (on the host) is timed on its own as well. On CUDA each round's peak
+   allocation (the allocator's statistics, plus the gathered copy) is checked against
+   what the engine reserves for it (:mod:`kvslimmer_vllm.engine.memory`).
 
 Without CUDA the same runs on CPU tensors with the Triton kernel under Triton's
 interpreter (``TRITON_INTERPRET=1``) at small shapes: a smoke test, not a measurement.
 
-Writes ``device_check.md`` to ``--out``. Exits 1 when a test fails or a check fails.
+Writes ``device_check.md`` to ``--out``. Exits 1 when a test fails, a check fails or a
+round takes more memory than its reservation.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from kvslimmer_vllm.core.rope import (  # noqa: E402
     default_inv_freq,
 )
 from kvslimmer_vllm.core.stats import value_spread as value_spread_reference  # noqa: E402
+from kvslimmer_vllm.engine.memory import footprint_per_slot  # noqa: E402
 
 TEST_PATHS = ["tests/core", "tests/kernels"]
 PYTEST_CHILD = "--pytest-child"
@@ -445,12 +449,21 @@ def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: 
     scratch = torch.empty(layers, p.merge_slots, p.kv_heads, 2 * p.head_dim, device=device,
                           dtype=p.dtype)
     selector = TimedSelector(kernels.select_pairs)
-    results = {name: engine_round(states[name], k, rotary, selector, kit, scratch)
-               for name, kit in kits.items()}  # the checks, and the warm-up
+    results, peaks = {}, {}
+    for name, kit in kits.items():  # the checks, and the warm-up
+        peaks[name], results[name] = peak_bytes(
+            functools.partial(engine_round, states[name], k, rotary, selector, kit, scratch),
+            device)
     synchronize(device)
     ok = all(merge_result_ok(states[name], results[name], k, p.tolerance,
                              states["torch" if name == "triton" else "triton"])
              for name in kits)
+    # What the engine reserves for a gathered round of these layers (engine.memory), and
+    # what the round took: its allocations at their peak plus the gathered copy.
+    reserved = (layers * p.merge_slots * p.dtype.itemsize
+                * footprint_per_slot(p.kv_heads, p.head_dim, p.dtype, in_place=False))
+    took = {name: None if peak is None else peak + scratch.numel() * scratch.element_size()
+            for name, peak in peaks.items()}
     selector.seconds = 0.0
     # Timed rounds run on the already merged caches: same shapes, the slots' data changes.
     times = median_ms_host(
@@ -460,7 +473,22 @@ def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: 
     return dict(layers=layers, slots=p.merge_slots, target=target,
                 subrounds=len(subround_sizes(p.merge_slots - SINK - RECENT, k, MAX_FRACTION)),
                 torch_ms=times["torch"], triton_ms=times["triton"],
-                select_ms=selector.seconds * 1e3 / (2 * p.merge_repeats), ok=ok)
+                select_ms=selector.seconds * 1e3 / (2 * p.merge_repeats), ok=ok,
+                reserved=reserved, torch_bytes=took["torch"], triton_bytes=took["triton"],
+                memory_ok=all(t is None or t <= reserved for t in took.values()))
+
+
+def peak_bytes(fn, device: torch.device) -> tuple[int | None, object]:
+    """``(bytes, fn())``: the most ``fn`` held allocated at once beyond what was allocated
+    before it (CUDA's caching allocator statistics); None off CUDA."""
+    if device.type != "cuda":
+        return None, fn()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, result
 
 
 # ---------------------------------------------------------------------------- report
@@ -508,18 +536,28 @@ def merge_table(rows: list[dict], p: Profile) -> list[str]:
         f"selection on the host ({selector_name()}). Median ms per round of "
         f"{p.merge_repeats} run(s); ok: the caches of both agree (within "
         f"{10 * p.tolerance:g} on all but {MERGE_MISMATCH_FRACTION:g} of the elements) and "
-        "the round keeps every token.", "",
+        "the round keeps every token. Memory: the most a round held allocated at once "
+        "(CUDA allocator peak, plus the gathered copy) against what the engine reserves for "
+        "a gathered round of these layers (engine.memory.footprint_per_slot); - off CUDA.",
+        "",
         "| layers | slots | to slots | sub-rounds | PyTorch (ms) | Triton (ms) "
-        "| Triton/PyTorch | of which pair selection (ms) | ok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Triton/PyTorch | of which pair selection (ms) | ok "
+        "| peak MiB PyTorch / Triton | reserved MiB | within |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layers']} | {r['slots']} | {r['target']} | {r['subrounds']} "
             f"| {fmt_ms(r['torch_ms'])} | {fmt_ms(r['triton_ms'])} "
             f"| {r['triton_ms'] / r['torch_ms']:.2f} | {fmt_ms(r['select_ms'])} "
-            f"| {'yes' if r['ok'] else 'NO'} |")
+            f"| {'yes' if r['ok'] else 'NO'} | {fmt_mib(r['torch_bytes'])} / "
+            f"{fmt_mib(r['triton_bytes'])} | {fmt_mib(r['reserved'])} "
+            f"| {'yes' if r['memory_ok'] else 'NO'} |")
     return lines
+
+
+def fmt_mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
 def selector_name() -> str:
@@ -560,7 +598,8 @@ def header(device: torch.device, tests: dict | None, passed: bool) -> list[str]:
 
 def all_passed(tests: dict | None, attention: list, merges: list) -> bool:
     """Whether the tests (if run) and every benchmark check passed."""
-    return (tests is None or tests["ok"]) and all(r["ok"] for r in attention + merges)
+    return ((tests is None or tests["ok"]) and all(r["ok"] for r in attention + merges)
+            and all(r["memory_ok"] for r in merges))
 
 
 def report(device, p: Profile, tests, attention: list, merges: list, notes: list) -> str:
@@ -605,8 +644,11 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
             merges.append(row)
             say(f"merge round {row['layers']} layer(s) {row['slots']} -> {row['target']}: "
                 f"PyTorch {fmt_ms(row['torch_ms'])} ms, Triton {fmt_ms(row['triton_ms'])} ms "
-                f"(selection {fmt_ms(row['select_ms'])} ms)"
-                + ("" if row["ok"] else " CHECK FAILED"))
+                f"(selection {fmt_ms(row['select_ms'])} ms), peak MiB "
+                f"{fmt_mib(row['torch_bytes'])} / {fmt_mib(row['triton_bytes'])} of "
+                f"{fmt_mib(row['reserved'])} reserved"
+                + ("" if row["ok"] else " CHECK FAILED")
+                + ("" if row["memory_ok"] else " OVER THE RESERVATION"))
         say(f"  ({time.perf_counter() - started:.1f} s)")
         if device.type == "cuda":
             torch.cuda.empty_cache()

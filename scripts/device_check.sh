@@ -8,7 +8,8 @@
 #      4K-32K slots: median times, ratios, max abs error,
 #   3. one merge round as the engine runs it on a paged cache (gather, core.merge_rounds,
 #      write-back), 16K slots to 8K and to 2K, for 1 and 32 layers: PyTorch ops vs the
-#      Triton round kernels (triton_kernels/round.py), side by side, caches compared.
+#      Triton round kernels (triton_kernels/round.py), side by side, caches compared,
+#      and each round's peak CUDA allocation against the engine's reservation for it.
 # Without CUDA the same runs on CPU, Triton under its interpreter, at small shapes (a smoke
 # test of this script, said so in its output).
 #

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from kvslimmer_vllm.engine.memory import footprint_per_slot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +107,7 @@ def test_cpu_smoke_mode_writes_every_row(tmp_path):
         select_ms = _number(row[7])
         assert 0 < select_ms <= min(torch_ms, triton_ms), row
         assert ratio == pytest.approx(triton_ms / torch_ms, rel=0.02, abs=0.01), row
+        # Off CUDA no peak is measured; the reservation is engine.memory's for the round.
+        layers, slots = int(row[0]), int(row[1])
+        reserved = layers * slots * 4 * footprint_per_slot(1, 64, torch.float32, False)
+        assert row[9:] == ["- / -", f"{reserved / 2**20:.1f}", "yes"], row

@@ -31,6 +31,12 @@ from kvslimmer_vllm.engine.profiling import make_profile
 from kvslimmer_vllm.engine.attention import slot_major
 from kvslimmer_vllm.engine.plan import PLAN_ATTR, MergeRound
 from kvslimmer_vllm.engine.settings import merge_config_from_vllm
+from kvslimmer_vllm.engine.memory import (
+    batch_elements_within,
+    batch_limit,
+    blocks_within,
+    round_reserve_bytes,
+)
 from kvslimmer_vllm.engine.slots import (
     PROFILE_ATTR,
     SLOT_BINDING,
@@ -38,12 +44,8 @@ from kvslimmer_vllm.engine.slots import (
     LayerCache,
     SlotState,
     apply_round,
-    batch_elements_within,
-    batch_limit,
-    blocks_within,
     gather,
     reset_mass,
-    round_reserve_bytes,
     slot_ids,
     state_bytes_per_slot,
 )

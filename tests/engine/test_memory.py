@@ -15,25 +15,22 @@ import pytest
 import torch
 
 from kvslimmer_vllm.core.config import KVMergeConfig
-from kvslimmer_vllm.engine import slots as slots_module
+from kvslimmer_vllm.engine import memory as memory_module
 from kvslimmer_vllm.engine.plan import MergeRound
 from kvslimmer_vllm import kernels
 from kvslimmer_vllm.engine.plugin import engine_kwargs
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
-from kvslimmer_vllm.engine.slots import (
+from kvslimmer_vllm.engine.memory import (
     GATHERED_FOOTPRINT,
-    LayerCache,
-    SlotState,
-    apply_round,
-    blocks_within,
     batch_elements_within,
     batch_limit,
+    blocks_within,
     footprint_per_slot,
     layers_per_batch,
     round_elements,
     round_reserve_bytes,
-    state_bytes_per_slot,
 )
+from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, state_bytes_per_slot
 from kvslimmer_vllm.methods import get_method
 from helpers import offline_llm, peak_allocated_bytes, random_tokens
 
@@ -58,7 +55,7 @@ def test_round_bound_covers_every_round_length(layers, max_batch, in_place, monk
     for every n <= N, and is reached (a real reservation, not a guess) when all layers fit
     one batch or one layer alone exceeds the cap. Catches: the batching of apply_round
     changing without the reservation following."""
-    monkeypatch.setattr(slots_module, "MAX_BATCH_ELEMENTS", max_batch)
+    monkeypatch.setattr(memory_module, "MAX_BATCH_ELEMENTS", max_batch)
     per_slot = footprint_per_slot(2, 8, torch.float32, in_place)
     for max_slots in (1, 7, 100, 300, 5000):
         bound = round_elements(layers, max_slots, per_slot)
@@ -72,7 +69,7 @@ def test_round_bound_covers_every_round_length(layers, max_batch, in_place, monk
         == 2 * round_elements(2, 10, footprint_per_slot(2, 8, torch.bfloat16, False))
     # Gathered: GATHERED_FOOTPRINT copies of the row beside what an in-place round takes.
     assert footprint_per_slot(2, 8, torch.float32, False) \
-        == slots_module.GATHERED_FOOTPRINT * 2 * 2 * 8 + footprint_per_slot(2, 8, torch.float32,
+        == memory_module.GATHERED_FOOTPRINT * 2 * 2 * 8 + footprint_per_slot(2, 8, torch.float32,
                                                                            True)
 
 
@@ -128,7 +125,7 @@ def test_a_rounds_peak_allocation_stays_within_its_reservation(path, heads, monk
         assert (state.scratch_nbytes == 0) == (path == "in place")
     assert max(peaks.values()) <= reserve, (peaks, reserve)
     # The part the profiler sees (the C++ ops' own buffers are counted, not measured).
-    seen = reserve - layers * n * slots_module.CPP_BUFFER_BYTES_PER_SLOT
+    seen = reserve - layers * n * memory_module.CPP_BUFFER_BYTES_PER_SLOT
     assert max(peaks.values()) >= seen / 3, (peaks, seen)
     print(path, heads, {f"{m}/{f}": round(v / (layers * n), 1) for (m, f), v in peaks.items()},
           "bytes per slot and layer; reserved", reserve / (layers * n))
@@ -178,15 +175,15 @@ def test_small_budgets_batch_fewer_layers():
     below one element), and apply_round's batches follow it. Catches: a small KV cache
     losing a fixed 256 MiB scratch reservation (or failing to start) because the cap
     ignores the budget."""
-    assert batch_elements_within(1 << 40, torch.float32) == slots_module.MAX_BATCH_ELEMENTS
+    assert batch_elements_within(1 << 40, torch.float32) == memory_module.MAX_BATCH_ELEMENTS
     assert batch_elements_within(80 * 2**20, torch.float32) == 80 * 2**20 // 8 // 4
     assert batch_elements_within(80 * 2**20, torch.bfloat16) == 80 * 2**20 // 8 // 2
     assert batch_elements_within(3, torch.float32) == 1
     # On CPU batches stay cache-sized whatever the budget; on CUDA they may be larger.
-    assert batch_limit(torch.device("cpu")) == slots_module.CPU_BATCH_ELEMENTS
-    assert batch_limit(torch.device("cuda")) == slots_module.MAX_BATCH_ELEMENTS
+    assert batch_limit(torch.device("cpu")) == memory_module.CPU_BATCH_ELEMENTS
+    assert batch_limit(torch.device("cuda")) == memory_module.MAX_BATCH_ELEMENTS
     assert batch_elements_within(1 << 40, torch.float32, batch_limit(torch.device("cpu"))) \
-        == slots_module.CPU_BATCH_ELEMENTS
+        == memory_module.CPU_BATCH_ELEMENTS
     per_slot = footprint_per_slot(3, 64, torch.float32, False)
     per_layer = 4096 * per_slot  # a gathered 4,096-slot round of SmolLM2-135M
     small = batch_elements_within(500 * 2**20, torch.float32)
