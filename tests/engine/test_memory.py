@@ -1,12 +1,13 @@
-"""Memory the merging engine accounts for: its per-slot state and its round scratch come
-out of the KV budget before vLLM sizes the KV cache (worker.KVMergeWorker
-.determine_available_memory), so KV cache + state + scratch fit in what vLLM would have
-given the KV cache alone.
+"""Memory the merging engine accounts for: its per-slot state and the worst case of a
+merge round (engine.memory) come out of the KV budget before vLLM sizes the KV cache
+(worker.KVMergeWorker.determine_available_memory), so KV cache + state + rounds fit in
+what vLLM would have given the KV cache alone.
 
-The byte functions of engine.slots are checked against what SlotState really allocates;
-the engine test runs conftest's tiny random-weight Llama (2 layers, 4 KV heads of 32
-dims, float32) with and without merging at the same explicit KV budget
-(``kv_cache_memory_bytes``: no memory probing, so the block counts are exact).
+The byte functions are checked against what SlotState really allocates and against each
+method's rounds as torch's memory profiler sees them; the engine test runs conftest's
+tiny random-weight Llama (2 layers, 4 KV heads of 32 dims, float32) with and without
+merging at the same explicit KV budget (``kv_cache_memory_bytes``: no memory probing, so
+the block counts are exact).
 """
 
 from __future__ import annotations
