@@ -36,7 +36,7 @@ from .stats import (
 __all__ = [
     "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "drop_slots", "evict_lowest", "evict_oldest",
     "keep_set", "lowest_mass_slots", "merge_pairs", "merge_round", "merge_rounds", "merge_weights",
-    "oldest_slots",
+    "oldest_slots", "slot_scores",
 ]
 
 #: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
@@ -834,12 +834,21 @@ def lowest_mass_slots(
     ``pool`` slots and summed over KV heads (then over ranks by ``score_reduce``); ties
     drop the lower index first. Reads nothing but the mass, so the engine chooses without
     gathering the slots' keys and values."""
-    region = _region(mass.shape[1], sink, recent, k, 1)
-    score = pool_mass(mass[:, region].to(torch.float64), pool).sum(dim=-1)
-    if score_reduce is not None:
-        score = score_reduce(score)
+    _region(mass.shape[1], sink, recent, k, 1)
+    score = slot_scores(mass, sink=sink, recent=recent, pool=pool, score_reduce=score_reduce)
     order = torch.sort(score, dim=-1, stable=True).indices[:, :k]
     return sink + order.sort(dim=-1).values
+
+
+def slot_scores(mass: torch.Tensor, *, sink: int, recent: int, pool: int = 1,
+                score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """SnapKV's score of each slot of ``[sink, N - recent)``: ``mass`` (``[L, N, Hkv]``)
+    max-pooled over ``pool`` slots, summed over KV heads, in float64 (then summed over
+    tensor-parallel ranks by ``score_reduce``). ``[L, M]``."""
+    n = mass.shape[1]
+    score = pool_mass(mass[:, sink:n - recent].to(torch.float64), pool).sum(dim=-1)
+    return score if score_reduce is None else score_reduce(score)
 
 
 def oldest_slots(num_layers: int, n: int, *, sink: int, recent: int, k: int,

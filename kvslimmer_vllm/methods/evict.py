@@ -17,8 +17,8 @@ class _Dropping(MergeMethod):
     caches with the in-place kernels a round compacts the survivors where they live,
     without gathering the request (:func:`~kvslimmer_vllm.kernels.paged_drop`)."""
 
-    def _choose(self, mass: torch.Tensor, *, k: int, recent: int, pool: int) -> torch.Tensor:
-        """``[L, k]`` sorted indices of the slots to drop, from ``mass`` ``[L, N, Hkv]``."""
+    def _choose(self, slots: PagedSlots, *, k: int, recent: int, pool: int) -> torch.Tensor:
+        """``[L, k]`` sorted indices into ``slots.slots`` of the slots to drop."""
         raise NotImplementedError
 
     #: In place on CPU (C++ compact_rows); CUDA caches are gathered and compacted by the
@@ -30,8 +30,7 @@ class _Dropping(MergeMethod):
         recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
     ) -> None:
         recent = self.config.recent if recent is None else recent
-        mass = slots.mass[slots.layers[:, None], slots.slots]
-        dropped = self._choose(mass, k=k, recent=recent, pool=pool)
+        dropped = self._choose(slots, k=k, recent=recent, pool=pool)
         paged_drop(slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions,
                    slots.hess, slots.mass, dropped)
 
@@ -43,7 +42,8 @@ class Evict(_Dropping):
 
     name = "evict"
 
-    def _choose(self, mass, *, k, recent, pool):
+    def _choose(self, slots, *, k, recent, pool):
+        mass = slots.mass[slots.layers[:, None], slots.slots]
         return lowest_mass_slots(mass, sink=self.config.sink, recent=recent, k=k,
                                  score_reduce=self.score_reduce, pool=pool)
 
@@ -76,9 +76,9 @@ class Streaming(_Dropping):
 
     name = "streaming"
 
-    def _choose(self, mass, *, k, recent, pool):
-        return oldest_slots(mass.shape[0], mass.shape[1], sink=self.config.sink,
-                            recent=recent, k=k, device=mass.device)
+    def _choose(self, slots, *, k, recent, pool):
+        return oldest_slots(len(slots.layers), len(slots.slots), sink=self.config.sink,
+                            recent=recent, k=k, device=slots.slots.device)
 
     def run_round(
         self, slots: SlotData, *, k: int, round_index: int, rotary: RotarySpec | None,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds
-from kvslimmer_vllm.core.select import pool_mass
+from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds, slot_scores
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.kernels import (
     merge_pairs, paged_merge_round, select_pairs, value_spread,
@@ -79,9 +78,8 @@ class SnapMerge(KVSlimmer):
         """``[L, N]`` bool: the region's slots SnapKV would keep (``mass`` ``[L, N, Hkv]``);
         :meth:`KVSlimmer.run_paged_round` runs each layer's sub-rounds around them."""
         sink, n = self.config.sink, mass.shape[1]
-        scores = pool_mass(mass[:, sink:n - recent].to(torch.float64), pool).sum(-1)
-        if self.score_reduce is not None:
-            scores = self.score_reduce(scores)
+        scores = slot_scores(mass, sink=sink, recent=recent, pool=pool,
+                             score_reduce=self.score_reduce)
         protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
         protect[:, sink:n - recent] = keep_set(scores, k)
         return protect
