@@ -17,7 +17,11 @@ freeing ``k``, over every layer of the model:
   ``max_batch_elements`` lowered), i.e. ``L`` separate rounds;
 * ``reference stats``: the gathered path with the Hessian statistics' value spread
   computed by the torch reference (``core.stats.value_spread``) instead of the kernel
-  (``kernels.value_spread``: the C++ op on CPU; on CUDA both are the reference).
+  (``kernels.value_spread``: the C++ op on CPU; on CUDA both are the reference);
+* ``reduced``: the engine's path with a score reduction set, as under tensor parallelism
+  (here the identity, one rank's sum): the reduction runs between each sub-round's
+  statistics and its choice, so ``snapmerge`` runs its layers' sub-rounds from Python one
+  layer at a time instead of in one C++ call.
 
 All start from identical random caches (block ids shuffled) and must leave the same
 caches behind (checked before timing). Calls are interleaved and the table reports
@@ -109,6 +113,16 @@ def _reference_spread():
         module.value_spread = saved
 
 
+@contextlib.contextmanager
+def _reduced(method):
+    """A score reduction set, as the engine sets one under tensor parallelism."""
+    method.score_reduce = lambda scores: scores + 0.0
+    try:
+        yield
+    finally:
+        method.score_reduce = None
+
+
 def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
     saved = state.max_batch_elements
@@ -117,7 +131,9 @@ def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
         state.max_batch_elements = plan.num_slots * footprint_per_slot(
             heads, row // 2, kvs[0].dtype, in_place=False)
     contexts = contextlib.ExitStack()
-    if arm != "engine":
+    if arm == "reduced":
+        contexts.enter_context(_reduced(method))
+    elif arm != "engine":
         contexts.enter_context(_gathered(method))
     if arm == "reference stats":
         contexts.enter_context(_reference_spread())
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     inv_freq = default_inv_freq(shape["head_dim"], 500000.0)
     rotary = RotarySpec(shape["head_dim"], True,
                         cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
-    arms = ("engine", "gathered", "per layer", "reference stats")
+    arms = ("engine", "gathered", "per layer", "reference stats", "reduced")
     rows = []
     for num_slots, num_merge, observe in CASES:
         n_blocks = math.ceil(num_slots / BLOCK)
@@ -184,20 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             for arm in (arms if repeat % 2 == 0 else arms[::-1]):
                 s, k = _copy(state, kvs)
                 times[arm].append(_run(s, k, rotary, plan, method, arm, device))
-        engine, batched, single, reference = (statistics.median(times[a]) * 1e3
-                                              for a in arms)
-        rows.append((num_slots, num_merge, observe, engine, batched, single, reference))
+        engine, batched, single, reference, reduced = (statistics.median(times[a]) * 1e3
+                                                       for a in arms)
+        rows.append((num_slots, num_merge, observe, engine, batched, single, reference,
+                     reduced))
         print(f"[merge_round] N={num_slots} k={num_merge} {observe}: engine {engine:.1f} ms, "
               f"gathered {batched:.1f} ms, per layer {single:.1f} ms, reference stats "
-              f"{reference:.1f} ms", file=sys.stderr, flush=True)
+              f"{reference:.1f} ms, reduced {reduced:.1f} ms", file=sys.stderr, flush=True)
     lines = [
         f"# One merge round over {shape['layers']} layers ({args.method}, {device.type})", "",
         "| slots N | freed k | observe | engine (ms) | gathered (ms) | gathered / engine "
         "| per layer (ms) | per layer / gathered | reference stats (ms) "
-        "| reference stats / gathered |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| reference stats / gathered | reduced (ms) | reduced / engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {n} | {k} | {o} | {e:.1f} | {b:.1f} | {b / e:.2f} | {p:.1f} | {p / b:.2f} | "
-          f"{r:.1f} | {r / b:.2f} |" for n, k, o, e, b, p, r in rows), "",
+          f"{r:.1f} | {r / b:.2f} | {t:.1f} | {t / e:.2f} |"
+          for n, k, o, e, b, p, r, t in rows), "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- shapes: Hkv {shape['kv_heads']}, D {shape['head_dim']}, {shape['dtype']}, "
         f"block {BLOCK}; medians of {args.repeats} interleaved repeats; progressive: one "

@@ -30,6 +30,11 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor left, Tensor alpha, "
       "Tensor h, int sink, int recent, float eps, bool hessian_weights, Tensor? cos_sin, "
       "int rotary_dim, bool is_neox, bool carry_mass=False) -> ()");
+  m.def(
+      "protected_round(Tensor(a!)[] kvs, Tensor slots, Tensor layers, Tensor(b!) counts, "
+      "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor protect, int k, "
+      "float max_fraction, int sink, int recent, int round_idx, float gamma, float eps, "
+      "int pool, bool hessian_weights, Tensor? cos_sin, int rotary_dim, bool is_neox) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
@@ -38,6 +43,7 @@ TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("merge_pairs", &kvslimmer::merge_pairs);
   m.impl("compact_rows", &kvslimmer::compact_rows);
   m.impl("round_stats", &kvslimmer::round_stats);
+  m.impl("protected_round", &kvslimmer::protected_round);
   m.impl("round_apply", &kvslimmer::round_apply);
 }
 

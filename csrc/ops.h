@@ -68,5 +68,16 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                  int64_t sink, int64_t recent, double eps, bool hessian_weights,
                  const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim, bool is_neox,
                  bool carry_mass);
+// torch.ops.kvslimmer.protected_round on CPU (csrc/cpu/paged_round.cpp): the sub-rounds of
+// one step that frees k slots while no pair touches a slot of `protect` ([L, N] bool), each
+// layer sized by its own mask and run as one task, as paged_merge_round with protect.
+void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
+                     const at::Tensor& layer_rows, const at::Tensor& counts,
+                     const at::Tensor& positions, const at::Tensor& hess,
+                     const at::Tensor& mass, const at::Tensor& protect, int64_t k,
+                     double max_fraction, int64_t sink, int64_t recent, int64_t round_idx,
+                     double gamma, double eps, int64_t pool, bool hessian_weights,
+                     const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim,
+                     bool is_neox);
 
 }  // namespace kvslimmer

@@ -34,16 +34,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../ops.h"
 #include "round_math.h"
+#include "select.h"
 #include "spread.h"
 
 namespace kvslimmer {
 namespace {
+
+// The score of a pair touching a protected slot (core.merge.PROTECTED_SCORE).
+constexpr double kProtectedScore = 1e200;
 
 // The shapes every op checks: L caches [S, H, 2D] of one float dtype, slots [N] in [0, S),
 // layers [L] rows of the state, the state [Ltot, S(, H)].
@@ -119,6 +124,228 @@ void check_state_dtypes(const at::Tensor* counts, const at::Tensor* positions,
   }
 }
 
+// One layer of a request as the round kernels see it: the cache rows of its slot ids and
+// the slot state of its layer row (indexed by slot id).
+template <typename T>
+struct LayerRows {
+  T* base;
+  int64_t row_stride, head_stride;
+  float* counts;
+  int64_t* positions;
+  float* hess;
+  float* mass;
+};
+
+template <typename T>
+LayerRows<T> layer_rows_of(const at::Tensor& kv, int64_t row, int64_t S, int64_t H,
+                           float* counts, int64_t* positions, float* hess, float* mass) {
+  return {kv.data_ptr<T>(), kv.stride(0), kv.stride(1),
+          counts == nullptr ? nullptr : counts + row * S,
+          positions == nullptr ? nullptr : positions + row * S,
+          hess + row * S * H, mass + row * S * H};
+}
+
+// round_stats' scratch for one task, sized for a region of at most M slots.
+template <typename T>
+struct StatsScratch {
+  std::vector<const T*> value_rows;
+  std::vector<double> mean;
+  std::vector<T> block, o, spread;
+  StatsScratch(int64_t M, int64_t D) : value_rows(M), mean(D), block(D), o(D), spread(M) {}
+};
+
+// alpha and the smoothed Hessian proxy of head hd over the M region slots `ids` (a and hl:
+// that head's column of [M, H] outputs).
+template <typename T>
+void head_stats(const LayerRows<T>& ly, const int64_t* ids, int64_t M, int64_t H, int64_t D,
+                int64_t hd, int64_t round_idx, T* a, T* hl, StatsScratch<T>& s) {
+  const T uniform = static_cast<T>(1.0 / static_cast<double>(M));
+  const T keep_old = static_cast<T>(static_cast<double>(round_idx - 1) / round_idx);
+  const T rounds = static_cast<T>(round_idx);
+  const float* mass_h = ly.mass + hd;
+  const float* hess_h = ly.hess + hd;
+  T total = 0;
+  for (int64_t m = 0; m < M; ++m) total += static_cast<T>(mass_h[ids[m] * H]);
+  for (int64_t m = 0; m < M; ++m) {
+    a[m * H] = total > 0 ? static_cast<T>(mass_h[ids[m] * H]) / total : uniform;
+  }
+  const T* value = ly.base + hd * ly.head_stride + D;
+  for (int64_t m = 0; m < M; ++m) s.value_rows[m] = value + ids[m] * ly.row_stride;
+  spread_rows<T>(s.value_rows.data(), a, s.spread.data(), M, D, H, 1, s.mean.data(),
+                 s.block.data(), s.o.data());
+  for (int64_t m = 0; m < M; ++m) {
+    const T w = a[m * H];
+    const T fresh = w * (T(1) - T(2) * w) * s.spread[m];
+    const T old = static_cast<T>(hess_h[ids[m] * H]);
+    hl[m * H] = std::isfinite(old) ? fresh / rounds + old * keep_old : fresh;
+  }
+}
+
+// The M - 1 pair scores of the region slots `ids` from the layer's mass `mass` ([S, H]).
+void pair_scores(const float* mass, const int64_t* ids, int64_t M, int64_t H, int64_t pool,
+                 double gamma, double* out, std::vector<double>& per_slot) {
+  const int64_t reach = pool / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t lo = std::max<int64_t>(0, m - reach), hi = std::min(M - 1, m + reach);
+    double sum = 0;
+    for (int64_t hd = 0; hd < H; ++hd) {
+      float peak = mass[ids[lo] * H + hd];
+      for (int64_t j = lo + 1; j <= hi; ++j) peak = std::max(peak, mass[ids[j] * H + hd]);
+      sum += static_cast<double>(peak);
+    }
+    per_slot[m] = sum;
+  }
+  for (int64_t i = 0; i + 1 < M; ++i) {
+    out[i] = (per_slot[i] + per_slot[i + 1]) * std::exp(-static_cast<double>(i + 1) / gamma);
+  }
+}
+
+// The rotation and key-weight constants round_apply's layers share.
+template <typename T>
+struct ApplyParams {
+  const T* table;  // nullptr: no rotation
+  int64_t rotary_dim;
+  bool is_neox, hessian_weights, carry_mass;
+  T guard;
+};
+
+// round_apply on one layer: merges the k pairs `lefts` (region-local) of the N slots `ids`
+// (region [sink, sink + M)) with alpha / h ([M, H]) and compacts the slots; the caller
+// resets the mass unless p.carry_mass. merged, cos, sin: scratch of H 2D and rotary_dim / 2.
+template <typename T>
+void apply_layer(const LayerRows<T>& ly, const int64_t* ids, int64_t N, int64_t sink,
+                 int64_t M, int64_t H, int64_t D, const int64_t* lefts, int64_t k,
+                 const T* al, const T* hl, const ApplyParams<T>& p, T* merged, T* cos,
+                 T* sin) {
+  T* base = ly.base;
+  const int64_t row_stride = ly.row_stride, head_stride = ly.head_stride;
+  const bool dense = head_stride == 2 * D;
+  float* cnt = ly.counts;
+  int64_t* pos = ly.positions;
+  float* hs = ly.hess;
+  float* ms = ly.mass;
+  const int64_t half = p.rotary_dim / 2;
+  const bool rotate = p.table != nullptr;
+  auto copy_row = [&](int64_t to, int64_t from) {
+    T* dst = base + ids[to] * row_stride;
+    const T* src = base + ids[from] * row_stride;
+    if (dense) {
+      std::memcpy(dst, src, H * 2 * D * sizeof(T));
+    } else {
+      for (int64_t hd = 0; hd < H; ++hd) {
+        std::memcpy(dst + hd * head_stride, src + hd * head_stride, 2 * D * sizeof(T));
+      }
+    }
+  };
+  int64_t out = sink, q = 0;
+  for (int64_t i = sink; i < N; ++out) {
+    const bool in_region = i < sink + M;
+    if (q < k && i == sink + lefts[q]) {  // a merged pair (i, i + 1) -> out
+      const int64_t m = i - sink, si = ids[i], sj = ids[i + 1];
+      const T c_i = static_cast<T>(cnt[si]), c_j = static_cast<T>(cnt[sj]);
+      const int64_t p_j = pos[sj];
+      if (rotate) shift_angles<T>(p.table, p_j - pos[si], half, cos, sin);
+      const T* row_i = base + si * row_stride;
+      const T* row_j = base + sj * row_stride;
+      for (int64_t hd = 0; hd < H; ++hd) {
+        const T a_i = al[m * H + hd], a_j = al[(m + 1) * H + hd];
+        const T h_i = hl[m * H + hd], h_j = hl[(m + 1) * H + hd];
+        T a = c_i / (c_i + c_j);
+        if (p.hessian_weights) {
+          const T guard = p.guard;
+          auto recover = [guard](T hx, T ax) {
+            const T w = ax * (T(1) - T(2) * ax);
+            const T d = hx / (w + (w < 0 ? -guard : guard));
+            return d < T(0) ? T(0) : d;  // NaN stays NaN, as clamp_min
+          };
+          const T h_ij = a_i * a_j * (recover(h_i, a_i) + recover(h_j, a_j));
+          const T big_a = h_i - h_ij, sum = big_a + (h_j - h_ij);
+          const T weight = big_a / sum;
+          if (sum > guard && weight >= T(0) && weight <= T(1)) a = weight;
+        }
+        const T b = T(1) - a;
+        const T* kvi = row_i + hd * head_stride;
+        const T* kvj = row_j + hd * head_stride;
+        T* o = merged + hd * 2 * D;
+        merge_key<T>(kvi, kvj, o, a, rotate ? cos : nullptr, rotate ? sin : nullptr, D,
+                     p.rotary_dim, p.is_neox);
+        merge_value<T>(kvi + D, kvj + D, o + D, c_i, c_j, D);
+        hs[ids[out] * H + hd] = static_cast<float>(a * a * h_i + b * b * h_j);
+      }
+      T* dst = base + ids[out] * row_stride;
+      for (int64_t hd = 0; hd < H; ++hd) {
+        std::memcpy(dst + hd * head_stride, merged + hd * 2 * D, 2 * D * sizeof(T));
+      }
+      cnt[ids[out]] = static_cast<float>(c_i + c_j);
+      pos[ids[out]] = p_j;
+      for (int64_t hd = 0; p.carry_mass && hd < H; ++hd) {
+        ms[ids[out] * H + hd] = ms[si * H + hd] + ms[sj * H + hd];
+      }
+      i += 2;
+      ++q;
+      continue;
+    }
+    const int64_t from = ids[i], to = ids[out];
+    if (out != i) {
+      copy_row(out, i);
+      cnt[to] = cnt[from];
+      pos[to] = pos[from];
+      if (p.carry_mass) std::copy_n(ms + from * H, H, ms + to * H);
+    }
+    for (int64_t hd = 0; hd < H; ++hd) {
+      hs[to * H + hd] = in_region ? static_cast<float>(hl[(i - sink) * H + hd])
+                                  : hs[from * H + hd];
+    }
+    ++i;
+  }
+}
+
+// The checks round_apply and protected_round share: the rotation table, made contiguous.
+at::Tensor checked_table(const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim,
+                         int64_t D, at::ScalarType dtype) {
+  if (!cos_sin.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= D,
+                    "rotary_dim must be even and in (0, ", D, "], got ", rotary_dim);
+  TORCH_CHECK_VALUE(cos_sin->dim() == 2 && cos_sin->size(1) == rotary_dim &&
+                        cos_sin->scalar_type() == dtype && cos_sin->is_cpu(),
+                    "cos_sin must be a CPU [P, ", rotary_dim, "] table in the caches' dtype; "
+                    "got ", cos_sin->scalar_type(), " ", cos_sin->sizes());
+  return cos_sin->contiguous();
+}
+
+void check_stats_args(int64_t round_idx, double gamma, int64_t pool) {
+  TORCH_CHECK_VALUE(round_idx >= 1, "round_idx must be >= 1, got ", round_idx);
+  TORCH_CHECK_VALUE(gamma > 0, "gamma must be > 0, got ", gamma);
+  TORCH_CHECK_VALUE(pool >= 1 && pool % 2 == 1, "pool width must be an odd integer >= 1, got ",
+                    pool);
+}
+
+// Unprotected slots of region mask `guarded` (M entries) minus their runs: the most slots
+// merging can free without touching a protected slot (core.merge.mergeable_without).
+int64_t mergeable_without(const bool* guarded, int64_t M) {
+  int64_t free = 0, runs = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    if (guarded[m]) continue;
+    ++free;
+    if (m == 0 || guarded[m - 1]) ++runs;
+  }
+  return free - runs;
+}
+
+// The most disjoint pairs of adjacent unprotected slots (core.merge.disjoint_free_pairs).
+int64_t disjoint_free_pairs(const bool* guarded, int64_t M) {
+  int64_t pairs = 0, run = 0;
+  for (int64_t m = 0; m <= M; ++m) {
+    if (m < M && !guarded[m]) {
+      ++run;
+    } else {
+      pairs += run / 2;
+      run = 0;
+    }
+  }
+  return pairs;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
@@ -127,76 +354,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
     int64_t round_idx, double gamma, int64_t pool) {
   check_state_dtypes(nullptr, nullptr, hess, mass);
   const Round r = check_round(kvs, slots, layer_rows, {&hess, &mass}, sink, recent);
-  TORCH_CHECK_VALUE(round_idx >= 1, "round_idx must be >= 1, got ", round_idx);
-  TORCH_CHECK_VALUE(gamma > 0, "gamma must be > 0, got ", gamma);
-  TORCH_CHECK_VALUE(pool >= 1 && pool % 2 == 1, "pool width must be an odd integer >= 1, got ",
-                    pool);
+  check_stats_args(round_idx, gamma, pool);
   const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, S = r.num_slots;
   const auto options = kvs[0].options();
   at::Tensor alpha = at::empty({L, M, H}, options), h = at::empty({L, M, H}, options);
   at::Tensor scores = at::empty({L, M - 1}, options.dtype(at::kDouble));
   const int64_t* ids = slots.data_ptr<int64_t>() + sink;  // the region's slot ids
   const int64_t* rows = layer_rows.data_ptr<int64_t>();
-  const float* mass_p = mass.data_ptr<float>();
-  const float* hess_p = hess.data_ptr<float>();
+  float* mass_p = mass.data_ptr<float>();
+  float* hess_p = hess.data_ptr<float>();
 
   AT_DISPATCH_FLOATING_TYPES(kvs[0].scalar_type(), "round_stats", [&] {
     using T = scalar_t;
     T* alpha_p = alpha.data_ptr<T>();
     T* h_p = h.data_ptr<T>();
-    const T uniform = static_cast<T>(1.0 / static_cast<double>(M));
-    const T keep_old = static_cast<T>(static_cast<double>(round_idx - 1) / round_idx);
-    const T rounds = static_cast<T>(round_idx);
     at::parallel_for(0, L * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const T*> value_rows(M);
-      std::vector<double> mean(D);
-      std::vector<T> block(D), o(D), spread(M);
+      StatsScratch<T> scratch(M, D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t l = task / H, hd = task % H;
-        const float* mass_l = mass_p + rows[l] * S * H + hd;
-        const float* hess_l = hess_p + rows[l] * S * H + hd;
-        T* a = alpha_p + l * M * H + hd;
-        T total = 0;
-        for (int64_t m = 0; m < M; ++m) total += static_cast<T>(mass_l[ids[m] * H]);
-        for (int64_t m = 0; m < M; ++m) {
-          a[m * H] = total > 0 ? static_cast<T>(mass_l[ids[m] * H]) / total : uniform;
-        }
-        const at::Tensor& kv = kvs[l];
-        const T* base = kv.data_ptr<T>() + hd * kv.stride(1) + D;  // the head's value
-        for (int64_t m = 0; m < M; ++m) value_rows[m] = base + ids[m] * kv.stride(0);
-        spread_rows<T>(value_rows.data(), a, spread.data(), M, D, H, 1, mean.data(),
-                       block.data(), o.data());
-        T* hl = h_p + l * M * H + hd;
-        for (int64_t m = 0; m < M; ++m) {
-          const T w = a[m * H];
-          const T fresh = w * (T(1) - T(2) * w) * spread[m];
-          const T old = static_cast<T>(hess_l[ids[m] * H]);
-          hl[m * H] = std::isfinite(old) ? fresh / rounds + old * keep_old : fresh;
-        }
+        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, nullptr, nullptr, hess_p,
+                                         mass_p);
+        head_stats<T>(ly, ids, M, H, D, hd, round_idx, alpha_p + l * M * H + hd,
+                      h_p + l * M * H + hd, scratch);
       }
     });
   });
 
   double* score_p = scores.data_ptr<double>();
-  const int64_t reach = pool / 2;
   at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> per_slot(M);
     for (int64_t l = begin; l < end; ++l) {
-      const float* mass_l = mass_p + rows[l] * S * H;
-      for (int64_t m = 0; m < M; ++m) {
-        const int64_t lo = std::max<int64_t>(0, m - reach), hi = std::min(M - 1, m + reach);
-        double sum = 0;
-        for (int64_t hd = 0; hd < H; ++hd) {
-          float peak = mass_l[ids[lo] * H + hd];
-          for (int64_t j = lo + 1; j <= hi; ++j) peak = std::max(peak, mass_l[ids[j] * H + hd]);
-          sum += static_cast<double>(peak);
-        }
-        per_slot[m] = sum;
-      }
-      for (int64_t i = 0; i + 1 < M; ++i) {
-        score_p[l * (M - 1) + i] =
-            (per_slot[i] + per_slot[i + 1]) * std::exp(-static_cast<double>(i + 1) / gamma);
-      }
+      pair_scores(mass_p + rows[l] * S * H, ids, M, H, pool, gamma, score_p + l * (M - 1),
+                  per_slot);
     }
   });
   return {alpha, h, scores};
@@ -234,24 +423,14 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                         "-slot region; got ", i, " at ", p);
     }
   }
-  const bool rotate = cos_sin.has_value();
-  at::Tensor table;
-  if (rotate) {
-    TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= D,
-                      "rotary_dim must be even and in (0, ", D, "], got ", rotary_dim);
-    TORCH_CHECK_VALUE(cos_sin->dim() == 2 && cos_sin->size(1) == rotary_dim &&
-                          cos_sin->scalar_type() == dtype && cos_sin->is_cpu(),
-                      "cos_sin must be a CPU [P, ", rotary_dim, "] table in the caches' dtype; "
-                      "got ", cos_sin->scalar_type(), " ", cos_sin->sizes());
-    table = cos_sin->contiguous();
-  }
+  const at::Tensor table = checked_table(cos_sin, rotary_dim, D, dtype);
   const int64_t* ids = slots.data_ptr<int64_t>();
   const int64_t* rows = layer_rows.data_ptr<int64_t>();
   float* counts_p = counts.data_ptr<float>();
   int64_t* pos_p = positions.data_ptr<int64_t>();
   float* hess_p = hess.data_ptr<float>();
   float* mass_p = mass.data_ptr<float>();
-  if (rotate) {  // every shift must have its row, checked before the first write
+  if (table.defined()) {  // every shift must have its row, checked before the first write
     for (int64_t l = 0; l < L; ++l) {
       const int64_t* pos = pos_p + rows[l] * S;
       for (int64_t p = 0; p < k; ++p) {
@@ -267,97 +446,122 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
     using T = scalar_t;
     const T* alpha_p = alpha.data_ptr<T>();
     const T* h_p = h.data_ptr<T>();
-    const T* table_p = rotate ? table.data_ptr<T>() : nullptr;
-    const T guard = static_cast<T>(eps);
-    const int64_t half = rotary_dim / 2;
+    const ApplyParams<T> params{table.defined() ? table.data_ptr<T>() : nullptr, rotary_dim,
+                                is_neox, hessian_weights, carry_mass, static_cast<T>(eps)};
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> merged(H * 2 * D), cos(half), sin(half);
+      std::vector<T> merged(H * 2 * D), cos(rotary_dim / 2), sin(rotary_dim / 2);
       for (int64_t l = begin; l < end; ++l) {
-        const at::Tensor& kv = kvs[l];
-        T* base = kv.data_ptr<T>();
-        const int64_t row_stride = kv.stride(0), head_stride = kv.stride(1);
-        const bool dense = head_stride == 2 * D;
-        float* cnt = counts_p + rows[l] * S;
-        int64_t* pos = pos_p + rows[l] * S;
-        float* hs = hess_p + rows[l] * S * H;
-        float* ms = mass_p + rows[l] * S * H;
-        const T* al = alpha_p + l * M * H;
-        const T* hl = h_p + l * M * H;
-        const int64_t* lefts = lp + l * k;
-        auto copy_row = [&](int64_t to, int64_t from) {
-          T* dst = base + ids[to] * row_stride;
-          const T* src = base + ids[from] * row_stride;
-          if (dense) {
-            std::memcpy(dst, src, H * 2 * D * sizeof(T));
-          } else {
-            for (int64_t hd = 0; hd < H; ++hd) {
-              std::memcpy(dst + hd * head_stride, src + hd * head_stride, 2 * D * sizeof(T));
-            }
-          }
-        };
-        int64_t out = sink, p = 0;
-        for (int64_t i = sink; i < N; ++out) {
-          const bool in_region = i < sink + M;
-          if (p < k && i == sink + lefts[p]) {  // a merged pair (i, i + 1) -> out
-            const int64_t m = i - sink, si = ids[i], sj = ids[i + 1];
-            const T c_i = static_cast<T>(cnt[si]), c_j = static_cast<T>(cnt[sj]);
-            const int64_t p_j = pos[sj];
-            if (rotate) shift_angles<T>(table_p, p_j - pos[si], half, cos.data(), sin.data());
-            const T* row_i = base + si * row_stride;
-            const T* row_j = base + sj * row_stride;
-            for (int64_t hd = 0; hd < H; ++hd) {
-              const T a_i = al[m * H + hd], a_j = al[(m + 1) * H + hd];
-              const T h_i = hl[m * H + hd], h_j = hl[(m + 1) * H + hd];
-              T a = c_i / (c_i + c_j);
-              if (hessian_weights) {
-                auto recover = [guard](T hx, T ax) {
-                  const T w = ax * (T(1) - T(2) * ax);
-                  const T d = hx / (w + (w < 0 ? -guard : guard));
-                  return d < T(0) ? T(0) : d;  // NaN stays NaN, as clamp_min
-                };
-                const T h_ij = a_i * a_j * (recover(h_i, a_i) + recover(h_j, a_j));
-                const T big_a = h_i - h_ij, sum = big_a + (h_j - h_ij);
-                const T weight = big_a / sum;
-                if (sum > guard && weight >= T(0) && weight <= T(1)) a = weight;
-              }
-              const T b = T(1) - a;
-              const T* kvi = row_i + hd * head_stride;
-              const T* kvj = row_j + hd * head_stride;
-              T* o = merged.data() + hd * 2 * D;
-              merge_key<T>(kvi, kvj, o, a, rotate ? cos.data() : nullptr,
-                           rotate ? sin.data() : nullptr, D, rotary_dim, is_neox);
-              merge_value<T>(kvi + D, kvj + D, o + D, c_i, c_j, D);
-              hs[ids[out] * H + hd] = static_cast<float>(a * a * h_i + b * b * h_j);
-            }
-            T* dst = base + ids[out] * row_stride;
-            for (int64_t hd = 0; hd < H; ++hd) {
-              std::memcpy(dst + hd * head_stride, merged.data() + hd * 2 * D, 2 * D * sizeof(T));
-            }
-            cnt[ids[out]] = static_cast<float>(c_i + c_j);
-            pos[ids[out]] = p_j;
-            for (int64_t hd = 0; carry_mass && hd < H; ++hd) {
-              ms[ids[out] * H + hd] = ms[si * H + hd] + ms[sj * H + hd];
-            }
-            i += 2;
-            ++p;
-            continue;
-          }
-          const int64_t from = ids[i], to = ids[out];
-          if (out != i) {
-            copy_row(out, i);
-            cnt[to] = cnt[from];
-            pos[to] = pos[from];
-            if (carry_mass) std::copy_n(ms + from * H, H, ms + to * H);
-          }
-          for (int64_t hd = 0; hd < H; ++hd) {
-            hs[to * H + hd] = in_region ? static_cast<float>(hl[(i - sink) * H + hd])
-                                        : hs[from * H + hd];
-          }
-          ++i;
-        }
+        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, counts_p, pos_p, hess_p,
+                                         mass_p);
+        apply_layer<T>(ly, ids, N, sink, M, H, D, lp + l * k, k, alpha_p + l * M * H,
+                       h_p + l * M * H, params, merged.data(), cos.data(), sin.data());
         if (!carry_mass) {
-          for (int64_t j = 0; j < N; ++j) std::fill_n(ms + ids[j] * H, H, 0.0f);
+          for (int64_t j = 0; j < N; ++j) std::fill_n(ly.mass + ids[j] * H, H, 0.0f);
         }
+      }
+    });
+  });
+}
+
+void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
+                     const at::Tensor& layer_rows, const at::Tensor& counts,
+                     const at::Tensor& positions, const at::Tensor& hess,
+                     const at::Tensor& mass, const at::Tensor& protect, int64_t k,
+                     double max_fraction, int64_t sink, int64_t recent, int64_t round_idx,
+                     double gamma, double eps, int64_t pool, bool hessian_weights,
+                     const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim,
+                     bool is_neox) {
+  check_state_dtypes(&counts, &positions, hess, mass);
+  const Round r = check_round(kvs, slots, layer_rows, {&counts, &positions, &hess, &mass},
+                              sink, recent);
+  check_stats_args(round_idx, gamma, pool);
+  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, S = r.num_slots, N = r.n;
+  TORCH_CHECK_VALUE(max_fraction > 0 && max_fraction <= 0.5,
+                    "max_fraction must be in (0, 0.5], got ", max_fraction);
+  TORCH_CHECK_VALUE(protect.dim() == 2 && protect.size(0) == L && protect.size(1) == N &&
+                        protect.scalar_type() == at::kBool && protect.is_cpu() &&
+                        protect.is_contiguous(),
+                    "protect must be contiguous CPU bool [L, N] = [", L, ", ", N, "]; got ",
+                    protect.scalar_type(), " ", protect.sizes());
+  const bool* guard_p = protect.data_ptr<bool>();
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(k >= 0 && k <= mergeable_without(guard_p + l * N + sink, M),
+                      "cannot free k=", k, " slots without merging a protected slot");
+  }
+  const auto dtype = kvs[0].scalar_type();
+  const at::Tensor table = checked_table(cos_sin, rotary_dim, D, dtype);
+  const int64_t* ids = slots.data_ptr<int64_t>();
+  const int64_t* rows = layer_rows.data_ptr<int64_t>();
+  float* counts_p = counts.data_ptr<float>();
+  int64_t* pos_p = positions.data_ptr<int64_t>();
+  float* hess_p = hess.data_ptr<float>();
+  float* mass_p = mass.data_ptr<float>();
+  if (table.defined()) {  // any two of a layer's slots may become neighbours
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* pos = pos_p + rows[l] * S;
+      int64_t lo = pos[ids[0]], hi = lo;
+      for (int64_t j = 1; j < N; ++j) {
+        lo = std::min(lo, pos[ids[j]]);
+        hi = std::max(hi, pos[ids[j]]);
+      }
+      TORCH_CHECK_VALUE(hi - lo < table.size(0), "positions span ", hi - lo + 1,
+                        " but cos_sin has only ", table.size(0), " rows");
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(dtype, "protected_round", [&] {
+    using T = scalar_t;
+    const ApplyParams<T> params{table.defined() ? table.data_ptr<T>() : nullptr, rotary_dim,
+                                is_neox, hessian_weights, /*carry_mass=*/true,
+                                static_cast<T>(eps)};
+    // Layers are independent tasks: each runs its own sub-rounds, sized by its own mask.
+    at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+      StatsScratch<T> scratch(M, D);
+      std::vector<T> alpha(M * H), h(M * H), merged(H * 2 * D), cos(rotary_dim / 2),
+          sin(rotary_dim / 2);
+      std::vector<double> scores(std::max<int64_t>(M - 1, 0)), per_slot(M), work;
+      std::vector<int64_t> lefts;
+      std::unique_ptr<bool[]> guard(new bool[N]);
+      for (int64_t l = begin; l < end; ++l) {
+        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, counts_p, pos_p, hess_p,
+                                         mass_p);
+        std::copy_n(guard_p + l * N, N, guard.get());
+        int64_t held = N, freed = 0;
+        do {  // one sub-round (one of 0 pairs when k is 0: the statistics still update)
+          const int64_t m_now = held - sink - recent;
+          const bool* region = guard.get() + sink;
+          const int64_t step =
+              k == 0 ? 0
+                     : std::min({k - freed,
+                                 std::max<int64_t>(1, static_cast<int64_t>(max_fraction * m_now)),
+                                 disjoint_free_pairs(region, m_now)});
+          TORCH_CHECK(k == 0 || step > 0, "protected_round: no free pair left in layer ", l);
+          for (int64_t hd = 0; hd < H; ++hd) {
+            head_stats<T>(ly, ids + sink, m_now, H, D, hd, round_idx, alpha.data() + hd,
+                          h.data() + hd, scratch);
+          }
+          pair_scores(ly.mass, ids + sink, m_now, H, pool, gamma, scores.data(), per_slot);
+          work.assign(scores.begin(), scores.begin() + (m_now - 1));
+          for (int64_t i = 0; i + 1 < m_now; ++i) {
+            if (region[i] || region[i + 1]) work[i] = kProtectedScore;
+          }
+          lefts.resize(step);
+          select_row(work, step, lefts.data());
+          apply_layer<T>(ly, ids, held, sink, m_now, H, D, lefts.data(), step, alpha.data(),
+                         h.data(), params, merged.data(), cos.data(), sin.data());
+          // The pairs' right slots are gone; a merged slot keeps its left slot's mask.
+          int64_t out = 0;
+          for (int64_t i = 0, q = 0; i < held; ++i) {
+            if (q < step && i == sink + 1 + lefts[q]) {
+              ++q;
+              continue;
+            }
+            guard[out++] = guard[i];
+          }
+          held -= step;
+          freed += step;
+        } while (freed < k);
+        for (int64_t j = 0; j < N; ++j) std::fill_n(ly.mass + ids[j] * H, H, 0.0f);
       }
     });
   });

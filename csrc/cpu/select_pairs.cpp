@@ -27,11 +27,10 @@
 #include <vector>
 
 #include "../ops.h"
+#include "select.h"
 
 namespace kvslimmer {
-namespace {
 
-// One row: writes its k left indices, sorted, to out. value is the row's scores (consumed).
 void select_row(std::vector<double>& value, int64_t k, int64_t* out) {
   const int64_t n = static_cast<int64_t>(value.size());
   std::vector<int64_t> left(n), right(n), run_lo(n), run_hi(n);
@@ -91,8 +90,6 @@ void select_row(std::vector<double>& value, int64_t k, int64_t* out) {
   std::sort(chosen.begin(), chosen.end());
   std::copy(chosen.begin(), chosen.end(), out);
 }
-
-}  // namespace
 
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
   TORCH_CHECK_VALUE(scores.dim() == 1 || scores.dim() == 2,

@@ -258,7 +258,10 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
     :func:`select_pairs`, the merge and compaction, the observation mass carried between
     sub-rounds and reset after the last; the reference elsewhere). With ``protect``
     (``[L, N]`` bool: slots no pair may touch) each layer runs its own sub-rounds, sized
-    as :func:`kvslimmer_vllm.core.merge.merge_rounds` sizes them for its mask."""
+    as :func:`kvslimmer_vllm.core.merge.merge_rounds` sizes them for its mask: all of them
+    in the one C++ op ``protected_round`` (layers in parallel), or, with ``score_reduce``
+    (whose reduction must run between a sub-round's statistics and its choice), one layer's
+    sub-rounds at a time from here."""
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
     if paged_round_backend_name(kvs[0]) != "cpp":
@@ -267,6 +270,17 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
             round_idx=round_idx, gamma=gamma, eps=eps, rotary=rotary, key_weights=key_weights,
             pool=pool, max_fraction=max_fraction, protect=protect, score_reduce=score_reduce,
             selector=select_pairs)
+        return
+    if protect is not None:
+        _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
+    if protect is not None and score_reduce is None:
+        # Every layer's sub-rounds in one op, layers in parallel.
+        table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers,
+                                                 slots)
+        _cpp_ops().protected_round(
+            kvs, slots, layers, counts, positions, hess, mass,
+            protect.to(torch.bool).contiguous(), k, max_fraction, sink, recent, round_idx,
+            gamma, eps, pool, key_weights == "hessian", table, rotary_dim, is_neox)
         return
     table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers, slots)
     run = functools.partial(_paged_subrounds, slots=slots, counts=counts, positions=positions,
@@ -279,7 +293,6 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
         steps = iter(sizes)
         run(kvs, layers, lambda held: next(steps), carry=len(sizes) > 1)
         return
-    _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
     for layer in range(len(kvs)):  # each layer's mask sizes its own sub-rounds
         mask = protect[layer].clone()
         run(kvs[layer:layer + 1], layers[layer:layer + 1],

@@ -17,7 +17,7 @@ import torch
 
 from kvslimmer_vllm import kernels
 from kvslimmer_vllm.core import paged as paged_ref
-from kvslimmer_vllm.core.merge import DEFAULT_EPS, DEFAULT_GAMMA
+from kvslimmer_vllm.core.merge import DEFAULT_EPS, DEFAULT_GAMMA, keep_set
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.core.select import pair_scores, pool_mass
 from kvslimmer_vllm.core.stats import hessian_stats, normalize_mass, smooth_hessian
@@ -158,12 +158,14 @@ def test_subrounds_in_place_match_the_composed_reference(n, k, max_fraction, wei
     assert torch.equal(both[1][1]["mass"][0], state["mass"][0])
 
 
+@pytest.mark.parametrize("reduce", [None, "sum over one rank"])
 @pytest.mark.parametrize("k,max_fraction", [(30, 0.25), (12, 0.5), (0, 0.25)])
 @pytest.mark.parametrize("pattern", ["snapkv keep set", "runs", "none"])
-def test_protected_slots_match_the_reference(k, max_fraction, pattern):
+def test_protected_slots_match_the_reference(k, max_fraction, pattern, reduce):
     """SnapMerge's rounds: slots no pair may touch, each layer sub-rounded by its own
-    mask (a SnapKV keep set per layer, long protected runs, or nothing protected)."""
-    from kvslimmer_vllm.core.merge import keep_set
+    mask (a SnapKV keep set per layer, long protected runs, or nothing protected); all
+    layers in the C++ ``protected_round``, or, with a score reduction (tensor parallelism;
+    here one rank's sum, the identity), layer by layer from Python."""
 
     n, sink, recent = 90, 4, 8
     kvs, slots, state = _request(n, 3, 16, torch.float32, seed=k + len(pattern))
@@ -177,7 +179,8 @@ def test_protected_slots_match_the_reference(k, max_fraction, pattern):
     both = _run_both([kvs[0], kvs[2], kvs[3]], slots, state, layers, sink=sink,
                      recent=recent, k=k, round_idx=2, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
                      rotary=_rotary("gptj", 16, torch.float32), pool=3,
-                     max_fraction=max_fraction, protect=protect)
+                     max_fraction=max_fraction, protect=protect,
+                     score_reduce=None if reduce is None else lambda scores: scores + 0.0)
     _assert_same(*both, torch.float32)
     if pattern == "runs":  # protected slots kept exactly, in order
         kept_rows = both[1][0][0][slots[:n - k]]
@@ -325,6 +328,66 @@ def test_round_stats_errors_name_the_problem(change, pattern):
     args.update(change)
     with pytest.raises(ValueError, match=pattern):
         OPS.round_stats(*args.values())
+
+
+def _protected_args(**change):
+    kvs, slots, state = _request(40, 2, 8, torch.float32, seed=2)
+    protect = torch.zeros(2, 40, dtype=torch.bool)
+    protect[:, 10:14] = True
+    args = dict(kvs=kvs[:2], slots=slots, layers=torch.tensor([0, 1]), **state,
+                protect=protect, k=6, max_fraction=0.25, sink=4, recent=4, round_idx=1,
+                gamma=10.0, eps=1e-21, pool=3, hessian_weights=True,
+                cos_sin=_rotary("neox", 8, torch.float32).cos_sin_cache, rotary_dim=8,
+                is_neox=True)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(protect=torch.zeros(2, 39, dtype=torch.bool)),
+     "protect must be contiguous CPU bool \\[L, N\\] = \\[2, 40\\]"),
+    (dict(protect=torch.zeros(2, 40)), "protect must be contiguous CPU bool"),
+    (dict(k=29), "cannot free k=29 slots without merging a protected slot"),
+    (dict(k=-1), "cannot free k=-1 slots"),
+    (dict(max_fraction=0.75), "max_fraction must be in \\(0, 0.5\\]"),
+    (dict(pool=4), "pool width must be an odd integer"),
+    (dict(cos_sin=torch.ones(16, 8)), "positions span .* but cos_sin has only 16 rows"),
+    (dict(recent=35), "region .* must hold at least 2 slots"),
+])
+def test_protected_round_errors_name_the_problem_and_write_nothing(change, pattern):
+    args = _protected_args(**change)
+    before = [t.clone() for t in args["kvs"]], args["counts"].clone(), args["mass"].clone()
+    with pytest.raises(ValueError, match=pattern):
+        OPS.protected_round(*args.values())
+    assert all(torch.equal(a, b) for a, b in zip(args["kvs"], before[0]))
+    assert torch.equal(args["counts"], before[1]) and torch.equal(args["mass"], before[2])
+
+
+def test_protected_round_runs_the_python_sub_rounds_in_one_call():
+    """The C++ driver and the per-layer loop it replaces (kept for score reductions) leave
+    the same caches and state, bit for bit, on a float64 request (each layer its own
+    keep set, so its own sub-round sizes)."""
+    kvs, slots, state = _request(300, 3, 8, torch.float64, seed=5)
+    layers = torch.arange(TOTAL_LAYERS)
+    mass = state["mass"][layers[:, None], slots[4:300 - 16]]
+    protect = torch.zeros(TOTAL_LAYERS, 300, dtype=torch.bool)
+    protect[:, 4:300 - 16] = keep_set(pool_mass(mass, 7).sum(-1), 200)
+    outcomes = []
+    for reduce in (None, lambda scores: scores + 0.0):
+        c, s = [kv.clone() for kv in kvs], copy.deepcopy(state)
+        kernels.paged_merge_round(c, slots, layers, s["counts"], s["positions"], s["hess"],
+                                  s["mass"], sink=4, recent=16, k=200, round_idx=3,
+                                  gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS,
+                                  rotary=_rotary("neox", 8, torch.float64), pool=7,
+                                  max_fraction=0.25, protect=protect, score_reduce=reduce)
+        outcomes.append((c, s))
+    (a_kvs, a), (b_kvs, b) = outcomes
+    live = slots[:100]
+    assert all(torch.equal(x[live], y[live]) for x, y in zip(a_kvs, b_kvs))
+    for name in ("counts", "positions", "mass"):
+        assert torch.equal(a[name][:, live], b[name][:, live]), name
+    assert torch.equal(a["hess"][:, live].nan_to_num(-1.0), b["hess"][:, live].nan_to_num(-1.0))
+    assert bool((a["counts"][:, live] > 1).any())  # the round merged
 
 
 def test_freeing_the_whole_region_is_refused_before_anything_runs():
