@@ -10,7 +10,7 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def(
       "paged_attention(Tensor query, Tensor kv, Tensor? counts, Tensor block_table, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int block_size, "
-      "Tensor(a!)? mass) -> Tensor");
+      "Tensor(a!)? mass, Tensor? observed=None) -> Tensor");
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);

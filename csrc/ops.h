@@ -16,7 +16,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query, const at::Tensor& kv,
                                const std::optional<at::Tensor>& counts,
                                const at::Tensor& block_table, const at::Tensor& seq_lens,
                                const at::Tensor& query_start_loc, double scale,
-                               int64_t block_size, const std::optional<at::Tensor>& mass);
+                               int64_t block_size, const std::optional<at::Tensor>& mass,
+                               const std::optional<at::Tensor>& observed);
 
 // torch.ops.kvslimmer.cpu_isa: the instruction set the CPU paged attention runs ("avx512",
 // "avx2" or "portable"); with an argument, first switches to it ("auto": the best the CPU has).
@@ -29,7 +30,8 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
                                 const std::optional<at::Tensor>& counts,
                                 const at::Tensor& block_table, const at::Tensor& seq_lens,
                                 const at::Tensor& query_start_loc, double scale,
-                                int64_t block_size, const std::optional<at::Tensor>& mass);
+                                int64_t block_size, const std::optional<at::Tensor>& mass,
+                                const std::optional<at::Tensor>& observed);
 
 // torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k);

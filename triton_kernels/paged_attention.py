@@ -207,7 +207,7 @@ def _attention_kernel(
 
 @triton.jit
 def _mass_kernel(
-    q_ptr, kv_ptr, counts_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, lse_ptr, mass_ptr,
+    q_ptr, kv_ptr, counts_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, lse_ptr, mass_ptr, observed_ptr,
     qk_scale, inv_group, num_reqs,
     stride_q_tok, stride_q_head,
     stride_kv_slot, stride_kv_head,
@@ -217,7 +217,7 @@ def _mass_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     TILE_N: tl.constexpr, HAS_COUNTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, HAS_OBSERVED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -225,6 +225,8 @@ def _mass_kernel(
     q_start = tl.load(qsl_ptr + req).to(tl.int32)
     num_rows = tl.load(qsl_ptr + req + 1).to(tl.int32) - q_start
     q_block = pid - (q_start // BLOCK_Q + req)
+    if HAS_OBSERVED:  # an unobserved request's rows add no mass
+        num_rows = tl.where(tl.load(observed_ptr + req) != 0, num_rows, 0)
     if q_block * BLOCK_Q < num_rows:
         seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
         offs_m = tl.arange(0, BLOCK_M)
@@ -306,6 +308,7 @@ def paged_attention(
     block_size: int,
     mass: torch.Tensor | None = None,
     *,
+    observed: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Count-biased causal attention of a batch straight from the paged cache of one layer.
@@ -322,6 +325,7 @@ def paged_attention(
         block_size: slots per block.
         mass: optional ``[S, Hkv]`` float32, accumulated in place: each slot's probability
             summed over the rows that see it and averaged over the G query heads per KV head.
+        observed: optional ``[R]`` bool: only these requests' rows add to ``mass``.
         out: optional ``[T, Hq, D]`` output buffer (query dtype); rows no request owns are
             not written.
 
@@ -356,7 +360,10 @@ def paged_attention(
                              or mass.dtype != torch.float32):
         raise ValueError(f"mass must be float32 [{num_slots}, {num_kv_heads}], got "
                          f"{mass.dtype} {tuple(mass.shape)}")
-    others = (kv, counts, block_table, seq_lens, query_start_loc, mass, out)
+    if observed is not None and (observed.shape != (num_reqs,) or observed.dtype != torch.bool):
+        raise ValueError(f"observed must be bool [{num_reqs}], got {observed.dtype} "
+                         f"{tuple(observed.shape)}")
+    others = (kv, counts, block_table, seq_lens, query_start_loc, mass, observed, out)
     if any(t is not None and t.device != query.device for t in others):
         raise ValueError("all tensors must be on the query's device")
     if query.device.type != "cuda" and not is_interpreted():
@@ -401,6 +408,7 @@ def paged_attention(
     if mass is not None:
         _mass_kernel[grid](
             query, kv, counts_arg, block_table, seq_lens, query_start_loc, lse, mass,
+            observed if observed is not None else seq_lens,  # never read without it
             qk_scale, 1.0 / group, num_reqs,
             query.stride(0), query.stride(1),
             kv.stride(0), kv.stride(1),
@@ -410,6 +418,6 @@ def paged_attention(
             GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], TILE_N=cfg["TILE_N"],
             HAS_COUNTS=counts is not None, DOT_PRECISION=precision, UPCAST_DOT=upcast,
-            num_warps=cfg["num_warps"],
+            HAS_OBSERVED=observed is not None, num_warps=cfg["num_warps"],
         )
     return out

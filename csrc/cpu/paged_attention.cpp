@@ -171,7 +171,8 @@ struct Item {
   int64_t req, head, t0, t1;  // query positions [t0, t1) of the request
   int64_t visible;            // slots seen by the chunk's last row
   int64_t begin, end;         // the item's slots: [0, visible), or a block-aligned part of it
-  int64_t mass_offset;        // its mass partial (slots [begin, end)) in the partial buffer
+  int64_t mass_offset;        // its mass partial (slots [begin, end)) in the partial buffer;
+                              // -1: the item adds no mass (none wanted, or not observed)
   int64_t record;             // split items: offset of their SplitRecord floats; -1 otherwise
   double cost;
   int64_t rows(int64_t G) const { return (t1 - t0) * G; }
@@ -317,6 +318,7 @@ void combine_split(const Problem<T>& P, const Item* parts, int64_t count, float*
   const int64_t D = P.D, G = P.G, rows = item.rows(G);
   const int64_t q0 = (*P.q_start)[item.req];
   std::vector<float> out(D), scale(count);
+  if (item.mass_offset < 0) partials = nullptr;  // the parts of one request: all or none
   for (int64_t s = 0; s < count; ++s) {
     if (partials)
       std::fill_n(partials + parts[s].mass_offset, parts[s].end - parts[s].begin, 0.f);
@@ -400,7 +402,8 @@ void run_all(const Problem<T>& P, const std::vector<Item>& items, float* partial
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
   for (int64_t k = 0; k < num_tasks; ++k)
     for (int64_t i = task_start[k]; i < task_start[k + 1]; ++i)
-      run(P, items[order[i]], partials, records);
+      run(P, items[order[i]], items[order[i]].mass_offset >= 0 ? partials : nullptr,
+          records);
   if (!records) return;
   // The parts of one split item are adjacent in `items`, the first one at begin 0.
   std::vector<std::pair<int64_t, int64_t>> groups;  // (first part, number of parts)
@@ -441,7 +444,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
                                const std::optional<at::Tensor>& counts_in,
                                const at::Tensor& block_table_in, const at::Tensor& seq_lens,
                                const at::Tensor& query_start_loc, double scale,
-                               int64_t block_size, const std::optional<at::Tensor>& mass) {
+                               int64_t block_size, const std::optional<at::Tensor>& mass,
+                               const std::optional<at::Tensor>& observed_in) {
   TORCH_CHECK(query_in.dim() == 3, "query must be [T, Hq, D], got ", query_in.sizes());
   TORCH_CHECK(kv_in.dim() == 3, "kv must be [S, Hkv, 2*D], got ", kv_in.sizes());
   const auto dtype = query_in.scalar_type();
@@ -484,6 +488,17 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
                 mass->scalar_type());
     TORCH_CHECK(mass->dim() == 2 && mass->size(0) == S && mass->size(1) == Hkv,
                 "mass must have shape [", S, ", ", Hkv, "], got ", mass->sizes());
+  }
+  // Requests whose rows add to the mass (all of them without `observed`).
+  std::vector<char> observed(R, mass.has_value() ? 1 : 0);
+  if (mass.has_value() && observed_in.has_value()) {
+    TORCH_CHECK_VALUE(observed_in->dim() == 1 && observed_in->size(0) == R &&
+                          observed_in->scalar_type() == at::kBool,
+                      "observed must be bool [", R, "] (one per request), got ",
+                      observed_in->scalar_type(), " ", observed_in->sizes());
+    const at::Tensor host = observed_in->to(at::kCPU).contiguous();
+    const bool* flags = host.data_ptr<bool>();
+    for (int64_t r = 0; r < R; ++r) observed[r] = flags[r] ? 1 : 0;
   }
 
   const std::vector<int64_t> q_start = to_host_vector(query_start_loc);
@@ -578,13 +593,14 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
   for (Item& item : items) {
     item.cost = double(item.rows(G)) * double(item.end - item.begin + 16);
     total_cost += item.cost;
-    if (mass.has_value()) {
+    item.mass_offset = -1;
+    if (observed[item.req]) {
       item.mass_offset = mass_floats;
       mass_floats += item.end - item.begin;
     }
     if (item.split()) {
       item.record = record_total;
-      record_total += record_floats(item, G, D, mass.has_value());
+      record_total += record_floats(item, G, D, item.mass_offset >= 0);
     }
   }
   if (total_cost < kMinParallelCost) nthreads = 1;  // waking threads would cost more
@@ -597,7 +613,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
   // Caller-thread scratch kept between calls: partial masses and split records.
   static thread_local std::vector<float> partial_storage, record_storage;
   float* partials = nullptr;
-  if (mass.has_value()) {
+  if (mass_floats > 0) {
     if (static_cast<int64_t>(partial_storage.size()) < mass_floats)
       partial_storage.resize(mass_floats);
     partials = partial_storage.data();
@@ -650,7 +666,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& query_in, const at::Tensor& kv_
     for (int64_t h = 0; h < Hkv; ++h) {
       for (int64_t i = 0; i < num_items; ++i) {
         const Item& item = items[i];
-        if (item.head != h) continue;
+        if (item.head != h || item.mass_offset < 0) continue;
         const float* src = partials + item.mass_offset;  // slots [begin, end) of the request
         for (int64_t j0 = item.begin; j0 < item.end;) {
           const int64_t b = j0 / block_size, j1 = std::min(item.end, (b + 1) * block_size);
@@ -670,7 +686,8 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& /*kv*
                                 const at::Tensor& /*block_table*/, const at::Tensor& /*seq_lens*/,
                                 const at::Tensor& /*query_start_loc*/, double /*scale*/,
                                 int64_t /*block_size*/,
-                                const std::optional<at::Tensor>& /*mass*/) {
+                                const std::optional<at::Tensor>& /*mass*/,
+                                const std::optional<at::Tensor>& /*observed*/) {
   TORCH_CHECK(query.dim() == 3, "query must be [T, Hq, D], got ", query.sizes());
   return at::empty_like(query, at::MemoryFormat::Contiguous);
 }

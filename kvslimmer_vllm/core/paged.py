@@ -144,6 +144,7 @@ def paged_attention(
     scale: float,
     block_size: int,
     mass: torch.Tensor | None = None,
+    observed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with ``log(count)`` per slot for a batch of requests (reference).
 
@@ -160,6 +161,8 @@ def paged_attention(
         mass: optional ``[S, Hkv]`` float32, accumulated in place with each slot's
             probability summed over the rows that see it and averaged over the query
             heads of its KV head.
+        observed: optional ``[R]`` bool: only these requests' rows add to ``mass`` (None:
+            every request's); the others' attention is the same.
 
     Row ``i`` of a request with ``T_r`` rows and ``L_r`` slots sees its first
     ``L_r - T_r + i + 1`` slots (causal in physical order). Requests without rows or
@@ -172,6 +175,9 @@ def paged_attention(
     out = torch.zeros_like(query)
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
+    observing = [mass is not None] * len(lengths)
+    if mass is not None and observed is not None:
+        observing = [bool(o) for o in observed.tolist()]
     for r, length in enumerate(lengths):
         q0, q1 = starts[r], starts[r + 1]
         if q1 <= q0 or length <= 0:
@@ -184,9 +190,9 @@ def paged_attention(
         result = merged_attention(
             query[q0:q1], rows[..., :head_dim], rows[..., head_dim:],
             None if counts is None else counts.index_select(0, slots),
-            scale=scale, visible=visible, return_mass=mass is not None,
+            scale=scale, visible=visible, return_mass=observing[r],
         )
-        if mass is None:
+        if not observing[r]:
             out[q0:q1] = result
         else:
             out[q0:q1], slot_mass = result

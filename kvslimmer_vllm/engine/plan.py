@@ -51,12 +51,14 @@ class ObserveFrom:
 @dataclass
 class StepPlan:
     """Merge rounds to run before this step's forward, observation windows that start
-    in it, and, for every scheduled request that has merged, how many tokens it has
-    merged away (logical minus physical length)."""
+    in it, for every scheduled request that has merged, how many tokens it has merged
+    away (logical minus physical length), and the scheduled requests whose queries this
+    step no round will read the observation mass of (attention skips it for them)."""
 
     rounds: list[MergeRound] = field(default_factory=list)
     num_merged: dict[str, int] = field(default_factory=dict)
     observe: list[ObserveFrom] = field(default_factory=list)
+    unobserved: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.rounds or self.num_merged or self.observe)
+        return bool(self.rounds or self.num_merged or self.observe or self.unobserved)

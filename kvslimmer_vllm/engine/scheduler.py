@@ -153,6 +153,19 @@ class MergeBook:
         start = self._prompt_end(request) - self.config.window
         return settings.prompt_end and start > 0 and request.num_computed_tokens == start
 
+    def observes(self, request: Request) -> bool:
+        """Whether the queries just scheduled for the request (``num_computed_tokens``
+        already counts them) add to its observation mass: not when it does not merge,
+        nor for a prompt-end prompt's chunks before its window (the mass is reset where
+        the window starts, and no round reads it before, unless prefill rounds under a
+        prefill budget do)."""
+        settings = self.settings_of(request)
+        if not settings.enabled:
+            return False
+        if not settings.prompt_end or self.config.prefill_target is not None:
+            return True
+        return request.num_computed_tokens > self._prompt_end(request) - self.config.window
+
     def peak_slots(self, request: Request) -> int:
         """Most slots the request will hold: budget + interval + prefill chunk, and with
         prompt-end observation the whole prompt (or the prefill budget) before its step."""
@@ -283,7 +296,10 @@ class MergeBook:
                 ratio, state.rounds,
             )
 
-    def take_plan(self, scheduled: dict[str, int], dropped: set[str]) -> StepPlan:
+    def take_plan(self, scheduled: dict[str, int], dropped: set[str],
+                  requests: dict[str, Request]) -> StepPlan:
+        """The step's plan, once vLLM has scheduled it (``requests``: every request by
+        id, their ``num_computed_tokens`` counting this step's tokens)."""
         rounds = [r for r in self.pending if r.req_id not in dropped]
         observe = [o for o in self.pending_observe
                    if o.req_id in scheduled and o.req_id not in dropped]
@@ -293,7 +309,12 @@ class MergeBook:
             for rid in scheduled
             if rid in self.states and self.states[rid].num_merged
         }
-        return StepPlan(rounds=rounds, num_merged=num_merged, observe=observe)
+        unobserved = frozenset(
+            rid for rid in scheduled
+            if rid not in dropped and rid in requests and not self.observes(requests[rid])
+        )
+        return StepPlan(rounds=rounds, num_merged=num_merged, observe=observe,
+                        unobserved=unobserved)
 
 
 class MergingKVCacheManager(KVCacheManager):
@@ -411,7 +432,7 @@ class KVMergeScheduler(Scheduler):
         started = time.perf_counter()
         output = super().schedule(*args, **kwargs)
         dropped = set(output.preempted_req_ids or ()) | set(output.finished_req_ids)
-        plan = self.merge_book.take_plan(output.num_scheduled_tokens, dropped)
+        plan = self.merge_book.take_plan(output.num_scheduled_tokens, dropped, self.requests)
         setattr(output, PLAN_ATTR, plan)
         self._publish_metrics()
         if self.merge_profile is not None:

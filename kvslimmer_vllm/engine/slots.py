@@ -67,6 +67,10 @@ class SlotState:
         self.mass = torch.zeros(num_layers, num_slots, num_kv_heads,
                                 dtype=HEAD_STATE_DTYPE, device=device)
 
+        #: This step's ``[num_reqs]`` bool: which requests' queries add to ``mass`` (None:
+        #: all of them). Set by the worker from the scheduler's plan before the forward.
+        self.observed: torch.Tensor | None = None
+
         self._scratch: torch.Tensor | None = None
         #: Most elements one batched round allocates at its peak (set from the KV budget by
         #: the worker; see footprint_per_slot).

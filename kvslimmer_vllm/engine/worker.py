@@ -118,6 +118,7 @@ class KVMergeRunnerMixin:
         self._kv_merge_layers: list[LayerCache] = []
         self._kv_merge_state: SlotState | None = None
         self._kv_merge_num_merged: dict[str, int] = {}
+        self._kv_merge_unobserved: frozenset[str] = frozenset()
         self._kv_merge_trace_layer: int | None = None
         self._kv_merge_trace: list[dict] = []
         self._kv_merge_metrics = (
@@ -264,6 +265,7 @@ class KVMergeRunnerMixin:
             reset_mass(self._kv_merge_state, start.block_ids, start.num_slots,
                        self._kv_merge_block_size)
         self._kv_merge_num_merged = plan.num_merged if plan is not None else {}
+        self._kv_merge_unobserved = plan.unobserved if plan is not None else frozenset()
         output = super().execute_model(scheduler_output, *args, **kwargs)
         elapsed = time.perf_counter() - started
         if self._kv_merge_metrics is not None:
@@ -322,6 +324,7 @@ class KVMergeRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._kv_merge_state.observed = self._kv_merge_observed_rows()
         merged = self._kv_merge_num_merged
         if not merged:
             return result
@@ -347,6 +350,17 @@ class KVMergeRunnerMixin:
             num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical
         )
         return result
+
+
+    def _kv_merge_observed_rows(self) -> torch.Tensor | None:
+        """This step's requests (batch rows) whose queries add to the observation mass;
+        None when all do."""
+        unobserved = self._kv_merge_unobserved
+        if not unobserved:
+            return None
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        return torch.tensor([rid not in unobserved for rid in req_ids], dtype=torch.bool,
+                            device=self.device)
 
 
 def _plain(value):

@@ -75,6 +75,11 @@ def test_scheduler_hooks():
     assert "self.kv_cache_manager = KVCacheManager(" in _source(Scheduler.__init__)
     assert "self.kv_cache_manager.free(request)" in _source(Scheduler._free_request_blocks)
     assert "_free_request_blocks(request)" in _source(Scheduler._preempt_request)
+    # The plan's unobserved requests are decided once schedule() has counted the step's
+    # tokens into num_computed_tokens (MergeBook.observes).
+    assert "self._update_after_schedule(" in schedule
+    assert "request.num_computed_tokens += num_scheduled_token" in _source(
+        Scheduler._update_after_schedule)
 
 
 def test_kv_cache_manager_hooks():
@@ -141,6 +146,10 @@ def test_model_runner_hooks():
         "self._prepare_inputs(scheduler_output"
     )
     assert "new_block_ids_to_zero" in _source(GPUModelRunner._update_states)
+    # The observed rows follow the batch's request order (kv_merge: observed mass).
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    assert isinstance(InputBatch.req_ids, property), "InputBatch.req_ids is no longer a property"
     assert "initialize_kv_cache" in dir(GPUModelRunner)
 
 

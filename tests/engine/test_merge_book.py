@@ -54,7 +54,7 @@ def test_request_stays_within_its_slots(budget, interval, recent, prompt, decode
             merged_before = book.num_merged("r")
         req.num_computed_tokens += chunk
         assert book.physical(req) <= cfg.max_physical_slots
-    plans = book.take_plan({"r": 1}, dropped=set())
+    plans = book.take_plan({"r": 1}, dropped=set(), requests={"r": req})
     assert plans.num_merged.get("r", 0) == book.num_merged("r")
 
 
@@ -65,10 +65,47 @@ def test_dropped_requests_lose_their_rounds():
     a.num_computed_tokens = b.num_computed_tokens = cfg.max_physical_slots
     book.plan_round(a, [1, 2, 3, 4, 5, 6])
     book.plan_round(b, [8, 9, 10, 11, 12, 13])
-    plan = book.take_plan({"a": 1}, dropped={"b"})
+    plan = book.take_plan({"a": 1}, dropped={"b"}, requests={"a": a, "b": b})
     assert [r.req_id for r in plan.rounds] == ["a"]
     assert plan.num_merged == {"a": cfg.max_physical_slots - cfg.budget}
-    assert book.take_plan({}, set()).rounds == []
+    assert book.take_plan({}, set(), {}).rounds == []
+
+
+def _prompt_request(req_id, prompt, computed, **xargs):
+    return SimpleNamespace(request_id=req_id, num_computed_tokens=computed,
+                           num_prompt_tokens=prompt,
+                           sampling_params=SimpleNamespace(extra_args=xargs or None))
+
+
+def test_only_queries_a_round_reads_add_to_the_mass():
+    """The plan names the scheduled requests whose queries this step no round will read
+    the mass of: a prompt-end prompt's chunks that end before its window (the window's
+    start resets the mass), and requests that do not merge. Progressive requests, the
+    window, the tokens after the prompt, and prefill rounds under a prefill budget are
+    observed."""
+    cfg = KVMergeConfig(method="kvslimmer", budget=256, window=32).resolve(4096)
+    book = MergeBook(cfg, block_size=16)
+    requests = {
+        "before window": _prompt_request("before window", 1000, 968),  # chunk ends at 968
+        "window": _prompt_request("window", 1000, 1000),
+        "window, first row": _prompt_request("window, first row", 1000, 969),
+        "decoding": _prompt_request("decoding", 1000, 1001),
+        "short prompt": _prompt_request("short prompt", 20, 10),
+        "progressive": _prompt_request("progressive", 1000, 500,
+                                       kv_merge_observe="progressive"),
+        "off": _prompt_request("off", 1000, 1001, kv_merge="off"),
+        "continuation": _prompt_request("continuation", 1000, 930,
+                                        kv_merge_continuation=50),
+    }
+    plan = book.take_plan({rid: 1 for rid in requests}, dropped={"window"}, requests=requests)
+    assert plan.unobserved == {"before window", "off"}
+    assert bool(plan)
+    # The continuation's step runs at 950, its window starts at 918.
+    requests["continuation"].num_computed_tokens = 918
+    assert not book.observes(requests["continuation"])
+    budgeted = KVMergeConfig(method="kvslimmer", budget=256, window=32,
+                             prefill_budget=512).resolve(4096)
+    assert MergeBook(budgeted, 16).observes(_prompt_request("p", 1000, 500))
 
 
 def test_an_oversized_request_is_brought_to_its_budget_in_sub_rounds():

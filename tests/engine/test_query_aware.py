@@ -78,6 +78,10 @@ def test_prompt_end_step_sees_only_the_window_and_equals_core(llm, tokenizer):
     # The prompt's last WINDOW tokens run as a chunk of their own.
     prefill = [r["query"].shape[0] for r in attention if r["query"].shape[0] > 1]
     assert prefill[-1] == WINDOW and sum(prefill) == prompt_len
+    # Only the window's and the decoded tokens' queries add to the mass: the chunks
+    # before the window skip it (it is reset where the window starts).
+    assert [r["observed"] for r in attention] == (
+        [False] * (len(prefill) - 1) + [True] * (len(attention) - len(prefill) + 1))
     first, decode = rounds[0], rounds[1:]
     assert first["num_slots"] == prompt_len and first["num_merge"] == prompt_len - BUDGET
     before = first["before"]

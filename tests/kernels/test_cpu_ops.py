@@ -220,6 +220,52 @@ def test_skipped_requests_and_uncovered_rows_are_zero():
 
 
 @on_every_isa
+@pytest.mark.parametrize("lens,num_queries,hkv,observed", [
+    # prefill chunks (tall items) beside decodes, every other request observed
+    ([600, 300, 200, 50], [1, 64, 1, 10], 2, [False, True, False, True]),
+    # few items: the long decodes split along their slots (flash-decoding parts)
+    ([900, 700], [1, 1], 1, [False, True]),
+    ([900, 700], [1, 1], 1, [True, False]),
+    ([120, 80], [40, 1], 3, [False, False]),
+])
+def test_only_observed_requests_add_mass(lens, num_queries, hkv, observed):
+    """``observed``: the other requests' rows add nothing to the mass (their slots keep
+    what they held), the observed ones add exactly the reference's, and every output is
+    the same as with mass for all."""
+    from kvslimmer_vllm.core import paged
+
+    query, kv, counts, table, seq_lens, qsl = make_batch(
+        lens, num_queries, hq=3 * hkv, hkv=hkv, d=64, block_size=16, seed=len(lens) + hkv)
+    flags = torch.tensor(observed)
+    initial = torch.rand(kv.shape[0], hkv)
+    mass, ref_mass, all_mass = initial.clone(), initial.clone(), initial.clone()
+    out = OPS.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.125, 16, mass, flags)
+    ref_out = paged.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.125, 16,
+                                    ref_mass, flags)
+    every = OPS.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.125, 16, all_mass)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    assert torch.equal(out, every)
+    torch.testing.assert_close(mass, ref_mass, atol=1e-5, rtol=1e-4)
+    for r, length in enumerate(lens):
+        slots = (table[r, :-(-length // 16)].long()[:, None] * 16
+                 + torch.arange(16)).flatten()[:length]
+        if observed[r]:
+            torch.testing.assert_close(mass[slots], all_mass[slots], atol=1e-6, rtol=1e-5)
+            assert bool((mass[slots] > initial[slots]).any())
+        else:
+            assert torch.equal(mass[slots], initial[slots])
+
+
+def test_observed_must_name_every_request():
+    query, kv, counts, table, seq_lens, qsl = make_batch([40, 5], [9, 1], hq=2, hkv=1, d=64,
+                                                         block_size=16)
+    mass = torch.zeros(kv.shape[0], 1)
+    for bad in (torch.tensor([True]), torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match="observed must be bool \\[2\\]"):
+            OPS.paged_attention(query, kv, counts, table, seq_lens, qsl, 0.1, 16, mass, bad)
+
+
+@on_every_isa
 def test_random_batches():
     """Random shapes, block sizes (1 included), dtypes, counts and prefill/decode mixes."""
     rng = random.Random(9)

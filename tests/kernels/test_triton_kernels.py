@@ -275,6 +275,32 @@ def test_mass_accumulates_in_place_and_strided_inputs():
     torch.testing.assert_close(mass.cpu(), init + ref_mass, atol=1e-4, rtol=1e-4)
 
 
+def test_only_observed_requests_add_mass():
+    """``observed``: the other requests' rows add no mass; the rest as without it."""
+    from kvslimmer_vllm.core import paged
+
+    specs = [(40, 1), (33, 12), (20, 1), (70, 5)]
+    batch = _make_batch(specs, q_heads=4, kv_heads=2, dim=32, block_size=16,
+                        dtype=torch.float32, seed=11)
+    flags = torch.tensor([True, False, False, True])
+    dev = {k: v.to(DEVICE) for k, v in batch.items()}
+    mass = torch.zeros(batch["kv"].shape[:2], dtype=torch.float32, device=DEVICE)
+    args = (dev["query"], dev["kv"], dev["counts"], dev["block_table"], dev["seq_lens"],
+            dev["query_start_loc"], 0.125, 16)
+    out = pa.paged_attention(*args, mass, observed=flags.to(DEVICE))
+    ref_mass = torch.zeros_like(mass, device="cpu")
+    ref_out = paged.paged_attention(*(batch[k] for k in ("query", "kv", "counts",
+                                                          "block_table", "seq_lens",
+                                                          "query_start_loc")),
+                                    0.125, 16, ref_mass, flags)
+    torch.testing.assert_close(out.cpu(), ref_out, **_tol(torch.float32))
+    torch.testing.assert_close(mass.cpu(), ref_mass, atol=1e-4, rtol=1e-4)
+    full = _run(batch, 0.125, 16)[1]
+    assert bool((mass.cpu() == 0).sum() > (full == 0).sum())  # the skipped slots stay 0
+    with pytest.raises(ValueError, match="observed must be bool \\[4\\]"):
+        pa.paged_attention(*args, mass, observed=flags[:3].to(DEVICE))
+
+
 def test_rows_outside_requests_and_empty_requests():
     """Rows past query_start_loc[-1] are left alone; a request with rows but seq_len 0 gets
     zeros and no mass; an int64 block table and int64 offsets work too."""
@@ -342,10 +368,11 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         cfg = pa._launch_config(tokens, reqs, group, dim, 4 if dt == "fp32" else 2)
         types = dict(q_ptr="*" + dt, kv_ptr="*" + dt, counts_ptr="*fp32", bt_ptr="*i32",
                      seq_lens_ptr="*i32", qsl_ptr="*i32", out_ptr="*" + dt, lse_ptr="*fp32",
-                     mass_ptr="*fp32", qk_scale="fp32", inv_group="fp32")
+                     mass_ptr="*fp32", observed_ptr="*i1", qk_scale="fp32",
+                     inv_group="fp32")
         consts = dict(GROUP=group, HEAD_DIM=dim, D_PAD=dim, BLOCK_SIZE=16,
                       BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], TILE_N=cfg["TILE_N"],
-                      HAS_COUNTS=True, WRITE_LSE=True, UPCAST_DOT=False,
+                      HAS_COUNTS=True, WRITE_LSE=True, UPCAST_DOT=False, HAS_OBSERVED=True,
                       DOT_PRECISION="tf32x3" if dt == "fp32" else "tf32")
         for fn in (pa._attention_kernel, pa._mass_kernel):
             c = {k: v for k, v in consts.items() if k in fn.arg_names}
