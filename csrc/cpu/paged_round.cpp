@@ -136,14 +136,41 @@ struct LayerRows {
   float* mass;
 };
 
-template <typename T>
-LayerRows<T> layer_rows_of(const at::Tensor& kv, int64_t row, int64_t S, int64_t H,
-                           float* counts, int64_t* positions, float* hess, float* mass) {
-  return {kv.data_ptr<T>(), kv.stride(0), kv.stride(1),
-          counts == nullptr ? nullptr : counts + row * S,
-          positions == nullptr ? nullptr : positions + row * S,
-          hess + row * S * H, mass + row * S * H};
-}
+// A round's inputs as pointers: the request's slot ids, its layers' state rows, and the
+// state tensors (counts and positions null for round_stats, which reads neither).
+struct State {
+  const int64_t* ids;
+  const int64_t* rows;
+  float* counts;
+  int64_t* positions;
+  float* hess;
+  float* mass;
+  int64_t S, H;
+
+  State(const at::Tensor& slots, const at::Tensor& layer_rows, const at::Tensor* counts_t,
+        const at::Tensor* positions_t, const at::Tensor& hess_t, const at::Tensor& mass_t)
+      : ids(slots.data_ptr<int64_t>()),
+        rows(layer_rows.data_ptr<int64_t>()),
+        counts(counts_t ? counts_t->data_ptr<float>() : nullptr),
+        positions(positions_t ? positions_t->data_ptr<int64_t>() : nullptr),
+        hess(hess_t.data_ptr<float>()),
+        mass(mass_t.data_ptr<float>()),
+        S(mass_t.size(1)),
+        H(mass_t.size(2)) {}
+
+  // The positions of layer l's state row (indexed by slot id).
+  const int64_t* positions_of(int64_t l) const { return positions + rows[l] * S; }
+
+  // Layer l of the round: its cache kv and its state row.
+  template <typename T>
+  LayerRows<T> layer(const at::Tensor& kv, int64_t l) const {
+    const int64_t row = rows[l];
+    return {kv.data_ptr<T>(), kv.stride(0), kv.stride(1),
+            counts == nullptr ? nullptr : counts + row * S,
+            positions == nullptr ? nullptr : positions + row * S,
+            hess + row * S * H, mass + row * S * H};
+  }
+};
 
 // round_stats' scratch for one task, sized for a region of at most M slots.
 template <typename T>
@@ -359,10 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
   const auto options = kvs[0].options();
   at::Tensor alpha = at::empty({L, M, H}, options), h = at::empty({L, M, H}, options);
   at::Tensor scores = at::empty({L, M - 1}, options.dtype(at::kDouble));
-  const int64_t* ids = slots.data_ptr<int64_t>() + sink;  // the region's slot ids
-  const int64_t* rows = layer_rows.data_ptr<int64_t>();
-  float* mass_p = mass.data_ptr<float>();
-  float* hess_p = hess.data_ptr<float>();
+  const State state(slots, layer_rows, nullptr, nullptr, hess, mass);
+  const int64_t* ids = state.ids + sink;  // the region's slot ids
 
   AT_DISPATCH_FLOATING_TYPES(kvs[0].scalar_type(), "round_stats", [&] {
     using T = scalar_t;
@@ -372,8 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
       StatsScratch<T> scratch(M, D);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t l = task / H, hd = task % H;
-        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, nullptr, nullptr, hess_p,
-                                         mass_p);
+        const auto ly = state.layer<T>(kvs[l], l);
         head_stats<T>(ly, ids, M, H, D, hd, round_idx, alpha_p + l * M * H + hd,
                       h_p + l * M * H + hd, scratch);
       }
@@ -384,8 +408,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
   at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> per_slot(M);
     for (int64_t l = begin; l < end; ++l) {
-      pair_scores(mass_p + rows[l] * S * H, ids, M, H, pool, gamma, score_p + l * (M - 1),
-                  per_slot);
+      pair_scores(state.mass + state.rows[l] * S * H, ids, M, H, pool, gamma,
+                  score_p + l * (M - 1), per_slot);
     }
   });
   return {alpha, h, scores};
@@ -401,7 +425,7 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
   check_state_dtypes(&counts, &positions, hess, mass);
   const Round r = check_round(kvs, slots, layer_rows, {&counts, &positions, &hess, &mass},
                               sink, recent);
-  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, S = r.num_slots, N = r.n;
+  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, N = r.n;
   const auto dtype = kvs[0].scalar_type();
   TORCH_CHECK_VALUE(alpha.sizes() == at::IntArrayRef({L, M, H}) && h.sizes() == alpha.sizes() &&
                         alpha.scalar_type() == dtype && h.scalar_type() == dtype &&
@@ -424,15 +448,11 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
     }
   }
   const at::Tensor table = checked_table(cos_sin, rotary_dim, D, dtype);
-  const int64_t* ids = slots.data_ptr<int64_t>();
-  const int64_t* rows = layer_rows.data_ptr<int64_t>();
-  float* counts_p = counts.data_ptr<float>();
-  int64_t* pos_p = positions.data_ptr<int64_t>();
-  float* hess_p = hess.data_ptr<float>();
-  float* mass_p = mass.data_ptr<float>();
+  const State state(slots, layer_rows, &counts, &positions, hess, mass);
+  const int64_t* ids = state.ids;
   if (table.defined()) {  // every shift must have its row, checked before the first write
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t* pos = pos_p + rows[l] * S;
+      const int64_t* pos = state.positions_of(l);
       for (int64_t p = 0; p < k; ++p) {
         const int64_t i = sink + lp[l * k + p];
         const int64_t delta = pos[ids[i + 1]] - pos[ids[i]];
@@ -451,8 +471,7 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> merged(H * 2 * D), cos(rotary_dim / 2), sin(rotary_dim / 2);
       for (int64_t l = begin; l < end; ++l) {
-        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, counts_p, pos_p, hess_p,
-                                         mass_p);
+        const auto ly = state.layer<T>(kvs[l], l);
         apply_layer<T>(ly, ids, N, sink, M, H, D, lp + l * k, k, alpha_p + l * M * H,
                        h_p + l * M * H, params, merged.data(), cos.data(), sin.data());
         if (!carry_mass) {
@@ -475,7 +494,7 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
   const Round r = check_round(kvs, slots, layer_rows, {&counts, &positions, &hess, &mass},
                               sink, recent);
   check_stats_args(round_idx, gamma, pool);
-  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, S = r.num_slots, N = r.n;
+  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, N = r.n;
   TORCH_CHECK_VALUE(max_fraction > 0 && max_fraction <= 0.5,
                     "max_fraction must be in (0, 0.5], got ", max_fraction);
   TORCH_CHECK_VALUE(protect.dim() == 2 && protect.size(0) == L && protect.size(1) == N &&
@@ -490,15 +509,11 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
   }
   const auto dtype = kvs[0].scalar_type();
   const at::Tensor table = checked_table(cos_sin, rotary_dim, D, dtype);
-  const int64_t* ids = slots.data_ptr<int64_t>();
-  const int64_t* rows = layer_rows.data_ptr<int64_t>();
-  float* counts_p = counts.data_ptr<float>();
-  int64_t* pos_p = positions.data_ptr<int64_t>();
-  float* hess_p = hess.data_ptr<float>();
-  float* mass_p = mass.data_ptr<float>();
+  const State state(slots, layer_rows, &counts, &positions, hess, mass);
+  const int64_t* ids = state.ids;
   if (table.defined()) {  // any two of a layer's slots may become neighbours
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t* pos = pos_p + rows[l] * S;
+      const int64_t* pos = state.positions_of(l);
       int64_t lo = pos[ids[0]], hi = lo;
       for (int64_t j = 1; j < N; ++j) {
         lo = std::min(lo, pos[ids[j]]);
@@ -523,8 +538,7 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
       std::vector<int64_t> lefts;
       std::unique_ptr<bool[]> guard(new bool[N]);
       for (int64_t l = begin; l < end; ++l) {
-        const auto ly = layer_rows_of<T>(kvs[l], rows[l], S, H, counts_p, pos_p, hess_p,
-                                         mass_p);
+        const auto ly = state.layer<T>(kvs[l], l);
         std::copy_n(guard_p + l * N, N, guard.get());
         int64_t held = N, freed = 0;
         do {  // one sub-round (one of 0 pairs when k is 0: the statistics still update)
