@@ -324,7 +324,8 @@ class KVMergeRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self._kv_merge_state.observed = self._kv_merge_observed_rows()
+        if self._kv_merge_state is not None:
+            self._kv_merge_state.observed = self._kv_merge_observed_rows()
         merged = self._kv_merge_num_merged
         if not merged:
             return result
@@ -350,7 +351,6 @@ class KVMergeRunnerMixin:
             num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical
         )
         return result
-
 
     def _kv_merge_observed_rows(self) -> torch.Tensor | None:
         """This step's requests (batch rows) whose queries add to the observation mass;
