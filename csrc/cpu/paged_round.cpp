@@ -534,7 +534,7 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
       StatsScratch<T> scratch(M, D);
       std::vector<T> alpha(M * H), h(M * H), merged(H * 2 * D), cos(rotary_dim / 2),
           sin(rotary_dim / 2);
-      std::vector<double> scores(std::max<int64_t>(M - 1, 0)), per_slot(M), work;
+      std::vector<double> scores, per_slot(M);
       std::vector<int64_t> lefts;
       std::unique_ptr<bool[]> guard(new bool[N]);
       for (int64_t l = begin; l < end; ++l) {
@@ -554,13 +554,13 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
             head_stats<T>(ly, ids + sink, m_now, H, D, hd, round_idx, alpha.data() + hd,
                           h.data() + hd, scratch);
           }
+          scores.resize(m_now - 1);  // select_row consumes them
           pair_scores(ly.mass, ids + sink, m_now, H, pool, gamma, scores.data(), per_slot);
-          work.assign(scores.begin(), scores.begin() + (m_now - 1));
           for (int64_t i = 0; i + 1 < m_now; ++i) {
-            if (region[i] || region[i + 1]) work[i] = kProtectedScore;
+            if (region[i] || region[i + 1]) scores[i] = kProtectedScore;
           }
           lefts.resize(step);
-          select_row(work, step, lefts.data());
+          select_row(scores, step, lefts.data());
           apply_layer<T>(ly, ids, held, sink, m_now, H, D, lefts.data(), step, alpha.data(),
                          h.data(), params, merged.data(), cos.data(), sin.data());
           // The pairs' right slots are gone; a merged slot keeps its left slot's mask.

@@ -150,8 +150,9 @@ class KVMergeAttentionImpl(AttentionImpl):
             state.on_write(layer_index, new_slots, meta.positions[written])
 
         counts = state.counts[layer_index] if state is not None else None
-        mass = state.mass[layer_index] if state is not None else None
-        observed = state.observed if state is not None else None
+        observing = state is not None and state.observes_any
+        mass = state.mass[layer_index] if observing else None
+        observed = state.observed if observing else None
         if observed is not None and observed.shape != meta.seq_lens.shape:
             observed = None  # a batch the plan does not describe: observe every request
         out = kernels.paged_attention(
@@ -160,13 +161,13 @@ class KVMergeAttentionImpl(AttentionImpl):
         )
         output[:num_tokens].view(num_tokens, self.num_heads, self.head_size).copy_(out)
         if (trace := getattr(layer, TRACE_ATTR, None)) is not None:
-            self._trace(trace, query[:num_tokens], out, flat, counts, meta,
-                        None if mass is None else observed)
+            self._trace(trace, query[:num_tokens], out, flat, counts, meta, mass is not None,
+                        observed)
 
     @staticmethod
-    def _trace(trace: list, query, out, flat, counts, meta, observed) -> None:
-        """Record each request's call (diagnostics; see the worker's kv_merge_set_trace);
-        ``observed``: whether its rows added to the mass."""
+    def _trace(trace: list, query, out, flat, counts, meta, with_mass, observed) -> None:
+        """Record each request's call (diagnostics; see the worker's kv_merge_set_trace),
+        with whether its rows added to the mass."""
         starts, lengths = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
         block_size = meta.block_size
         for r, length in enumerate(lengths):
@@ -180,7 +181,7 @@ class KVMergeAttentionImpl(AttentionImpl):
                 "output": out[q0:q1].clone(), "kv": flat.index_select(0, slots),
                 "counts": None if counts is None else counts.index_select(0, slots),
                 "visible": torch.arange(length - (q1 - q0) + 1, length + 1),
-                "observed": True if observed is None else bool(observed[r]),
+                "observed": with_mass and (observed is None or bool(observed[r])),
             })
 
 

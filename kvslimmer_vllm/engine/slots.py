@@ -68,13 +68,22 @@ class SlotState:
                                 dtype=HEAD_STATE_DTYPE, device=device)
 
         #: This step's ``[num_reqs]`` bool: which requests' queries add to ``mass`` (None:
-        #: all of them). Set by the worker from the scheduler's plan before the forward.
+        #: all of them), and whether any does (:meth:`set_observed`, once per step).
         self.observed: torch.Tensor | None = None
+        self.observes_any = True
 
         self._scratch: torch.Tensor | None = None
         #: Most elements one batched round allocates at its peak (set from the KV budget by
         #: the worker; see footprint_per_slot).
         self.max_batch_elements = MAX_BATCH_ELEMENTS
+
+    def set_observed(self, flags: list[bool] | None) -> None:
+        """This step's batch rows whose queries add to ``mass`` (None: all of them),
+        decided on the host so that no attention layer has to look at them again."""
+        every = flags is None or all(flags)
+        self.observed = None if every else torch.tensor(flags, dtype=torch.bool,
+                                                        device=self.mass.device)
+        self.observes_any = every or any(flags)
 
     def scratch(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A reused buffer of ``shape`` for gathering a request's slots: rounds run one

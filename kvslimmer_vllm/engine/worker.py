@@ -325,7 +325,7 @@ class KVMergeRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         if self._kv_merge_state is not None:
-            self._kv_merge_state.observed = self._kv_merge_observed_rows()
+            self._kv_merge_state.set_observed(self._kv_merge_observed_rows())
         merged = self._kv_merge_num_merged
         if not merged:
             return result
@@ -352,15 +352,14 @@ class KVMergeRunnerMixin:
         )
         return result
 
-    def _kv_merge_observed_rows(self) -> torch.Tensor | None:
+    def _kv_merge_observed_rows(self) -> list[bool] | None:
         """This step's requests (batch rows) whose queries add to the observation mass;
         None when all do."""
         unobserved = self._kv_merge_unobserved
         if not unobserved:
             return None
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        return torch.tensor([rid not in unobserved for rid in req_ids], dtype=torch.bool,
-                            device=self.device)
+        return [rid not in unobserved for rid in req_ids]
 
 
 def _plain(value):

@@ -150,16 +150,14 @@ def cpu_isa() -> str | None:
 def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
                     scale: float, block_size: int, mass=None, observed=None):
     """:func:`kvslimmer_vllm.core.paged.paged_attention`, on the device's kernel. With
-    ``observed`` (``[R]`` bool) only those requests add to ``mass``; a batch with none
-    runs without mass."""
-    if mass is not None and observed is not None:
-        if observed.shape != seq_lens.shape or observed.dtype != torch.bool:
-            raise ValueError(f"observed must be bool [{len(seq_lens)}] (one per request), "
-                             f"got {observed.dtype} {tuple(observed.shape)}")
-        if not bool(observed.any()):
-            mass = observed = None
-    else:
+    ``observed`` (``[R]`` bool) only those requests add to ``mass`` (a caller whose batch
+    observes none passes no mass: nothing here reads the flags back to the host)."""
+    if mass is None:
         observed = None
+    if observed is not None and (observed.shape != seq_lens.shape
+                                 or observed.dtype != torch.bool):
+        raise ValueError(f"observed must be bool [{len(seq_lens)}] (one per request), "
+                         f"got {observed.dtype} {tuple(observed.shape)}")
     name = attention_backend_name(query.device)
     args = (query, kv, counts, block_table, seq_lens, query_start_loc, scale, block_size)
     if name == "triton":

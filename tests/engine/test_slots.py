@@ -161,3 +161,18 @@ def test_cpu_rounds_run_in_place(method, monkeypatch):
         apply_round(plan, layers, state, get_method(cfg), BLOCK)
     assert not calls
     assert state.scratch_nbytes == 0
+
+
+def test_a_steps_observed_rows_are_decided_once_on_the_host():
+    """The worker's per-step flags: all observed -> no mask (every request adds mass);
+    some -> a bool mask on the state's device; none -> attention runs without mass."""
+    state = SlotState(2, 64, 3, torch.device("cpu"))
+    for flags, mask, any_ in [(None, None, True), ([True, True], None, True),
+                              ([True, False, True], [True, False, True], True),
+                              ([False, False], [False, False], False)]:
+        state.set_observed(flags)
+        assert state.observes_any is any_
+        if mask is None:
+            assert state.observed is None
+        else:
+            assert state.observed.dtype == torch.bool and state.observed.tolist() == mask
