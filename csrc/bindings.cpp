@@ -12,6 +12,7 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor seq_lens, Tensor query_start_loc, float scale, int block_size, "
       "Tensor(a!)? mass, Tensor? observed=None) -> Tensor");
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
+  m.def("keep_set(Tensor scores, int k) -> Tensor", &kvslimmer::keep_set);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);
   m.def("value_spread(Tensor values, Tensor alpha) -> Tensor");
@@ -30,6 +31,8 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor left, Tensor alpha, "
       "Tensor h, int sink, int recent, float eps, bool hessian_weights, Tensor? cos_sin, "
       "int rotary_dim, bool is_neox, bool carry_mass=False) -> ()");
+  m.def("slot_scores(Tensor slots, Tensor layers, Tensor mass, int sink, int recent, int pool) "
+        "-> Tensor");
   m.def(
       "protected_round(Tensor(a!)[] kvs, Tensor slots, Tensor layers, Tensor(b!) counts, "
       "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor protect, int k, "
@@ -43,6 +46,7 @@ TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("merge_pairs", &kvslimmer::merge_pairs);
   m.impl("compact_rows", &kvslimmer::compact_rows);
   m.impl("round_stats", &kvslimmer::round_stats);
+  m.impl("slot_scores", &kvslimmer::slot_scores);
   m.impl("protected_round", &kvslimmer::protected_round);
   m.impl("round_apply", &kvslimmer::round_apply);
 }

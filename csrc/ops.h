@@ -36,6 +36,11 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
 // torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
 
+// torch.ops.kvslimmer.keep_set, any device (csrc/cpu/select_pairs.cpp): [L, M] bool, the
+// largest set of each row's highest scores whose complement frees k slots by collapsing its
+// runs, as kvslimmer_vllm.core.merge.keep_set.
+at::Tensor keep_set(const at::Tensor& scores, int64_t k);
+
 // torch.ops.kvslimmer.value_spread on CPU (csrc/cpu/value_spread.cpp): d[l, m, h] =
 // ||values[l, m, h] - sum_j alpha[l, j, h] values[l, j, h]||_1.
 at::Tensor value_spread(const at::Tensor& values, const at::Tensor& alpha);
@@ -70,6 +75,11 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                  int64_t sink, int64_t recent, double eps, bool hessian_weights,
                  const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim, bool is_neox,
                  bool carry_mass);
+// torch.ops.kvslimmer.slot_scores on CPU (csrc/cpu/paged_round.cpp): [L, M] float64
+// SnapKV scores of the region [sink, N - recent) of the request's slots, read from the mass
+// state rows `layer_rows` through the slot ids, as kvslimmer_vllm.core.paged.slot_scores.
+at::Tensor slot_scores(const at::Tensor& slots, const at::Tensor& layer_rows,
+                       const at::Tensor& mass, int64_t sink, int64_t recent, int64_t pool);
 // torch.ops.kvslimmer.protected_round on CPU (csrc/cpu/paged_round.cpp): the sub-rounds of
 // one step that frees k slots while no pair touches a slot of `protect` ([L, N] bool), each
 // layer sized by its own mask and run as one task, as paged_merge_round with protect.

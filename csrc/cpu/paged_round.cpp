@@ -21,6 +21,10 @@
 // to lower slots and a merged row is computed before its slot is written, so no copy of the
 // request is needed. Layers are independent tasks.
 //
+// slot_scores: SnapKV's per-slot scores of the region (the pooled mass summed over heads, as
+// the pair scores use them), read through the slot ids: SnapMerge's keep set is chosen from
+// them (keep_set, select_pairs.cpp) before protected_round runs around it.
+//
 // Unlike the gathered path (engine/slots.py), nothing here copies the request's rows out:
 // the value spread reads them where they are, the pair merge reads its four rows per pair.
 // Caches float32 or float64 (computed in that dtype, like the reference); the state tensors
@@ -208,9 +212,11 @@ void head_stats(const LayerRows<T>& ly, const int64_t* ids, int64_t M, int64_t H
   }
 }
 
-// The M - 1 pair scores of the region slots `ids` from the layer's mass `mass` ([S, H]).
-void pair_scores(const float* mass, const int64_t* ids, int64_t M, int64_t H, int64_t pool,
-                 double gamma, double* out, std::vector<double>& per_slot) {
+// SnapKV's score of each of the M region slots `ids` from the layer's mass `mass` ([S, H]):
+// the mass max-pooled over `pool` slots (the window cut at the region's ends), summed over
+// heads in float64 (core.merge.slot_scores).
+void pooled_slot_scores(const float* mass, const int64_t* ids, int64_t M, int64_t H,
+                        int64_t pool, double* out) {
   const int64_t reach = pool / 2;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t lo = std::max<int64_t>(0, m - reach), hi = std::min(M - 1, m + reach);
@@ -220,8 +226,14 @@ void pair_scores(const float* mass, const int64_t* ids, int64_t M, int64_t H, in
       for (int64_t j = lo + 1; j <= hi; ++j) peak = std::max(peak, mass[ids[j] * H + hd]);
       sum += static_cast<double>(peak);
     }
-    per_slot[m] = sum;
+    out[m] = sum;
   }
+}
+
+// The M - 1 pair scores of the region slots `ids` from the layer's mass `mass` ([S, H]).
+void pair_scores(const float* mass, const int64_t* ids, int64_t M, int64_t H, int64_t pool,
+                 double gamma, double* out, std::vector<double>& per_slot) {
+  pooled_slot_scores(mass, ids, M, H, pool, per_slot.data());
   for (int64_t i = 0; i + 1 < M; ++i) {
     out[i] = (per_slot[i] + per_slot[i + 1]) * std::exp(-static_cast<double>(i + 1) / gamma);
   }
@@ -413,6 +425,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
     }
   });
   return {alpha, h, scores};
+}
+
+at::Tensor slot_scores(const at::Tensor& slots, const at::Tensor& layer_rows,
+                       const at::Tensor& mass, int64_t sink, int64_t recent, int64_t pool) {
+  TORCH_CHECK_VALUE(mass.scalar_type() == at::kFloat && mass.dim() == 3 && mass.is_cpu() &&
+                        mass.is_contiguous(),
+                    "mass must be contiguous CPU float32 [layers, S, H]; got ",
+                    mass.scalar_type(), " ", mass.sizes());
+  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_cpu() &&
+                        slots.is_contiguous(),
+                    "slots must be contiguous CPU int64 [N]; got ", slots.scalar_type(), " ",
+                    slots.sizes());
+  TORCH_CHECK_VALUE(layer_rows.dim() == 1 && layer_rows.scalar_type() == at::kLong &&
+                        layer_rows.is_cpu() && layer_rows.is_contiguous(),
+                    "layers must be contiguous CPU int64 [L]; got ", layer_rows.scalar_type(),
+                    " ", layer_rows.sizes());
+  TORCH_CHECK_VALUE(pool >= 1 && pool % 2 == 1, "pool width must be an odd integer >= 1, got ",
+                    pool);
+  const int64_t N = slots.numel(), L = layer_rows.numel(), S = mass.size(1), H = mass.size(2);
+  TORCH_CHECK_VALUE(sink >= 0 && recent >= 0 && N - sink - recent >= 0,
+                    "the region [sink, N - recent) = [", sink, ", ", N - recent,
+                    ") must not be negative (N = ", N, ")");
+  const int64_t M = N - sink - recent;
+  const int64_t* ids = slots.data_ptr<int64_t>();
+  for (int64_t j = 0; j < N; ++j) {
+    TORCH_CHECK_VALUE(ids[j] >= 0 && ids[j] < S, "slot id ", ids[j], " outside the state's ",
+                      S, " slots");
+  }
+  const int64_t* rows = layer_rows.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(rows[l] >= 0 && rows[l] < mass.size(0), "layer ", rows[l],
+                      " outside the state's ", mass.size(0), " layers");
+  }
+  at::Tensor scores = at::empty({L, M}, mass.options().dtype(at::kDouble));
+  double* out = scores.data_ptr<double>();
+  const float* mass_p = mass.data_ptr<float>();
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      pooled_slot_scores(mass_p + rows[l] * S * H, ids + sink, M, H, pool, out + l * M);
+    }
+  });
+  return scores;
 }
 
 void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,

@@ -13,6 +13,12 @@
 // live node has exactly one heap entry, stale entries belong to dead nodes), so any binary heap
 // ordered by the same key reproduces it. Values are float64 and the replacement value is
 // evaluated as (l + r) - x, as in Python.
+//
+// torch.ops.kvslimmer.keep_set: SnapMerge's keep set (kvslimmer_vllm.core.merge.keep_set).
+// The reference binary-searches the number d of lowest-scoring slots to drop; here one sort
+// and one pass per row: dropping the slots in ascending order, each dropped slot adds one to
+// what merging can free (free slots minus their runs) for each dropped neighbour, and the
+// first d at which that reaches k is the reference's (the count never decreases with d).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <queue>
 #include <utility>
@@ -121,6 +128,54 @@ at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
     }
   });
   return scores.device().is_cpu() ? result : result.to(scores.device());
+}
+
+namespace {
+
+// An integer that orders as the double does (-0.0 and 0.0 alike; every NaN after +inf).
+uint64_t order_key(double value) {
+  if (std::isnan(value)) return ~uint64_t{0};
+  if (value == 0) value = 0;  // -0.0 ties with 0.0, as in torch.sort
+  uint64_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return (bits >> 63) ? ~bits : bits | (uint64_t{1} << 63);
+}
+
+}  // namespace
+
+at::Tensor keep_set(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be [L, M], got shape ", scores.sizes());
+  const at::Tensor values_t =
+      scores.detach().to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/false)
+          .contiguous();
+  const int64_t rows = values_t.size(0), m = values_t.size(1);
+  TORCH_CHECK_VALUE(k >= 0 && k < std::max<int64_t>(m, 1), "cannot free k=", k, " of ", m,
+                    " slots by merging runs");
+  at::Tensor keep = at::ones({rows, m}, at::TensorOptions().dtype(at::kBool));
+  const double* data = values_t.data_ptr<double>();
+  bool* out = keep.data_ptr<bool>();
+  if (k > 0) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<uint64_t, int64_t>> order(m);
+      std::vector<char> dropped(m);
+      for (int64_t row = begin; row < end; ++row) {
+        // Ascending, NaN last, ties by slot (the earlier first, so the later one is kept):
+        // torch.sort's stable order, sorted on integer keys that order as the values do.
+        for (int64_t i = 0; i < m; ++i) order[i] = {order_key(data[row * m + i]), i};
+        std::sort(order.begin(), order.end());
+        std::fill(dropped.begin(), dropped.end(), 0);
+        int64_t mergeable = 0;
+        bool* row_out = out + row * m;
+        for (int64_t r = 0; r < m && mergeable < k; ++r) {
+          const int64_t i = order[r].second;
+          dropped[i] = 1;
+          row_out[i] = false;
+          mergeable += (i > 0 && dropped[i - 1]) + (i + 1 < m && dropped[i + 1]);
+        }
+      }
+    });
+  }
+  return scores.device().is_cpu() ? keep : keep.to(scores.device());
 }
 
 }  // namespace kvslimmer

@@ -12,9 +12,10 @@ import torch
 
 from .attention import merged_attention
 from .merge import drop_slots, merge_rounds
+from .merge import slot_scores as _slot_scores
 
 __all__ = ["compact_rows", "gather_rows", "paged_attention", "paged_drop", "paged_merge_round",
-           "slot_ids", "store_round"]
+           "slot_ids", "slot_scores", "store_round"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -115,6 +116,15 @@ def paged_merge_round(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torc
                           positions[rows, slots], hess[rows, slots], mass[rows, slots],
                           **round_kwargs)
     store_round(kvs, slots, layers, counts, positions, hess, mass, result)
+
+
+def slot_scores(slots: torch.Tensor, layers: torch.Tensor, mass: torch.Tensor, *, sink: int,
+                recent: int, pool: int = 1) -> torch.Tensor:
+    """SnapKV's ``[L, M]`` float64 scores (:func:`~.merge.slot_scores`) of the region
+    ``[sink, N - recent)`` of one request's ``N`` slots ``slots``, from the observation
+    mass rows ``layers`` of ``mass`` (``[Ltot, S, Hkv]``), gathered. The reference of
+    ``kvslimmer::slot_scores`` (C++), which reads the mass where it is."""
+    return _slot_scores(mass[layers[:, None], slots], sink=sink, recent=recent, pool=pool)
 
 
 def paged_drop(kvs: list[torch.Tensor], slots: torch.Tensor, layers: torch.Tensor,

@@ -4,6 +4,8 @@
 |-----------------------------------|--------------------------------|-----------------------------|
 | ``core.paged.paged_attention``    | Triton ``paged_attention.py``  | C++ op ``kvslimmer._C`` (*) |
 | ``core.select.select_pairs``      | C++ op (host)                  | C++ op                      |
+| ``core.merge.keep_set``           | C++ op (host)                  | C++ op                      |
+| ``core.paged.slot_scores``        | reference                      | C++ op                      |
 | ``core.stats.value_spread``       | Triton ``round.py``            | C++ op                      |
 | ``core.merge.merge_pairs``        | Triton ``round.py``            | C++ op                      |
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
@@ -45,9 +47,9 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
-           "gather_rows", "merge_pairs", "paged_attention", "paged_drop", "paged_merge_round",
-           "paged_round_backend_name", "round_backend_name",
-           "select_pairs", "shift_table", "value_spread"]
+           "gather_rows", "keep_set", "merge_pairs", "paged_attention", "paged_drop",
+           "paged_merge_round", "paged_round_backend_name", "paged_slot_scores",
+           "round_backend_name", "select_pairs", "shift_table", "value_spread"]
 
 #: Cache dtypes the Triton round kernels take.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -199,6 +201,15 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ops.select_pairs(scores.detach().to("cpu", torch.float64), k).to(scores.device)
 
 
+def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`kvslimmer_vllm.core.merge.keep_set` (the C++ op when built: one sort and one
+    pass per layer instead of a binary search over torch ops)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    if ops is None:
+        return _merge_ref.keep_set(scores, k)
+    return ops.keep_set(scores, k)
+
+
 def shift_table(rotary, delta: torch.Tensor, dtype: torch.dtype):
     """``(cos_sin, shift, rotary_dim, is_neox)`` for the merge_pairs kernels: rows
     ``|shift|`` of ``cos_sin`` rotate by ``shift`` (the kernels normalise and mirror them).
@@ -255,6 +266,16 @@ def paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped) -> No
     moves each surviving row once, in place, on CPU)."""
     _paged_ref.paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped,
                           compact_rows)
+
+
+def paged_slot_scores(slots, layers, mass, *, sink: int, recent: int, pool: int = 1
+                      ) -> torch.Tensor:
+    """:func:`kvslimmer_vllm.core.paged.slot_scores` (the C++ op for a float32 CPU mass
+    state: read through the slot ids, nothing gathered)."""
+    if (mass.device.type == "cpu" and mass.dtype == torch.float32 and not _forced_reference()
+            and _cpp_ops() is not None):
+        return _cpp_ops().slot_scores(slots, layers, mass, sink, recent, pool)
+    return _paged_ref.slot_scores(slots, layers, mass, sink=sink, recent=recent, pool=pool)
 
 
 def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink: int,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from kvslimmer_vllm.core.merge import MergeResult, keep_set, merge_rounds, slot_scores
+from kvslimmer_vllm.core.merge import MergeResult, merge_rounds, slot_scores
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.kernels import (
-    merge_pairs, paged_merge_round, select_pairs, value_spread,
+    keep_set, merge_pairs, paged_merge_round, paged_slot_scores, select_pairs, value_spread,
 )
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
@@ -49,8 +49,9 @@ class KVSlimmer(MergeMethod):
         recent = cfg.recent if recent is None else recent
         protect = None
         if self.protects:
-            mass = slots.mass[slots.layers[:, None], slots.slots]
-            protect = self._protect(mass, k, recent, pool)
+            scores = paged_slot_scores(slots.slots, slots.layers, slots.mass, sink=cfg.sink,
+                                       recent=recent, pool=pool)
+            protect = self._protect(scores, k, len(slots.slots), recent)
         paged_merge_round(
             slots.kvs, slots.slots, slots.layers, slots.counts, slots.positions, slots.hess,
             slots.mass, sink=cfg.sink, recent=recent, k=k, round_idx=round_index,
@@ -74,13 +75,14 @@ class SnapMerge(KVSlimmer):
     name = "snapmerge"
     protects = True
 
-    def _protect(self, mass: torch.Tensor, k: int, recent: int, pool: int) -> torch.Tensor:
-        """``[L, N]`` bool: the region's slots SnapKV would keep (``mass`` ``[L, N, Hkv]``);
-        :meth:`KVSlimmer.run_paged_round` runs each layer's sub-rounds around them."""
-        sink, n = self.config.sink, mass.shape[1]
-        scores = slot_scores(mass, sink=sink, recent=recent, pool=pool,
-                             score_reduce=self.score_reduce)
-        protect = torch.zeros(mass.shape[:2], dtype=torch.bool, device=mass.device)
+    def _protect(self, scores: torch.Tensor, k: int, n: int, recent: int) -> torch.Tensor:
+        """``[L, n]`` bool: the slots SnapKV would keep by the region's ``[L, M]`` scores
+        (:func:`~kvslimmer_vllm.core.merge.slot_scores` of this rank, summed over ranks
+        here); :meth:`KVSlimmer.run_paged_round` runs each layer's sub-rounds around them."""
+        if self.score_reduce is not None:
+            scores = self.score_reduce(scores)
+        sink = self.config.sink
+        protect = torch.zeros(scores.shape[0], n, dtype=torch.bool, device=scores.device)
         protect[:, sink:n - recent] = keep_set(scores, k)
         return protect
 
@@ -91,8 +93,9 @@ class SnapMerge(KVSlimmer):
         cfg = self.config
         recent = cfg.recent if recent is None else recent
         single = slots.mass.dim() == 2
-        protect = self._protect(slots.mass.unsqueeze(0) if single else slots.mass, k, recent,
-                                pool)
+        mass = slots.mass.unsqueeze(0) if single else slots.mass
+        protect = self._protect(slot_scores(mass, sink=cfg.sink, recent=recent, pool=pool),
+                                k, mass.shape[1], recent)
         return merge_rounds(
             slots.keys, slots.values, slots.counts, slots.positions, slots.hess, slots.mass,
             sink=cfg.sink, recent=recent, k=k, max_fraction=max_fraction,

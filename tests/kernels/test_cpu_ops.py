@@ -3,8 +3,8 @@
 paged_attention: every request's output and observation mass must equal
 ``core.merged_attention(..., visible=causal, return_mass=True)`` over the request's slots, with the
 mass scattered to the slots it belongs to, on every instruction set this CPU runs (AVX-512,
-AVX2, portable: the `each_isa` fixture switches with ``cpu_isa``). select_pairs: exactly the
-Python reference's result.
+AVX2, portable: the `each_isa` fixture switches with ``cpu_isa``). select_pairs and keep_set:
+exactly the Python reference's result.
 """
 
 from __future__ import annotations
@@ -881,3 +881,62 @@ def test_compact_rows_errors_leave_the_caches_untouched(change, pattern):
         OPS.compact_rows(*args.values())
     for cache, saved in zip(args["kvs"], before):
         assert torch.equal(cache, saved)
+
+
+# --------------------------------------------------------------------------------------------
+# keep_set
+
+
+def _check_keep(scores, k):
+    from kvslimmer_vllm.core.merge import keep_set as keep_set_ref
+
+    got = OPS.keep_set(scores, k)
+    assert got.dtype == torch.bool and got.shape == scores.shape
+    assert torch.equal(got, keep_set_ref(scores, k)), (scores.tolist(), k)
+
+
+def test_keep_set_random_and_ties_match_reference():
+    """Rows of random, integer-tied, Gaussian and negative scores; every k from 0 to M - 1
+    on small rows, a spread of k on larger ones."""
+    gen = torch.Generator().manual_seed(4)
+    for m in (1, 2, 3, 5, 8, 13, 40):
+        rows = torch.stack([torch.rand(m, generator=gen, dtype=torch.float64),
+                            torch.randint(0, 3, (m,), generator=gen).double(),
+                            torch.randn(m, generator=gen, dtype=torch.float64)])
+        for k in range(m):
+            _check_keep(rows, k)
+    for m in (257, 1000, 3000):
+        rows = torch.stack([torch.rand(m, generator=gen, dtype=torch.float64),
+                            torch.randint(0, 5, (m,), generator=gen).double()])
+        for k in (1, m // 8, m // 2, 3 * m // 4, m - 1):
+            _check_keep(rows, k)
+
+
+def test_keep_set_adversarial_rows():
+    """All tied (the later slots kept), sorted either way, alternating, a run of the
+    lowest scores at one end, signed zeros, huge and tiny magnitudes, infinities and
+    NaN (ordered last, as torch.sort orders it)."""
+    rng = random.Random(5)
+    m = 33
+    rows = [torch.tensor(v, dtype=torch.float64) for v in _adversarial(m, rng)]
+    rows.append(torch.tensor([float("inf") if i % 4 else -float("inf") for i in range(m)],
+                             dtype=torch.float64))
+    nan = torch.rand(m, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    nan[::5] = float("nan")
+    rows.append(nan)
+    scores = torch.stack(rows)
+    for k in range(m):
+        _check_keep(scores, k)
+    _check_keep(scores.float(), 9)  # float32 input: widened first
+    _check_keep(torch.empty(2, 0, dtype=torch.float64), 0)
+
+
+def test_keep_set_errors_name_the_problem():
+    scores = torch.rand(2, 10, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cannot free k=10 of 10 slots"):
+        OPS.keep_set(scores, 10)
+    with pytest.raises(ValueError, match="cannot free k=-1"):
+        OPS.keep_set(scores, -1)
+    with pytest.raises(ValueError, match="scores must be \\[L, M\\]"):
+        OPS.keep_set(scores[0], 1)
+

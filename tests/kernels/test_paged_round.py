@@ -330,6 +330,42 @@ def test_round_stats_errors_name_the_problem(change, pattern):
         OPS.round_stats(*args.values())
 
 
+@pytest.mark.parametrize("pool", [1, 3, 7, 99])
+@pytest.mark.parametrize("sink,recent", [(4, 16), (0, 0), (30, 30), (31, 30)])
+@pytest.mark.parametrize("mass", ["random", "zero", "one-hot", "some heads"])
+def test_slot_scores_read_in_place_match_the_gathered_reference(pool, sink, recent, mass):
+    """SnapKV's pooled scores of the region, read through the slot ids from two of the
+    state's layers in reverse order: equal to pooling the gathered mass (pool wider than
+    the region, a one-slot and an empty region included)."""
+    kvs, slots, state = _request(61, 3, 4, torch.float32, seed=7, mass=mass)
+    layers = torch.tensor([3, 1])
+    want = paged_ref.slot_scores(slots, layers, state["mass"], sink=sink, recent=recent,
+                                 pool=pool)
+    got = OPS.slot_scores(slots, layers, state["mass"], sink, recent, pool)
+    assert got.dtype == torch.float64 and got.shape == (2, 61 - sink - recent)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    assert torch.equal(kernels.paged_slot_scores(slots, layers, state["mass"], sink=sink,
+                                                 recent=recent, pool=pool), got)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    (dict(pool=4), "pool width must be an odd integer"),
+    (dict(recent=60), "region .* must not be negative"),
+    (dict(layers=torch.tensor([4])), "layer 4 outside the state's 4 layers"),
+    (dict(slots=torch.arange(6) * 2_000), "slot id 2000 outside"),
+    (dict(mass="float64"), "mass must be contiguous CPU float32"),
+])
+def test_slot_scores_errors_name_the_problem(change, pattern):
+    kvs, slots, state = _request(20, 2, 4, torch.float32, seed=1)
+    args = dict(slots=slots, layers=torch.tensor([0, 1]), mass=state["mass"], sink=2,
+                recent=4, pool=3)
+    args.update(change)
+    if args["mass"] == "float64":
+        args["mass"] = state["mass"].double()
+    with pytest.raises(ValueError, match=pattern):
+        OPS.slot_scores(*args.values())
+
+
 def _protected_args(**change):
     kvs, slots, state = _request(40, 2, 8, torch.float32, seed=2)
     protect = torch.zeros(2, 40, dtype=torch.bool)
