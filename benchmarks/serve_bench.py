@@ -8,10 +8,11 @@ requests, KV cache usage and, for the merging server, its physical/logical KV to
 merge time.
 
 Reported per server and concurrency: peak running requests, request throughput, output
-tokens/s, TTFT and time per output token (p50/p99), peak KV usage and the share of
-``execute_model`` time spent merging; then the kv-merge/unmodified ratios. A decode check
-compares the time per output token of one request at logical length L under a budget B
-with unmodified vLLM at length B. Outputs (in ``--out``): ``serve_bench.csv``,
+tokens/s, TTFT and time per output token (p50/p99), peak KV usage, preemptions and the
+share of ``execute_model`` time spent merging; then the kv-merge/unmodified ratios. A
+decode check compares the time per output token of one request at logical length L under
+a budget B with unmodified vLLM at lengths B and L (the latter over the former: the most a
+B-slot cache can speed decoding up). Outputs (in ``--out``): ``serve_bench.csv``,
 ``serve_bench.md`` (tables + the command line + machine), ``throughput.png`` and
 ``kv_usage.png``. Requests and time are bounded; progress goes to stderr.
 
@@ -257,6 +258,7 @@ class LevelResult:
     samples: list[dict] = field(default_factory=list)  # /metrics over time
     merge_seconds: float = 0.0
     execute_seconds: float = 0.0
+    preemptions: float = 0.0
 
 
 async def run_level(server: Server | RemoteServer, prompts: list[tuple[list[int], int]], concurrency: int,
@@ -317,12 +319,14 @@ async def run_level(server: Server | RemoteServer, prompts: list[tuple[list[int]
         await watcher
         after = parse_metrics((await client.get(server.url + "/metrics")).text)
     key_m, key_e = "vllm:kv_merge_step_seconds_sum", "vllm:kv_merge_model_execute_seconds_total"
+    key_p = "vllm:num_preemptions_total"
     return LevelResult(
         server=label or server.name, concurrency=concurrency, results=list(results),
         wall=wall,
         samples=samples,
         merge_seconds=after.get(key_m, 0.0) - before.get(key_m, 0.0),
         execute_seconds=after.get(key_e, 0.0) - before.get(key_e, 0.0),
+        preemptions=after.get(key_p, 0.0) - before.get(key_p, 0.0),
     )
 
 
@@ -341,6 +345,7 @@ def summarize(level: LevelResult) -> dict:
         "tpot_p50": percentile([r.tpot for r in ok], 50),
         "tpot_p99": percentile([r.tpot for r in ok], 99),
         "peak_kv_usage": usage,
+        "preemptions": level.preemptions,
         "merge_share": (level.merge_seconds / level.execute_seconds
                         if level.execute_seconds else float("nan")),
         "wall_s": level.wall,
@@ -362,19 +367,35 @@ def build_prompts(tokenizer, args, level_index: int,
     ]
 
 
-async def decode_check(base: Server | RemoteServer, merge: Server | RemoteServer, tokenizer, length: int, budget: int,
-                       output: int) -> dict:
-    """One request at logical length `length` on the merging server vs one of length
-    `budget` on the unmodified server: time per output token."""
+async def decode_tpot(server: Server | RemoteServer, tokenizer, length: int, output: int,
+                      seed: int) -> float:
+    """Time per output token of one request alone: a `length`-token prompt of
+    documentation text, `output` tokens (NaN when it fails)."""
     from kvslimmer_vllm.eval.text import documentation_tokens
 
-    long = [(documentation_tokens(tokenizer, length, seed=777), output)]
-    short = [(documentation_tokens(tokenizer, budget, seed=778), output)]
-    merged = (await run_level(merge, long, 1, 900)).results[0]
-    plain = (await run_level(base, short, 1, 900)).results[0]
-    return {"logical_length": length, "budget": budget, "output_tokens": output,
-            "tpot_merge_at_L": merged.tpot, "tpot_base_at_B": plain.tpot,
-            "ratio": merged.tpot / plain.tpot if plain.ok and merged.ok else float("nan")}
+    prompt = [(documentation_tokens(tokenizer, length, seed=seed), output)]
+    result = (await run_level(server, prompt, 1, 900)).results[0]
+    return result.tpot if result.ok else float("nan")
+
+
+def decode_check(base: Server | RemoteServer, merge: Server | RemoteServer, tokenizer,
+                 length: int, budget: int, output: int, modes: list[str]) -> list[dict]:
+    """Decode alone, per observe mode: one request at logical length `length` on the
+    merging server vs unmodified at lengths `budget` (what the merged cache holds) and
+    `length` (what it replaces). unmodified at L / at B is the most that shrinking the
+    cache to B slots can speed decoding up; kv-merge at L / unmodified at B what merging
+    costs on top of the B slots it reads."""
+    at_b = asyncio.run(decode_tpot(base, tokenizer, budget, output, seed=778))
+    at_l = asyncio.run(decode_tpot(base, tokenizer, length, output, seed=777))
+    checks = []
+    for mode in modes:
+        merge.xargs = merge_xargs(merge, mode)
+        merged = asyncio.run(decode_tpot(merge, tokenizer, length, output, seed=777))
+        checks.append({"variant": f"kv-merge/{mode}", "logical_length": length,
+                       "budget": budget, "output_tokens": output, "tpot_merge_at_L": merged,
+                       "tpot_base_at_B": at_b, "tpot_base_at_L": at_l,
+                       "ratio": merged / at_b, "ceiling": at_l / at_b})
+    return checks
 
 
 def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks: list[dict],
@@ -386,7 +407,8 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks
         writer.writerows(rows)
 
     cols = ["concurrency", "completed", "peak_running", "req_per_s", "out_tok_per_s",
-            "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "peak_kv_usage", "merge_share"]
+            "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "peak_kv_usage", "preemptions",
+            "merge_share"]
     lines = ["# Serving benchmark: unmodified vLLM vs --kv-merge kvslimmer", ""]
     variants = [f"kv-merge/{mode}" for mode in args.observe]
     for server in ("unmodified", *variants):
@@ -405,12 +427,19 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks
             b, m = by[("unmodified", c)], by[(variant, c)]
             lines.append(f"| {variant} | {c} | " + " | ".join(
                 _fmt(m[k] / b[k] if b[k] else float("nan")) for k in ratio_cols) + " |")
-    lines += ["", "## Decode at logical length L with budget B vs unmodified at length B",
-              "", "| kv-merge | L | B | output tokens | TPOT kv-merge (s) | "
-              "TPOT unmodified (s) | ratio |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Decode alone at logical length L with budget B",
+              "", "One request at a time. unmodified at L / at B: the most a cache of B "
+              "slots can speed up decoding at this model size (weights are read at every "
+              "length); kv-merge at L / unmodified at B: what merging adds to reading B "
+              "slots.", "",
+              "| kv-merge | L | B | output tokens | TPOT kv-merge at L (s) | "
+              "TPOT unmodified at B (s) | TPOT unmodified at L (s) | "
+              "kv-merge at L / unmodified at B | unmodified at L / at B |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {c['variant']} | {c['logical_length']} | {c['budget']} | "
               f"{c['output_tokens']} | {_fmt(c['tpot_merge_at_L'])} | "
-              f"{_fmt(c['tpot_base_at_B'])} | {_fmt(c['ratio'])} |" for c in checks]
+              f"{_fmt(c['tpot_base_at_B'])} | {_fmt(c['tpot_base_at_L'])} | "
+              f"{_fmt(c['ratio'])} | {_fmt(c['ceiling'])} |" for c in checks]
     lines += ["", "## Setup", "",
               f"- command: `{' '.join(sys.argv)}`",
               f"- prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens of CPython "
@@ -570,12 +599,10 @@ def main(argv: list[str] | None = None) -> int:
                     if failed:
                         log(f"{label} c={c}: first failure: {failed[0]}")
         # Both servers stay up for the decode check, run in each observe mode.
-        merge = running["kv-merge"]
-        for mode in args.observe:
-            merge.xargs = merge_xargs(merge, mode)
-            checks.append({"variant": f"kv-merge/{mode}", **asyncio.run(decode_check(
-                running["unmodified"], merge, tokenizer, args.prompt_tokens[1], budget,
-                args.output_tokens[1]))})
+        log("decode check")
+        checks = decode_check(running["unmodified"], running["kv-merge"], tokenizer,
+                              args.prompt_tokens[1], budget, args.output_tokens[1],
+                              args.observe)
     finally:
         for server in running.values():
             server.stop()

@@ -38,6 +38,7 @@ def test_small_preset_completes_every_request(model_dir, base_server, merge_serv
     for row in rows:
         assert int(row["completed"]) == int(row["requests"]) > 0
         assert float(row["out_tok_per_s"]) > 0
+        assert float(row["preemptions"]) >= 0  # read from vLLM's counter
     for variant in variants:
         merge_rows = [r for r in rows if r["server"] == variant]
         assert len(merge_rows) == 2  # the small preset's two concurrency levels
@@ -51,6 +52,11 @@ def test_small_preset_completes_every_request(model_dir, base_server, merge_serv
     for mode in ("progressive", "prompt-end"):
         assert json.dumps({"kv_merge_budget": 256, "kv_merge_observe": mode}) in report
         assert f"| kv-merge/{mode} | 4 |" in report  # ratio row at concurrency 4
+        # The decode check: kv-merge at L, unmodified at B and at L, both ratios measured.
+        row = next(line for line in report.splitlines()
+                   if line.startswith(f"| kv-merge/{mode} | 900 | 256 |"))
+        cells = [float(c) for c in row.strip("|").split("|")[4:]]
+        assert len(cells) == 5 and all(c > 0 for c in cells), row
     assert "48 KV blocks" in report
     for name in ("throughput.png", "kv_usage.png"):
         assert (out / name).stat().st_size > 1000
