@@ -1,9 +1,9 @@
 """Serving benchmark: unmodified vLLM vs ``--kv-merge kvslimmer``, side by side.
 
-Starts two ``vllm serve`` processes on loopback, one after the other, with the same model
-and the same KV cache size (``--num-gpu-blocks-override``), and drives each with the same
-OpenAI-API workload: streaming clients sending long prompts of documentation text at a
-sweep of concurrency levels. While a level runs, ``/metrics`` is polled for running
+Starts two ``vllm serve`` processes on loopback with the same model and the same KV cache
+size (``--num-gpu-blocks-override``), and drives them with the same OpenAI-API workload:
+streaming clients sending long prompts of documentation text at a sweep of concurrency
+levels, each level on every server in turn (one server busy at a time) before the next. While a level runs, ``/metrics`` is polled for running
 requests, KV cache usage and, for the merging server, its physical/logical KV tokens and
 merge time.
 
@@ -575,29 +575,32 @@ def main(argv: list[str] | None = None) -> int:
     running: dict[str, Server | RemoteServer] = {}
     checks: list[dict] = []
     try:
-        for name in launch:
-            if remote:
-                server = running[name] = remote[name]
-            else:
+        if remote:
+            running.update(remote)
+        else:
+            for name in launch:
                 log(f"starting {name} server")
-                server = running[name] = Server(name, model, launch[name],
-                                                args.out / f"{name}.log")
+                running[name] = Server(name, model, launch[name], args.out / f"{name}.log")
+            for server in running.values():
                 server.wait_ready()
-            for mode in ([None] if name == "unmodified" else args.observe):
+        # Level by level, every server (and observe mode) in turn: a drift in the
+        # machine's speed over the run falls on all of them alike.
+        runs = [("unmodified", None), *(("kv-merge", mode) for mode in args.observe)]
+        for i, c in enumerate(args.concurrency):
+            prompts = build_prompts(tokenizer, args, i, max(args.requests_per_level, c))
+            for name, mode in runs:
+                server = running[name]
                 label = name if mode is None else f"{name}/{mode}"
                 server.xargs = None if mode is None else merge_xargs(server, mode)
-                for i, c in enumerate(args.concurrency):
-                    prompts = build_prompts(tokenizer, args, i,
-                                            max(args.requests_per_level, c))
-                    log(f"{label}: {len(prompts)} requests at concurrency {c}")
-                    level = asyncio.run(run_level(server, prompts, c, args.timeout, label))
-                    levels.append(level)
-                    s = summarize(level)
-                    log(f"{label} c={c}: {s['completed']}/{s['requests']} done, peak "
-                        f"running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
-                    failed = [r.error for r in level.results if not r.ok]
-                    if failed:
-                        log(f"{label} c={c}: first failure: {failed[0]}")
+                log(f"{label}: {len(prompts)} requests at concurrency {c}")
+                level = asyncio.run(run_level(server, prompts, c, args.timeout, label))
+                levels.append(level)
+                s = summarize(level)
+                log(f"{label} c={c}: {s['completed']}/{s['requests']} done, peak "
+                    f"running {s['peak_running']:.0f}, {s['out_tok_per_s']:.1f} tok/s")
+                failed = [r.error for r in level.results if not r.ok]
+                if failed:
+                    log(f"{label} c={c}: first failure: {failed[0]}")
         # Both servers stay up for the decode check, run in each observe mode.
         log("decode check")
         checks = decode_check(running["unmodified"], running["kv-merge"], tokenizer,
