@@ -300,10 +300,9 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
             pool=pool, max_fraction=max_fraction, protect=protect, score_reduce=score_reduce,
             selector=select_pairs)
         return
-    if protect is not None:
-        _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
     if protect is not None and score_reduce is None:
-        # Every layer's sub-rounds in one op, layers in parallel.
+        # Every layer's sub-rounds in one op, layers in parallel (it checks k and
+        # max_fraction against each layer's mask before it writes anything).
         table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers,
                                                  slots)
         _cpp_ops().protected_round(
@@ -322,6 +321,7 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
         steps = iter(sizes)
         run(kvs, layers, lambda held: next(steps), carry=len(sizes) > 1)
         return
+    _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
     for layer in range(len(kvs)):  # each layer's mask sizes its own sub-rounds
         mask = protect[layer].clone()
         run(kvs[layer:layer + 1], layers[layer:layer + 1],
