@@ -68,6 +68,7 @@ namespace {
 constexpr int kRowTile = 3;     // query rows per register tile
 constexpr int kSlotTile = 4;    // slots per QK register tile
 constexpr int kSubSlots = 32;   // slots per cache-resident sub-tile of a block
+constexpr int kPrefetchSlots = 8;   // how many slots ahead the narrow kernels prefetch
 constexpr int64_t kScoreBufFloats = 96 * 1024;  // target S buffer per item (384 KiB)
 constexpr int64_t kMinItemRows = 16;            // rows per prefill item, for key reuse
 constexpr int64_t kWideMinRows = 32;            // AVX-512: items this tall run lanes-over-rows
@@ -76,6 +77,13 @@ constexpr int64_t kSplitMinSlots = 256;         // slots per part when an item i
 constexpr int64_t kSplitMaxRows = 64;           // only items with few rows are split
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Asks for the cache lines of one slot's head row (`bytes` long) ahead of its use: a head's
+// rows lie a slot stride apart, a pattern the hardware prefetchers follow poorly.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
 
 // ----------------------------------------------------------------------------------------------
 // Scalar micro-kernels (portable path and head dims that are not a multiple of 8).
