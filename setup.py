@@ -39,7 +39,8 @@ def _extension() -> tuple[list, dict]:
     cxx = ["-O3", "-fopenmp"]
     sources = ["csrc/bindings.cpp", "csrc/cpu/paged_attention.cpp", "csrc/cpu/select_pairs.cpp",
                "csrc/cpu/value_spread.cpp", "csrc/cpu/merge_pairs.cpp",
-               "csrc/cpu/compact_rows.cpp", "csrc/cpu/paged_round.cpp"]
+               "csrc/cpu/compact_rows.cpp", "csrc/cpu/paged_round.cpp",
+               "csrc/cpu/write_tokens.cpp"]
     depends = [str(p) for p in sorted((ROOT / "csrc").rglob("*")) if p.suffix in (".h", ".inc")]
     ext = cpp_extension.CppExtension(
         "kvslimmer_vllm._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],

@@ -24,6 +24,10 @@ TORCH_LIBRARY(kvslimmer, m) {
       "compact_rows(Tensor(a!)[] kvs, Tensor slots, Tensor source, int start, "
       "Tensor merged_slots, Tensor merged_keys, Tensor merged_values) -> ()");
   m.def(
+      "write_tokens(Tensor(a!) kv, Tensor key, Tensor value, Tensor slots, Tensor positions, "
+      "Tensor(b!)? counts=None, Tensor(c!)? slot_positions=None, Tensor(d!)? hess=None, "
+      "Tensor(e!)? mass=None) -> ()");
+  m.def(
       "round_stats(Tensor[] kvs, Tensor slots, Tensor layers, Tensor hess, Tensor mass, "
       "int sink, int recent, int round_idx, float gamma, int pool) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -45,6 +49,7 @@ TORCH_LIBRARY_IMPL(kvslimmer, CPU, m) {
   m.impl("value_spread", &kvslimmer::value_spread);
   m.impl("merge_pairs", &kvslimmer::merge_pairs);
   m.impl("compact_rows", &kvslimmer::compact_rows);
+  m.impl("write_tokens", &kvslimmer::write_tokens);
   m.impl("round_stats", &kvslimmer::round_stats);
   m.impl("slot_scores", &kvslimmer::slot_scores);
   m.impl("protected_round", &kvslimmer::protected_round);

@@ -59,6 +59,15 @@ void compact_rows(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                   const at::Tensor& source, int64_t start, const at::Tensor& merged_slots,
                   const at::Tensor& merged_keys, const at::Tensor& merged_values);
 
+// torch.ops.kvslimmer.write_tokens on CPU (csrc/cpu/write_tokens.cpp): a step's new tokens
+// written into one layer's cache and their slots' state reset, as
+// kvslimmer_vllm.core.paged.write_tokens (negative slot ids: padding, skipped).
+void write_tokens(const at::Tensor& kv, const at::Tensor& key, const at::Tensor& value,
+                  const at::Tensor& slots, const at::Tensor& positions,
+                  const std::optional<at::Tensor>& counts,
+                  const std::optional<at::Tensor>& slot_positions,
+                  const std::optional<at::Tensor>& hess, const std::optional<at::Tensor>& mass);
+
 // torch.ops.kvslimmer.round_stats / round_apply on CPU (csrc/cpu/paged_round.cpp): one
 // pairwise merge round of one request read from and written into the paged caches in place,
 // as kvslimmer_vllm.core.paged.paged_merge_round (round_stats gives alpha, the smoothed

@@ -9,6 +9,7 @@ computed in float32 from caches of any float dtype:
 | :func:`value_spread` | :func:`kvslimmer_vllm.core.stats.value_spread`  | 2 (mean, spread)  |
 | :func:`merge_pairs`  | :func:`kvslimmer_vllm.core.merge.merge_pairs`   | 1                 |
 | :func:`compact_rows` | :func:`kvslimmer_vllm.core.paged.compact_rows`  | 2 (moves, merged) |
+| :func:`write_tokens` | :func:`kvslimmer_vllm.core.paged.write_tokens`  | 1                 |
 
 Layer caches are separate tensors (``[S, Hkv, 2D]``, one per layer, of one shape and
 strides, last dim contiguous); a kernel reaches all of them through a table of their
@@ -35,7 +36,8 @@ from triton.runtime.jit import JITFunction
 
 from .paged_attention import _SUM_COMBINE
 
-__all__ = ["compact_rows", "gather_rows", "is_interpreted", "merge_pairs", "value_spread"]
+__all__ = ["compact_rows", "gather_rows", "is_interpreted", "merge_pairs", "value_spread",
+           "write_tokens"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -447,6 +449,87 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
             stride_head, merged_slots.stride(0), *merged_keys.stride()[:3],
             *merged_values.stride()[:3],
             HEAD_DIM=dim, D_PAD=max(triton.next_power_of_2(dim), 16), BLOCK_N=block_n)
+
+
+# ----------------------------------------------------------------------------- new tokens
+
+@triton.jit
+def _write_tokens_kernel(
+    kv_ptr, k_ptr, v_ptr, slots_ptr, pos_ptr, counts_ptr, slot_pos_ptr, hess_ptr, mass_ptr,
+    num_tokens, num_heads, stride_slot, stride_head, sk_t, sk_h, sv_t, sv_h, s_count, s_spos,
+    s_hess_s, s_hess_h, s_mass_s, s_mass_h,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    WITH_STATE: tl.constexpr,
+):
+    """``cache[slots[t]] = (key[t], value[t])`` and the slot's state reset, for the tokens
+    whose slot id is not negative (padding tokens write nothing)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slots_ptr + offs_t, mask=offs_t < num_tokens, other=-1).to(tl.int64)
+    t_ok = slot >= 0
+    rows = offs_t[:, None].to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    ok = t_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    for head in range(num_heads):
+        dst = kv_ptr + slot[:, None] * stride_slot + head * stride_head + offs_d[None, :]
+        key = tl.load(k_ptr + rows * sk_t + head * sk_h + offs_d[None, :], mask=ok)
+        value = tl.load(v_ptr + rows * sv_t + head * sv_h + offs_d[None, :], mask=ok)
+        tl.store(dst, key, mask=ok)
+        tl.store(dst + HEAD_DIM, value, mask=ok)
+    if WITH_STATE:
+        pos = tl.load(pos_ptr + offs_t, mask=t_ok, other=0)
+        tl.store(counts_ptr + slot * s_count, tl.full((BLOCK_T,), 1.0, tl.float32), mask=t_ok)
+        tl.store(slot_pos_ptr + slot * s_spos, pos.to(tl.int64), mask=t_ok)
+        offs_h = tl.arange(0, H_PAD)
+        h_ok = t_ok[:, None] & (offs_h < num_heads)[None, :]
+        tl.store(hess_ptr + slot[:, None] * s_hess_s + offs_h[None, :] * s_hess_h,
+                 tl.full((BLOCK_T, H_PAD), float("nan"), tl.float32), mask=h_ok)
+        tl.store(mass_ptr + slot[:, None] * s_mass_s + offs_h[None, :] * s_mass_h,
+                 tl.full((BLOCK_T, H_PAD), 0.0, tl.float32), mask=h_ok)
+
+
+def write_tokens(kv, key, value, slots, positions, counts=None, slot_positions=None, hess=None,
+                 mass=None) -> None:
+    """:func:`kvslimmer_vllm.core.paged.write_tokens` in one launch, with no host
+    synchronisation: padding tokens (negative slot ids) are masked out on the device.
+    Slot ids are not bounds-checked (that would need the host); the engine's slot mapping
+    holds only the cache's slots and padding."""
+    if kv.dim() != 3 or kv.shape[2] % 2 or kv.stride(2) != 1 or kv.dtype not in _FLOATS:
+        raise ValueError(f"kv must be a float [S, Hkv, 2D] tensor with a contiguous last dim, "
+                         f"got {kv.dtype} {tuple(kv.shape)}")
+    num_slots, heads, dim = kv.shape[0], kv.shape[1], kv.shape[2] // 2
+    tokens = slots.shape[0]
+    for name, t in (("key", key), ("value", value)):
+        if t.shape != (tokens, heads, dim) or t.dtype != kv.dtype or t.stride(2) != 1:
+            raise ValueError(f"key and value must be [{tokens}, {heads}, {dim}] {kv.dtype} "
+                             f"with a contiguous last dim; {name} is {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if slots.dim() != 1 or positions.shape != slots.shape:
+        raise ValueError(f"slots and positions must be [T], got {tuple(slots.shape)} and "
+                         f"{tuple(positions.shape)}")
+    state = (counts, slot_positions, hess, mass)
+    with_state = counts is not None
+    if any((t is None) != (not with_state) for t in state):
+        raise ValueError("counts, slot_positions, hess and mass go together: all or none")
+    if with_state and (counts.shape != (num_slots,) or slot_positions.shape != (num_slots,)):
+        raise ValueError(f"counts and slot_positions must be [{num_slots}], got "
+                         f"{tuple(counts.shape)} and {tuple(slot_positions.shape)}")
+    if with_state and (hess.shape != (num_slots, heads) or mass.shape != (num_slots, heads)):
+        raise ValueError(f"hess and mass must be [{num_slots}, {heads}], got "
+                         f"{tuple(hess.shape)} and {tuple(mass.shape)}")
+    _check_device(kv, key, value, slots, positions, *(t for t in state if t is not None))
+    if not tokens:
+        return
+    slots, positions = slots.contiguous(), positions.contiguous()
+    if not with_state:  # unused pointers: the kernel does not touch them
+        counts = slot_positions = hess = mass = kv
+    block_t = 16
+    _write_tokens_kernel[(triton.cdiv(tokens, block_t),)](
+        kv, key, value, slots, positions, counts, slot_positions, hess, mass, tokens, heads,
+        kv.stride(0), kv.stride(1), key.stride(0), key.stride(1), value.stride(0),
+        value.stride(1), counts.stride(0), slot_positions.stride(0), hess.stride(0),
+        hess.stride(-1), mass.stride(0), mass.stride(-1),
+        HEAD_DIM=dim, D_PAD=max(triton.next_power_of_2(dim), 16),
+        H_PAD=max(triton.next_power_of_2(heads), 2), BLOCK_T=block_t, WITH_STATE=with_state)
 
 
 def is_interpreted() -> bool:

@@ -15,7 +15,7 @@ from .merge import drop_slots, merge_rounds
 from .merge import slot_scores as _slot_scores
 
 __all__ = ["compact_rows", "gather_rows", "paged_attention", "paged_drop", "paged_merge_round",
-           "slot_ids", "slot_scores", "store_round"]
+           "slot_ids", "slot_scores", "store_round", "write_tokens"]
 
 
 def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.Tensor:
@@ -23,6 +23,42 @@ def slot_ids(block_ids, num_slots: int, block_size: int, device=None) -> torch.T
     blocks = torch.as_tensor(block_ids, dtype=torch.int64, device=device)
     offsets = torch.arange(block_size, dtype=torch.int64, device=device)
     return (blocks[:, None] * block_size + offsets[None, :]).flatten()[:num_slots]
+
+
+def write_tokens(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                 positions: torch.Tensor, counts: torch.Tensor | None = None,
+                 slot_positions: torch.Tensor | None = None, hess: torch.Tensor | None = None,
+                 mass: torch.Tensor | None = None) -> None:
+    """Write a step's new tokens into their slots of one layer's cache, and reset those
+    slots' state: a written slot stands for one token again.
+
+    Args:
+        kv: ``[S, Hkv, 2D]`` the layer's cache.
+        key, value: ``[T, Hkv, D]`` the new tokens' keys and values.
+        slots: ``[T]`` int64 slot of each token; a negative id marks a padding token,
+            which writes nothing.
+        positions: ``[T]`` int64 logical (RoPE) position of each token.
+        counts, slot_positions, hess, mass: the layer's slot state (``[S]`` float32,
+            ``[S]`` int64, ``[S, Hkv]`` float32, ``[S, Hkv]`` float32), all or none: each
+            written slot gets count 1, its token's position, Hessian NaN (none yet) and
+            mass 0.
+
+    ``kvslimmer::write_tokens`` (C++, CPU) and the Triton kernel (CUDA) do the same in one
+    pass with no temporary and no host synchronisation
+    (:func:`kvslimmer_vllm.kernels.write_tokens`).
+    """
+    written = slots >= 0
+    ids = slots[written]
+    kv.index_copy_(0, ids, torch.cat((key, value), dim=-1)[written].to(kv.dtype))
+    state = (counts, slot_positions, hess, mass)
+    if all(t is None for t in state):
+        return
+    if any(t is None for t in state):
+        raise ValueError("counts, slot_positions, hess and mass go together: all or none")
+    counts.index_fill_(0, ids, 1.0)
+    slot_positions.index_copy_(0, ids, positions[written].to(slot_positions.dtype))
+    hess.index_fill_(0, ids, float("nan"))
+    mass.index_fill_(0, ids, 0.0)
 
 
 def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

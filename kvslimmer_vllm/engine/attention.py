@@ -140,14 +140,12 @@ class KVMergeAttentionImpl(AttentionImpl):
         # (SlotState, layer index), bound by the model runner once the cache exists.
         state, layer_index = getattr(layer, SLOT_BINDING, (None, -1))
 
-        new_slots = meta.slot_mapping
-        written = new_slots >= 0
-        if not bool(written.all()):
-            new_slots = new_slots[written]
-        kv_new = torch.cat((key[:num_tokens], value[:num_tokens]), dim=-1)[written]
-        flat.index_copy_(0, new_slots, kv_new.to(flat.dtype))
+        # New tokens into their slots, their slots' state reset: one pass, padding skipped.
+        new = (flat, key[:num_tokens], value[:num_tokens], meta.slot_mapping, meta.positions)
         if state is not None:
-            state.on_write(layer_index, new_slots, meta.positions[written])
+            state.write_tokens(layer_index, *new)
+        else:
+            kernels.write_tokens(*new)
 
         counts = state.counts[layer_index] if state is not None else None
         observing = state is not None and state.observes_any

@@ -29,7 +29,7 @@ from kvslimmer_vllm.core.paged import slot_ids, store_round
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.engine.memory import MAX_BATCH_ELEMENTS, footprint_per_slot, layers_per_batch
 from kvslimmer_vllm.engine.plan import MergeRound
-from kvslimmer_vllm.kernels import compact_rows, gather_rows
+from kvslimmer_vllm.kernels import compact_rows, gather_rows, write_tokens
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData
 
 
@@ -109,12 +109,13 @@ class SlotState:
         return sum(t.numel() * t.element_size()
                    for t in (self.counts, self.positions, self.hess, self.mass))
 
-    def on_write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """New tokens' KV was written to ``slots``: they stand for one token each."""
-        self.counts[layer].index_fill_(0, slots, 1.0)
-        self.positions[layer].index_copy_(0, slots, positions)
-        self.hess[layer].index_fill_(0, slots, float("nan"))
-        self.mass[layer].index_fill_(0, slots, 0.0)
+    def write_tokens(self, layer: int, kv: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write a step's new tokens into ``layer``'s cache ``kv`` at ``slots`` (negative:
+        padding, skipped); each written slot stands for one token again (count 1, its
+        position, no Hessian, no mass)."""
+        write_tokens(kv, key, value, slots, positions, self.counts[layer],
+                     self.positions[layer], self.hess[layer], self.mass[layer])
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@
 | ``core.merge.merge_pairs``        | Triton ``round.py``            | C++ op                      |
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
 | ``core.paged.gather_rows``        | Triton ``round.py``            | reference (index_select)    |
+| ``core.paged.write_tokens``       | Triton ``round.py``            | C++ op                      |
 | ``core.paged.paged_merge_round``  | reference                      | C++ ops (***)               |
 | ``core.paged.paged_drop``         | reference                      | C++ ``compact_rows`` (***)  |
 
@@ -49,7 +50,8 @@ CPU_ISAS = ("avx512", "avx2", "portable")
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
            "gather_rows", "keep_set", "merge_pairs", "paged_attention", "paged_drop",
            "paged_merge_round", "paged_round_backend_name", "paged_slot_scores",
-           "round_backend_name", "select_pairs", "shift_table", "value_spread"]
+           "round_backend_name", "select_pairs", "shift_table", "value_spread",
+           "write_tokens"]
 
 #: Cache dtypes the Triton round kernels take.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -167,6 +169,22 @@ def paged_attention(query, kv, counts, block_table, seq_lens, query_start_loc,
     if name == "cpp":
         return _cpp_ops().paged_attention(*args, mass, observed)
     return _paged_ref.paged_attention(*args, mass, observed)
+
+
+def write_tokens(kv, key, value, slots, positions, counts=None, slot_positions=None,
+                 hess=None, mass=None) -> None:
+    """:func:`kvslimmer_vllm.core.paged.write_tokens`: one pass per layer and step, with no
+    host synchronisation (the C++ op on CPU, Triton on CUDA, for keys and values in the
+    cache's dtype; the reference elsewhere)."""
+    args = (kv, key, value, slots, positions, counts, slot_positions, hess, mass)
+    backend = round_backend_name(kv)
+    same = key.dtype == kv.dtype and value.dtype == kv.dtype
+    if backend == "triton" and same:
+        _triton_round().write_tokens(*args)
+    elif kv.device.type == "cpu" and same and not _forced_reference() and _cpp_ops() is not None:
+        _cpp_ops().write_tokens(*args)  # any cache dtype (rows are copied as bytes)
+    else:
+        _paged_ref.write_tokens(*args)
 
 
 def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

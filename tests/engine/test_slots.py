@@ -112,7 +112,11 @@ def test_writing_a_slot_resets_its_state():
     before = {name: getattr(state, name).clone() for name in ("counts", "positions",
                                                               "hess", "mass")}
     slots = torch.tensor([5, 17, 40])
-    state.on_write(1, slots, torch.tensor([100, 101, 102]))
+    heads, dim = state.hess.shape[-1], 4
+    kv = torch.zeros(state.num_slots, heads, 2 * dim)
+    key, value = torch.randn(2, 3, heads, dim)
+    state.write_tokens(1, kv, key, value, slots, torch.tensor([100, 101, 102]))
+    assert torch.equal(kv[slots], torch.cat((key, value), dim=-1))
     assert state.counts[1][slots].tolist() == [1.0, 1.0, 1.0]
     assert state.positions[1][slots].tolist() == [100, 101, 102]
     assert bool(state.hess[1][slots].isnan().all())
