@@ -29,7 +29,16 @@ metrics, and its requests carry the preset's budget and ``--observe`` per reques
 ``--observe progressive,prompt-end`` (the default) drives the merging server once per
 observe mode (``vllm_xargs.kv_merge_observe`` on every request), so both modes are
 reported beside the same unmodified run: rows ``kv-merge/progressive`` and
-``kv-merge/prompt-end``.
+``kv-merge/prompt-end``. ``off`` in the list adds a run of the merging server with
+``vllm_xargs.kv_merge: "off"`` (its requests keep their full KV): what the merging server
+costs before any round.
+
+The ``ttft`` preset measures time to first token alone: one 3,000-token prompt at a time,
+one output token, on unmodified vLLM and the merging server with merging off, in
+progressive and in prompt-end mode, four prompts, each on every arm in turn; the ratio
+table then compares medians over the four.
+
+    python benchmarks/serve_bench.py --preset ttft   # about 8 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -69,7 +78,15 @@ PRESETS = {
     "prefill-heavy": dict(prompt_tokens=(2000, 3000), output_tokens=(64, 128),
                           concurrency=(12,), requests_per_level=12, budget_ratio=0.25,
                           cache_requests=3, interval=128),
+    # Time to first token alone: one 3,000-token prompt per level and one output token,
+    # four levels (a new prompt each), every arm in turn within a level; the default
+    # preset's cache and budget ratio. No decode check (one token has no TPOT).
+    "ttft": dict(prompt_tokens=(3000, 3000), output_tokens=(1, 1), concurrency=(1, 1, 1, 1),
+                 requests_per_level=1, budget_ratio=0.25, cache_requests=3, interval=128,
+                 observe=("off", "progressive", "prompt-end"), decode_check=False),
 }
+#: Arms of the merging server besides the observe modes: ``off`` sends kv_merge "off".
+OFF = "off"
 BLOCK = 128
 
 
@@ -224,6 +241,8 @@ def remote_servers(args, budget: int) -> dict[str, RemoteServer]:
 def merge_xargs(server: Server | RemoteServer, mode: str) -> dict:
     """Per-request settings of the merging server's requests in observe mode ``mode``
     (a running server also gets the preset's budget; one the benchmark starts has it)."""
+    if mode == OFF:
+        return {"kv_merge": "off"}
     budget = {"kv_merge_budget": server.budget} if server.budget else {}
     return budget | {"kv_merge_observe": mode}
 
@@ -421,13 +440,13 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks
     ratio_cols = ["peak_running", "req_per_s", "out_tok_per_s", "ttft_p50", "tpot_p50"]
     lines += ["## kv-merge / unmodified", "", "| kv-merge | concurrency | "
               + " | ".join(ratio_cols) + " |", "|---|---|" + "---|" * len(ratio_cols)]
-    by = {(r["server"], r["concurrency"]): r for r in rows}
+    by = _by_level(rows)
     for variant in variants:
-        for c in args.concurrency:
+        for c in dict.fromkeys(args.concurrency):
             b, m = by[("unmodified", c)], by[(variant, c)]
             lines.append(f"| {variant} | {c} | " + " | ".join(
                 _fmt(m[k] / b[k] if b[k] else float("nan")) for k in ratio_cols) + " |")
-    lines += ["", "## Decode alone at logical length L with budget B",
+    decode = ["", "## Decode alone at logical length L with budget B",
               "", "One request at a time. unmodified at L / at B: the most a cache of B "
               "slots can speed up decoding at this model size (weights are read at every "
               "length); kv-merge at L / unmodified at B: what merging adds to reading B "
@@ -436,6 +455,8 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks
               "TPOT unmodified at B (s) | TPOT unmodified at L (s) | "
               "kv-merge at L / unmodified at B | unmodified at L / at B |",
               "|---|---|---|---|---|---|---|---|---|"]
+    if checks:
+        lines += decode
     lines += [f"| {c['variant']} | {c['logical_length']} | {c['budget']} | "
               f"{c['output_tokens']} | {_fmt(c['tpot_merge_at_L'])} | "
               f"{_fmt(c['tpot_base_at_B'])} | {_fmt(c['tpot_base_at_L'])} | "
@@ -457,6 +478,18 @@ def write_outputs(out: Path, rows: list[dict], levels: list[LevelResult], checks
     return text
 
 
+def _by_level(rows: list[dict]) -> dict[tuple[str, int], dict]:
+    """Each (server, concurrency)'s row; a concurrency run more than once (the ttft preset)
+    gets the median of its runs in every numeric column."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["server"], r["concurrency"]), []).append(r)
+    return {key: {k: (statistics.median(r[k] for r in group)
+                      if isinstance(group[0][k], (int, float)) else group[0][k])
+                  for k in group[0]}
+            for key, group in groups.items()}
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.3g}"
@@ -472,8 +505,23 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
     except ImportError:
         log("matplotlib missing: no plots")
         return
+    servers = ("unmodified", *(f"kv-merge/{mode}" for mode in args.observe))
+    if len(set(args.concurrency)) < len(args.concurrency):  # repeats (ttft): TTFT per run
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for server in servers:
+            ttfts = [r["ttft_p50"] for r in rows if r["server"] == server]
+            ax.plot(range(1, len(ttfts) + 1), ttfts, marker="o", label=server)
+        ax.set_xticks(range(1, len(args.concurrency) + 1))
+        ax.set_xlabel("prompt (each sent to every arm in turn)")
+        ax.set_ylabel("TTFT p50 (s)")
+        ax.set_title(f"Time to first token, {args.prompt_tokens[1]}-token prompts")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ttft.png", dpi=120)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for server in ("unmodified", *(f"kv-merge/{mode}" for mode in args.observe)):
+    for server in servers:
         pts = [(r["concurrency"], r["out_tok_per_s"]) for r in rows if r["server"] == server]
         ax.plot(*zip(*pts), marker="o", label=server)
     ax.set_xlabel("concurrent clients")
@@ -516,10 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="per request, seconds")
     parser.add_argument("--vllm-flag", action="append", default=[],
                         help="extra flag for both servers (repeatable)")
-    parser.add_argument("--observe", default="progressive,prompt-end",
+    parser.add_argument("--observe", default=None,
                         help="observe modes the kv-merge server is driven in, one after "
                         "the other, comma-separated (progressive, prompt-end; prompt-end "
-                        "holds a whole prompt until its compression step); default: both")
+                        "holds a whole prompt until its compression step; off: requests "
+                        "with kv_merge off); default: the preset's (both modes; the ttft "
+                        "preset also off)")
     parser.add_argument("--budget", type=int, default=None,
                         help="KV budget in tokens of the kv-merge server (default: the "
                         "preset's share of the mean prompt length)")
@@ -535,15 +585,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--budget must be a positive number of tokens; got {args.budget}")
     from kvslimmer_vllm.core.config import OBSERVE_MODES
 
+    preset = dict(PRESETS[args.preset])
+    if args.observe is None:
+        args.observe = ",".join(preset.pop("observe", ("progressive", "prompt-end")))
+    preset.pop("observe", None)
     modes = [m.strip() for m in args.observe.split(",") if m.strip()]
-    bad = [m for m in modes if m not in OBSERVE_MODES]
+    bad = [m for m in modes if m not in (*OBSERVE_MODES, OFF)]
     if bad or not modes or len(set(modes)) != len(modes):
-        parser.error(f"--observe must list distinct modes of {', '.join(OBSERVE_MODES)}, "
-                     f"comma-separated; got {args.observe!r}")
+        parser.error(f"--observe must list distinct modes of {', '.join(OBSERVE_MODES)} "
+                     f"or {OFF}, comma-separated; got {args.observe!r}")
     args.observe = modes
     if args.base_url and args.vllm_flag:
         parser.error("--vllm-flag only applies to servers the benchmark starts")
-    for key, value in PRESETS[args.preset].items():
+    args.decode_check = True
+    for key, value in preset.items():
         setattr(args, key, value)
 
     budget, max_len, blocks = cache_plan(args.prompt_tokens, args.output_tokens,
@@ -564,8 +619,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         common += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
+    first_mode = next((m for m in args.observe if m != OFF), "prompt-end")
     merging = ["--kv-merge", "kvslimmer", "--kv-merge-budget", str(budget),
-               "--kv-merge-observe", args.observe[0]]
+               "--kv-merge-observe", first_mode]
     if args.interval is not None:
         merging += ["--kv-merge-interval", str(args.interval)]
     launch = {"unmodified": common, "kv-merge": common + merging}
@@ -602,10 +658,11 @@ def main(argv: list[str] | None = None) -> int:
                 if failed:
                     log(f"{label} c={c}: first failure: {failed[0]}")
         # Both servers stay up for the decode check, run in each observe mode.
-        log("decode check")
-        checks = decode_check(running["unmodified"], running["kv-merge"], tokenizer,
-                              args.prompt_tokens[1], budget, args.output_tokens[1],
-                              args.observe)
+        if args.decode_check:
+            log("decode check")
+            checks = decode_check(running["unmodified"], running["kv-merge"], tokenizer,
+                                  args.prompt_tokens[1], budget, args.output_tokens[1],
+                                  [m for m in args.observe if m != OFF])
     finally:
         for server in running.values():
             server.stop()

@@ -20,21 +20,23 @@ def test_small_preset_completes_every_request(model_dir, base_server, merge_serv
     """Catches: requests left incomplete or failing (the API key or the served model name
     not passed, vllm_xargs refused), the preset's budget not sent to the merging server
     (nothing merged), the merge share not read from /metrics, an observe mode not sent
-    per request (both modes are driven on the one merging server), or a missing report or
-    plot."""
+    per request (both modes are driven on the one merging server), the ``off`` arm merging
+    anyway, or a missing report or plot."""
     before = merge_server.metrics()["vllm:kv_merge_tokens_merged_total"]
     out = tmp_path / "bench"
     proc = subprocess.run(
         [*BENCH, "--preset", "small", "--model", model_dir, "--out", str(out),
          "--base-url", base_server.url, "--merge-url", merge_server.url,
          "--api-key", merge_server.api_key, "--budget", "256",
-         "--observe", "progressive,prompt-end"],
+         "--observe", "off,progressive,prompt-end"],
         capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "serve_bench.csv")))
     variants = ("kv-merge/progressive", "kv-merge/prompt-end")
-    assert {r["server"] for r in rows} == {"unmodified", *variants}
+    assert {r["server"] for r in rows} == {"unmodified", "kv-merge/off", *variants}
+    off_rows = [r for r in rows if r["server"] == "kv-merge/off"]
+    assert len(off_rows) == 2 and all(float(r["merge_share"]) == 0 for r in off_rows)
     for row in rows:
         assert int(row["completed"]) == int(row["requests"]) > 0
         assert float(row["out_tok_per_s"]) > 0
@@ -57,6 +59,8 @@ def test_small_preset_completes_every_request(model_dir, base_server, merge_serv
                    if line.startswith(f"| kv-merge/{mode} | 900 | 256 |"))
         cells = [float(c) for c in row.strip("|").split("|")[4:]]
         assert len(cells) == 5 and all(c > 0 for c in cells), row
+    assert json.dumps({"kv_merge": "off"}) in report and "| kv-merge/off | 4 |" in report
+    assert "| kv-merge/off | 900 |" not in report  # no decode check for the off arm
     assert "48 KV blocks" in report
     for name in ("throughput.png", "kv_usage.png"):
         assert (out / name).stat().st_size > 1000
@@ -112,3 +116,23 @@ def test_presets_size_the_cache_and_budget_as_documented():
     assert (heavy["concurrency"], heavy["requests_per_level"], heavy["interval"]) == (
         (12,), 12, 128)
     assert plan("default") == (750, 8192, 100)
+
+
+def test_ttft_preset_and_repeated_levels():
+    """The ttft preset: one 3,000-token prompt and one output token per level, four levels,
+    the off arm beside both observe modes, no decode check; and the ratio table of repeated
+    levels compares medians (catches a table that keeps only the last repeat)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    p = serve_bench.PRESETS["ttft"]
+    assert (p["prompt_tokens"], p["output_tokens"], p["concurrency"]) == (
+        (3000, 3000), (1, 1), (1, 1, 1, 1))
+    assert p["observe"] == ("off", "progressive", "prompt-end") and not p["decode_check"]
+    assert serve_bench.merge_xargs(None, "off") == {"kv_merge": "off"}
+    rows = [{"server": "unmodified", "concurrency": 1, "ttft_p50": t, "note": "x"}
+            for t in (9.0, 1.0, 5.0, 7.0)]
+    merged = serve_bench._by_level(rows)[("unmodified", 1)]
+    assert merged["ttft_p50"] == 6.0 and merged["note"] == "x"
