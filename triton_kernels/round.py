@@ -499,10 +499,11 @@ def write_tokens(kv, key, value, slots, positions, counts=None, slot_positions=N
     num_slots, heads, dim = kv.shape[0], kv.shape[1], kv.shape[2] // 2
     tokens = slots.shape[0]
     for name, t in (("key", key), ("value", value)):
-        if t.shape != (tokens, heads, dim) or t.dtype != kv.dtype or t.stride(2) != 1:
-            raise ValueError(f"key and value must be [{tokens}, {heads}, {dim}] {kv.dtype} "
-                             f"with a contiguous last dim; {name} is {t.dtype} "
-                             f"{tuple(t.shape)}")
+        if t.shape != (tokens, heads, dim) or t.dtype != kv.dtype:
+            raise ValueError(f"key and value must be [{tokens}, {heads}, {dim}] {kv.dtype}; "
+                             f"{name} is {t.dtype} {tuple(t.shape)}")
+    key = key if key.stride(2) == 1 else key.contiguous()
+    value = value if value.stride(2) == 1 else value.contiguous()
     if slots.dim() != 1 or positions.shape != slots.shape:
         raise ValueError(f"slots and positions must be [T], got {tuple(slots.shape)} and "
                          f"{tuple(positions.shape)}")

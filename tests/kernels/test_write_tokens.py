@@ -118,6 +118,21 @@ def test_matches_reference(impl, dtype, tokens, num_slots, heads, dim, pad_at, p
             assert torch.equal(new.cpu(), old.cpu())
 
 
+@pytest.mark.parametrize("impl", ["cpp", "triton"])
+def test_keys_with_a_strided_last_dim(impl):
+    """Keys and values whose head dim is not contiguous (a transposed view) are copied
+    first, not misread."""
+    write, device = _impls(impl)
+    kv, key, value, slots, positions, state = _case(6, 32, 2, 8, torch.float32, pad_at=(1,),
+                                                    device=device)
+    key_t = key.transpose(1, 2).contiguous().transpose(1, 2)  # same values, stride(2) != 1
+    assert key_t.stride(2) != 1
+    want = kv.clone().cpu()
+    write_tokens_ref(want, key.cpu(), value.cpu(), slots.cpu(), positions.cpu())
+    write(kv, key_t, value, slots, positions, *state)
+    assert torch.equal(kv.cpu(), want)
+
+
 @pytest.mark.parametrize("impl", ["reference", "cpp", "triton"])
 def test_no_tokens_writes_nothing(impl):
     write, device = _impls(impl)
