@@ -47,14 +47,15 @@ def write_tokens(kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots
     pass with no temporary and no host synchronisation
     (:func:`kvslimmer_vllm.kernels.write_tokens`).
     """
+    state = (counts, slot_positions, hess, mass)
+    with_state = all(t is not None for t in state)
+    if not with_state and any(t is not None for t in state):
+        raise ValueError("counts, slot_positions, hess and mass go together: all or none")
     written = slots >= 0
     ids = slots[written]
     kv.index_copy_(0, ids, torch.cat((key, value), dim=-1)[written].to(kv.dtype))
-    state = (counts, slot_positions, hess, mass)
-    if all(t is None for t in state):
+    if not with_state:
         return
-    if any(t is None for t in state):
-        raise ValueError("counts, slot_positions, hess and mass go together: all or none")
     counts.index_fill_(0, ids, 1.0)
     slot_positions.index_copy_(0, ids, positions[written].to(slot_positions.dtype))
     hess.index_fill_(0, ids, float("nan"))

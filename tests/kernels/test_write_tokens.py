@@ -175,6 +175,14 @@ def test_bad_arguments_name_the_argument(impl, mutate, message):
     assert torch.equal(kv, before)  # checked before anything is written
 
 
+def test_reference_refuses_part_of_the_state_before_writing():
+    kv, key, value, slots, positions, state = _case(4, 16, 2, 8, torch.float32)
+    before = kv.clone()
+    with pytest.raises(ValueError, match="all or none"):
+        write_tokens_ref(kv, key, value, slots, positions, state[0], None, *state[2:])
+    assert torch.equal(kv, before)
+
+
 def test_cpp_rejects_a_slot_outside_the_cache_before_writing():
     _impls("cpp")
     kv, key, value, slots, positions, state = _case(4, 16, 2, 8, torch.float32)
