@@ -515,10 +515,7 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
         ax.set_xlabel("prompt (each sent to every arm in turn)")
         ax.set_ylabel("TTFT p50 (s)")
         ax.set_title(f"Time to first token, {args.prompt_tokens[1]}-token prompts")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "ttft.png", dpi=120)
-        plt.close(fig)
+        _save(plt, fig, ax, out / "ttft.png", legend_size=8)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for server in servers:
@@ -527,10 +524,7 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens / s")
     ax.set_title("Throughput vs concurrency")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, out / "throughput.png")
 
     top = max(args.concurrency)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -549,9 +543,13 @@ def _plots(out: Path, rows: list[dict], levels: list[LevelResult], args) -> None
                     linestyle=":", label="unmodified: running requests x10")
     ax.set_xlabel("seconds")
     ax.set_title(f"KV usage over time ({top} clients)")
-    ax.legend(fontsize=7)
+    _save(plt, fig, ax, out / "kv_usage.png", legend_size=7)
+
+
+def _save(plt, fig, ax, path: Path, legend_size=None) -> None:
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(out / "kv_usage.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
