@@ -584,9 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     from kvslimmer_vllm.core.config import OBSERVE_MODES
 
     preset = dict(PRESETS[args.preset])
+    preset_observe = preset.pop("observe", ("progressive", "prompt-end"))
     if args.observe is None:
-        args.observe = ",".join(preset.pop("observe", ("progressive", "prompt-end")))
-    preset.pop("observe", None)
+        args.observe = ",".join(preset_observe)
     modes = [m.strip() for m in args.observe.split(",") if m.strip()]
     bad = [m for m in modes if m not in (*OBSERVE_MODES, OFF)]
     if bad or not modes or len(set(modes)) != len(modes):
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args.observe = modes
     if args.base_url and args.vllm_flag:
         parser.error("--vllm-flag only applies to servers the benchmark starts")
-    args.decode_check = True
+    args.decode_check = preset.pop("decode_check", True)
     for key, value in preset.items():
         setattr(args, key, value)
 

@@ -91,6 +91,14 @@ def _triton_module(name: str):
         return None
 
 
+def _cpu_ops(tensor: torch.Tensor):
+    """``torch.ops.kvslimmer`` for a CPU ``tensor`` when the extension is built and the
+    reference is not forced; else None (for ops that take any dtype)."""
+    if tensor.device.type != "cpu" or _forced_reference():
+        return None
+    return _cpp_ops()
+
+
 def _triton_attention():
     module = _triton_module("paged_attention")
     return None if module is None else module.paged_attention
@@ -181,8 +189,8 @@ def write_tokens(kv, key, value, slots, positions, counts=None, slot_positions=N
     same = key.dtype == kv.dtype and value.dtype == kv.dtype
     if backend == "triton" and same:
         _triton_round().write_tokens(*args)
-    elif kv.device.type == "cpu" and same and not _forced_reference() and _cpp_ops() is not None:
-        _cpp_ops().write_tokens(*args)  # any cache dtype (rows are copied as bytes)
+    elif same and _cpu_ops(kv) is not None:
+        _cpu_ops(kv).write_tokens(*args)  # any cache dtype (rows are copied as bytes)
     else:
         _paged_ref.write_tokens(*args)
 
@@ -263,11 +271,10 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
     CUDA when ``rows``, the round's ``[L, N, Hkv, 2D]`` gathered copy of the slots, is
     given; the reference elsewhere)."""
     args = (kvs, slots, source, start, merged_slots, merged_keys, merged_values)
-    cpu = kvs[0].device.type == "cpu"
     if round_backend_name(kvs[0]) == "triton" and rows is not None:
         _triton_round().compact_rows(*args, rows)
-    elif cpu and not _forced_reference() and _cpp_ops() is not None:  # any cache dtype
-        _cpp_ops().compact_rows(*args)
+    elif _cpu_ops(kvs[0]) is not None:  # any cache dtype
+        _cpu_ops(kvs[0]).compact_rows(*args)
     else:
         _paged_ref.compact_rows(*args)
 
@@ -290,9 +297,8 @@ def paged_slot_scores(slots, layers, mass, *, sink: int, recent: int, pool: int 
                       ) -> torch.Tensor:
     """:func:`kvslimmer_vllm.core.paged.slot_scores` (the C++ op for a float32 CPU mass
     state: read through the slot ids, nothing gathered)."""
-    if (mass.device.type == "cpu" and mass.dtype == torch.float32 and not _forced_reference()
-            and _cpp_ops() is not None):
-        return _cpp_ops().slot_scores(slots, layers, mass, sink, recent, pool)
+    if mass.dtype == torch.float32 and _cpu_ops(mass) is not None:
+        return _cpu_ops(mass).slot_scores(slots, layers, mass, sink, recent, pool)
     return _paged_ref.slot_scores(slots, layers, mass, sink=sink, recent=recent, pool=pool)
 
 
