@@ -38,7 +38,7 @@ one output token, on unmodified vLLM and the merging server with merging off, in
 progressive and in prompt-end mode, four prompts, each on every arm in turn; the ratio
 table then compares medians over the four.
 
-    python benchmarks/serve_bench.py --preset ttft   # about 8 minutes on 2 cores
+    python benchmarks/serve_bench.py --preset ttft   # about 5 minutes on 2 cores
 """
 
 from __future__ import annotations
