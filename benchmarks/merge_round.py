@@ -18,6 +18,10 @@ freeing ``k``, over every layer of the model:
 * ``reference stats``: the gathered path with the Hessian statistics' value spread
   computed by the torch reference (``core.stats.value_spread``) instead of the kernel
   (``kernels.value_spread``: the C++ op on CPU; on CUDA both are the reference);
+* ``one by one``: the gathered path with a protected method's sub-rounds run one layer
+  after another (``core.merge.merge_rounds``, the round kernels still used) instead of
+  every layer in lock step (``kernels.lockstep``, what a gathered round runs); for
+  methods without protected slots the same as ``gathered``;
 * ``reduced``: the engine's path with a score reduction set, as under tensor parallelism
   (here the identity, one rank's sum): the reduction runs between each sub-round's
   statistics and its choice, so ``snapmerge`` runs its layers' sub-rounds from Python one
@@ -114,6 +118,22 @@ def _reference_spread():
 
 
 @contextlib.contextmanager
+def _one_by_one():
+    """Protected sub-rounds one layer after another (the lock step off)."""
+    from kvslimmer_vllm.core.merge import merge_rounds
+    from kvslimmer_vllm.methods import kvslimmer as module
+
+    def layer_by_layer(*args, row_selector=None, **kwargs):
+        return merge_rounds(*args, **kwargs)
+
+    saved, module.merge_rounds = module.merge_rounds, layer_by_layer
+    try:
+        yield
+    finally:
+        module.merge_rounds = saved
+
+
+@contextlib.contextmanager
 def _reduced(method):
     """A score reduction set, as the engine sets one under tensor parallelism."""
     method.score_reduce = lambda scores: scores + 0.0
@@ -137,6 +157,8 @@ def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
         contexts.enter_context(_gathered(method))
     if arm == "reference stats":
         contexts.enter_context(_reference_spread())
+    if arm == "one by one":
+        contexts.enter_context(_one_by_one())
     try:
         with contexts:
             if device.type == "cuda":
@@ -163,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     inv_freq = default_inv_freq(shape["head_dim"], 500000.0)
     rotary = RotarySpec(shape["head_dim"], True,
                         cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
-    arms = ("engine", "gathered", "per layer", "reference stats", "reduced")
+    arms = ("engine", "gathered", "per layer", "reference stats", "one by one", "reduced")
     rows = []
     for num_slots, num_merge, observe in CASES:
         n_blocks = math.ceil(num_slots / BLOCK)
@@ -200,22 +222,24 @@ def main(argv: list[str] | None = None) -> int:
             for arm in (arms if repeat % 2 == 0 else arms[::-1]):
                 s, k = _copy(state, kvs)
                 times[arm].append(_run(s, k, rotary, plan, method, arm, device))
-        engine, batched, single, reference, reduced = (statistics.median(times[a]) * 1e3
-                                                       for a in arms)
+        engine, batched, single, reference, serial, reduced = (
+            statistics.median(times[a]) * 1e3 for a in arms)
         rows.append((num_slots, num_merge, observe, engine, batched, single, reference,
-                     reduced))
+                     serial, reduced))
         print(f"[merge_round] N={num_slots} k={num_merge} {observe}: engine {engine:.1f} ms, "
               f"gathered {batched:.1f} ms, per layer {single:.1f} ms, reference stats "
-              f"{reference:.1f} ms, reduced {reduced:.1f} ms", file=sys.stderr, flush=True)
+              f"{reference:.1f} ms, one by one {serial:.1f} ms, reduced {reduced:.1f} ms",
+              file=sys.stderr, flush=True)
     lines = [
         f"# One merge round over {shape['layers']} layers ({args.method}, {device.type})", "",
         "| slots N | freed k | observe | engine (ms) | gathered (ms) | gathered / engine "
         "| per layer (ms) | per layer / gathered | reference stats (ms) "
-        "| reference stats / gathered | reduced (ms) | reduced / engine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| reference stats / gathered | one by one (ms) | one by one / gathered "
+        "| reduced (ms) | reduced / engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {n} | {k} | {o} | {e:.1f} | {b:.1f} | {b / e:.2f} | {p:.1f} | {p / b:.2f} | "
-          f"{r:.1f} | {r / b:.2f} | {t:.1f} | {t / e:.2f} |"
-          for n, k, o, e, b, p, r, t in rows), "",
+          f"{r:.1f} | {r / b:.2f} | {q:.1f} | {q / b:.2f} | {t:.1f} | {t / e:.2f} |"
+          for n, k, o, e, b, p, r, q, t in rows), "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- shapes: Hkv {shape['kv_heads']}, D {shape['head_dim']}, {shape['dtype']}, "
         f"block {BLOCK}; medians of {args.repeats} interleaved repeats; progressive: one "

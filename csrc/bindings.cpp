@@ -12,6 +12,8 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor seq_lens, Tensor query_start_loc, float scale, int block_size, "
       "Tensor(a!)? mass, Tensor? observed=None) -> Tensor");
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
+  m.def("select_pairs_rows(Tensor scores, Tensor lengths, Tensor ks) -> Tensor",
+        &kvslimmer::select_pairs_rows);
   m.def("keep_set(Tensor scores, int k) -> Tensor", &kvslimmer::keep_set);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);

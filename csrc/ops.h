@@ -36,6 +36,11 @@ at::Tensor paged_attention_meta(const at::Tensor& query, const at::Tensor& kv,
 // torch.ops.kvslimmer.select_pairs, any device (csrc/cpu/select_pairs.cpp).
 at::Tensor select_pairs(const at::Tensor& scores, int64_t k);
 
+// torch.ops.kvslimmer.select_pairs_rows, any device (csrc/cpu/select_pairs.cpp): row r of the
+// [L, max(ks)] result (padded with -1) is select_pairs(scores[r, :lengths[r]], ks[r]).
+at::Tensor select_pairs_rows(const at::Tensor& scores, const at::Tensor& lengths,
+                             const at::Tensor& ks);
+
 // torch.ops.kvslimmer.keep_set, any device (csrc/cpu/select_pairs.cpp): [L, M] bool, the
 // largest set of each row's highest scores whose complement frees k slots by collapsing its
 // runs, as kvslimmer_vllm.core.merge.keep_set.

@@ -20,6 +20,11 @@ pyyaml and numpy: no vLLM, no pydantic, no model weights, no network, no install
    selection (on the host) is timed on its own as well. On CUDA each round's peak
    allocation (the allocator's statistics, plus the gathered copy) is checked against
    what the engine reserves for it (:mod:`kvslimmer_vllm.engine.memory`).
+4. SnapMerge's gathered round (protected slots, sub-rounds sized per layer), 8K slots to
+   2K over 32 layers with the Triton round kernels: every layer in lock step
+   (:mod:`kvslimmer_vllm.kernels.lockstep`, what the engine runs) against one layer after
+   another (the ``core.merge`` reference): times, host round trips (pair selections), the
+   selection's own time, and whether both chose the same slots.
 
 Without CUDA the same runs on CPU tensors with the Triton kernel under Triton's
 interpreter (``TRITON_INTERPRET=1``) at small shapes: a smoke test, not a measurement.
@@ -61,6 +66,7 @@ from kvslimmer_vllm.core.merge import (  # noqa: E402
     DEFAULT_GAMMA,
     MergeResult,
     merge_rounds,
+    slot_scores,
     subround_sizes,
 )
 from kvslimmer_vllm.core.merge import merge_pairs as merge_pairs_reference  # noqa: E402
@@ -104,6 +110,11 @@ class Profile:
     attention_repeats: int
     merge_repeats: int
     tolerance: float  # largest accepted |Triton - SDPA| of an output element
+    # SnapMerge's protected round: (layers, slots, to slots), timed runs. Its pair choices
+    # run on the host, in Python where the C++ op is not loadable (~0.1 s per layer and
+    # sub-round at 16K slots), hence its own, smaller case.
+    protected_case: tuple[int, int, int] = (4, 1024, 256)
+    protected_repeats: int = 1
 
 
 # 8B-class (Llama-3-8B: 32 query and 8 KV heads of 128) on CUDA.
@@ -111,7 +122,7 @@ CUDA_PROFILE = Profile(
     q_heads=32, kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16,
     slots=(4096, 8192, 16384, 32768), decode_requests=8, prefill_rows=512,
     merge_slots=16384, merge_targets=(8192, 2048), merge_layers=(1, 32),
-    attention_repeats=15, merge_repeats=3, tolerance=1e-2,
+    attention_repeats=15, merge_repeats=3, tolerance=1e-2, protected_case=(32, 8192, 2048),
 )
 # Small enough for the interpreter (seconds per call, not minutes).
 CPU_PROFILE = Profile(
@@ -338,15 +349,17 @@ def attention_row(kernel, p: Profile, case: tuple, device: torch.device, seed: i
 
 
 class TimedSelector:
-    """A pair selector that adds up the seconds spent in it (it runs on the host)."""
+    """A pair selector that adds up the seconds spent in it (it runs on the host) and
+    counts its calls (host round trips)."""
 
     def __init__(self, select):
-        self.select, self.seconds = select, 0.0
+        self.select, self.seconds, self.calls = select, 0.0, 0
 
-    def __call__(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+    def __call__(self, *args):
         started = time.perf_counter()
+        self.calls += 1
         try:
-            return self.select(scores, k)
+            return self.select(*args)
         finally:
             self.seconds += time.perf_counter() - started
 
@@ -414,6 +427,52 @@ def engine_round(state: tuple, k: int, rotary: RotarySpec, selector, kit: RoundK
     kit.compact(caches, slots, result.source, result.first_changed, result.merged_slots,
                 result.merged_keys, result.merged_values, rows)
     return result
+
+
+def protected_row(p: Profile, layers: int, n: int, target: int, device: torch.device,
+                  seed: int, triton_round) -> dict:
+    """SnapMerge's gathered round from ``n`` slots to ``target`` (keep set of
+    pooled mass, sub-rounds of at most a quarter of the mergeable slots, as prompt-end
+    runs it): all layers in lock step vs one layer after another, on the same gathered
+    rows with the Triton kernels; both must choose the same slots."""
+    k = n - target
+    inv_freq = default_inv_freq(p.head_dim, ROPE_THETA)
+    rotary = RotarySpec(p.head_dim, True,
+                        cos_sin_cache=build_cos_sin_cache(inv_freq, 1 << 17).to(device))
+    kit = triton_round_kernels(triton_round)
+    caches, slots, counts, positions, hess, mass = merge_state(
+        dataclasses.replace(p, merge_slots=n), layers, device, seed)
+    rows = kit.gather(caches, slots, torch.empty(layers, n, p.kv_heads, 2 * p.head_dim,
+                                                 device=device, dtype=p.dtype))
+    protect = torch.zeros(layers, n, dtype=torch.bool, device=device)
+    protect[:, SINK:n - RECENT] = kernels.keep_set(
+        slot_scores(mass, sink=SINK, recent=RECENT, pool=7), k)
+    dim = p.head_dim
+    args = (rows[..., :dim], rows[..., dim:], counts, positions, hess, mass)
+    settings = dict(protect=protect, sink=SINK, recent=RECENT, k=k, max_fraction=0.25,
+                    round_idx=1, gamma=DEFAULT_GAMMA, eps=DEFAULT_EPS, rotary=rotary, pool=7,
+                    spread=kit.spread, pair_merge=kit.pair_merge)
+    rows_select = TimedSelector(kernels.select_pairs_rows)
+    one_select = TimedSelector(kernels.select_pairs)
+    arms = {
+        "lock step": lambda: kernels.merge_rounds(*args, row_selector=rows_select,
+                                                  **settings),
+        "one by one": lambda: merge_rounds(*args, selector=one_select, **settings),
+    }
+    results = {name: arm() for name, arm in arms.items()}  # the check, and the warm-up
+    synchronize(device)
+    trips = {"lock step": rows_select.calls, "one by one": one_select.calls}
+    a, b = results["lock step"], results["one by one"]
+    ok = (torch.equal(a.source, b.source) and torch.equal(a.merged_slots, b.merged_slots)
+          and torch.equal(a.counts, b.counts) and torch.equal(a.positions, b.positions)
+          and bool(((a.merged_keys.float() - b.merged_keys.float()).abs()
+                    <= 10 * p.tolerance).float().mean() >= 1 - MERGE_MISMATCH_FRACTION))
+    rows_select.seconds = one_select.seconds = 0.0
+    times = median_ms_host(arms, p.protected_repeats, sync=lambda: synchronize(device))
+    return dict(layers=layers, slots=n, target=target, trips=trips,
+                lock_ms=times["lock step"], serial_ms=times["one by one"],
+                lock_select_ms=rows_select.seconds * 1e3 / p.protected_repeats,
+                serial_select_ms=one_select.seconds * 1e3 / p.protected_repeats, ok=ok)
 
 
 def merge_result_ok(state: tuple, result: MergeResult, k: int, tolerance: float,
@@ -556,6 +615,38 @@ def merge_table(rows: list[dict], p: Profile) -> list[str]:
     return lines
 
 
+def protected_table(rows: list[dict], p: Profile) -> list[str]:
+    """Markdown section of SnapMerge's protected rounds."""
+    lines = [
+        "## SnapMerge's gathered round: every layer in lock step vs one after another", "",
+        f"One request's gathered slots (Hkv {p.kv_heads}, D {p.head_dim}, "
+        f"{str(p.dtype).removeprefix('torch.')}), SnapMerge's keep set (pooled mass, pool "
+        "7) protected, sub-rounds of at most 25% of a layer's mergeable slots, each layer "
+        "sized by its own mask; Triton round kernels in both. Lock step: "
+        "kernels.lockstep (one host round trip per sub-round for all layers); one by one: "
+        "core.merge.merge_rounds (a round trip per layer and sub-round). Round trips = "
+        f"pair selections on the host ({selector_name()}), timed on their own; the last "
+        "ratio leaves them out (the same choices, made row by row either way). Median ms "
+        f"of {p.protected_repeats} run(s); ok: both chose the same slots and merged them "
+        "alike.", "",
+        "| method | layers | slots | to slots | round trips lock step / one by one "
+        "| lock step (ms) | one by one (ms) | lock step / one by one "
+        "| of which selection (ms) | without selection: lock step / one by one | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rest = ((r["lock_ms"] - r["lock_select_ms"])
+                / max(r["serial_ms"] - r["serial_select_ms"], 1e-9))
+        lines.append(
+            f"| snapmerge | {r['layers']} | {r['slots']} | {r['target']} "
+            f"| {r['trips']['lock step']} / {r['trips']['one by one']} "
+            f"| {fmt_ms(r['lock_ms'])} | {fmt_ms(r['serial_ms'])} "
+            f"| {r['lock_ms'] / r['serial_ms']:.2f} "
+            f"| {fmt_ms(r['lock_select_ms'])} / {fmt_ms(r['serial_select_ms'])} "
+            f"| {rest:.2f} | {'yes' if r['ok'] else 'NO'} |")
+    return lines
+
+
 def fmt_mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
@@ -596,20 +687,25 @@ def header(device: torch.device, tests: dict | None, passed: bool) -> list[str]:
     return lines
 
 
-def all_passed(tests: dict | None, attention: list, merges: list) -> bool:
+def all_passed(tests: dict | None, attention: list, merges: list,
+               protected: list = ()) -> bool:
     """Whether the tests (if run) and every benchmark check passed."""
-    return ((tests is None or tests["ok"]) and all(r["ok"] for r in attention + merges)
+    return ((tests is None or tests["ok"])
+            and all(r["ok"] for r in [*attention, *merges, *protected])
             and all(r["memory_ok"] for r in merges))
 
 
-def report(device, p: Profile, tests, attention: list, merges: list, notes: list) -> str:
+def report(device, p: Profile, tests, attention: list, merges: list, protected: list,
+           notes: list) -> str:
     """The whole markdown report."""
-    lines = header(device, tests, all_passed(tests, attention, merges))
+    lines = header(device, tests, all_passed(tests, attention, merges, protected))
     lines += [f"- note: {note}" for note in notes]
     if attention:
         lines += ["", *attention_table(attention, p)]
     if merges:
         lines += ["", *merge_table(merges, p)]
+    if protected:
+        lines += ["", *protected_table(protected, p)]
     return "\n".join(lines) + "\n"
 
 
@@ -622,10 +718,11 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
     kernel = load_triton_module("paged_attention", interpret=device.type != "cuda")
     triton_round = load_triton_module("round", interpret=device.type != "cuda")
     deadline = time.monotonic() + budget_s
-    attention, merges = [], []
+    attention, merges, protected = [], [], []
     jobs = [("attention", case) for case in attention_cases(p)]
     jobs += [("merge", (layers, target)) for layers in p.merge_layers
              for target in p.merge_targets]
+    jobs += [("protected", p.protected_case)]
     for seed, (kind, job) in enumerate(jobs):
         if time.monotonic() > deadline:
             notes.append(f"{kind} {job} not run: time budget of {budget_s:.0f} s spent")
@@ -639,6 +736,13 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
                 f"{k} {fmt_ms(v)} ms" for k, v in row["times"].items())
                 + f", max abs err {row['max_err']:.2e}, mass err {row['mass_err']:.1e}"
                 + ("" if row["ok"] else " DISAGREE"))
+        elif kind == "protected":
+            row = protected_row(p, *job, device, seed, triton_round)
+            protected.append(row)
+            say(f"snapmerge round {row['layers']} layers {row['slots']} -> {row['target']}: "
+                f"lock step {fmt_ms(row['lock_ms'])} ms ({row['trips']['lock step']} round "
+                f"trips), one by one {fmt_ms(row['serial_ms'])} ms "
+                f"({row['trips']['one by one']})" + ("" if row["ok"] else " DISAGREE"))
         else:
             row = merge_row(p, *job, device, seed, triton_round)
             merges.append(row)
@@ -652,7 +756,7 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
         say(f"  ({time.perf_counter() - started:.1f} s)")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return attention, merges
+    return attention, merges, protected
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -681,14 +785,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         say(CPU_NOTICE)
     tests = None if args.bench_only else run_tests(args.tests_timeout_s)
-    notes, attention, merges = [], [], []
+    notes, attention, merges, protected = [], [], [], []
     if not args.tests_only:
-        attention, merges = run_benchmarks(profile, device, args.bench_budget_s, notes)
-    text = report(device, profile, tests, attention, merges, notes)
+        attention, merges, protected = run_benchmarks(profile, device, args.bench_budget_s,
+                                                      notes)
+    text = report(device, profile, tests, attention, merges, protected, notes)
     (out / "device_check.md").write_text(text, encoding="utf-8")
     print(text, flush=True)
     say(f"report written to {out / 'device_check.md'}")
-    return 0 if all_passed(tests, attention, merges) else 1
+    return 0 if all_passed(tests, attention, merges, protected) else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 #   3. one merge round as the engine runs it on a paged cache (gather, core.merge_rounds,
 #      write-back), 16K slots to 8K and to 2K, for 1 and 32 layers: PyTorch ops vs the
 #      Triton round kernels (triton_kernels/round.py), side by side, caches compared,
-#      and each round's peak CUDA allocation against the engine's reservation for it.
+#      and each round's peak CUDA allocation against the engine's reservation for it,
+#   4. SnapMerge's gathered round, 8K slots to 2K over 32 layers: every layer's protected
+#      sub-rounds in lock step (kernels/lockstep.py) vs one layer after another.
 # Without CUDA the same runs on CPU, Triton under its interpreter, at small shapes (a smoke
 # test of this script, said so in its output).
 #

@@ -111,3 +111,14 @@ def test_cpu_smoke_mode_writes_every_row(tmp_path):
         layers, slots = int(row[0]), int(row[1])
         reserved = layers * slots * 4 * footprint_per_slot(1, 64, torch.float32, False)
         assert row[9:] == ["- / -", f"{reserved / 2**20:.1f}", "yes"], row
+
+    # SnapMerge's protected round: lock step vs one layer after another, same slots chosen,
+    # one host round trip per sub-round instead of one per layer and sub-round.
+    (snap,) = _table(markdown, lambda cell: cell == "snapmerge")
+    assert (int(snap[1]), int(snap[2]), int(snap[3])) == (4, 1024, 256), snap
+    lock_trips, serial_trips = (int(t) for t in snap[4].split(" / "))
+    assert 1 <= lock_trips < serial_trips <= 4 * lock_trips, snap
+    lock_ms, serial_ms = _number(snap[5]), _number(snap[6])
+    assert lock_ms > 0 and serial_ms > 0, snap
+    assert _number(snap[7]) == pytest.approx(lock_ms / serial_ms, rel=0.02, abs=0.01), snap
+    assert _number(snap[9]) > 0 and snap[10] == "yes", snap

@@ -1,6 +1,8 @@
-"""The merge-round benchmark runs its five paths (the engine's, gathered layer batches,
-gathered per layer, reference value spread, the engine's with a score reduction), checks
-they leave the same cache, and writes its table."""
+"""The merge-round benchmark runs its six paths (the engine's, gathered layer batches,
+gathered per layer, reference value spread, protected sub-rounds one layer after another,
+the engine's with a score reduction), checks they leave the same cache, and writes its
+table. It runs SnapMerge, so the in-place C++ round, the lock step of the gathered rounds and
+the layer-by-layer reference must all agree."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_merge_round_benchmark_writes_a_row_per_case(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "merge_round.py"), "--repeats", "1",
+        [sys.executable, str(ROOT / "benchmarks" / "merge_round.py"), "--repeats", "1", "--method", "snapmerge",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
@@ -24,5 +26,6 @@ def test_merge_round_benchmark_writes_a_row_per_case(tmp_path):
         (1006, 256, "progressive"), (1124, 374, "progressive"), (3104, 1024, "progressive"),
         (879, 129, "prompt-end"), (3000, 2250, "prompt-end")]
     for row in rows:
-        # engine, gathered, per layer, reference-stats and reduced times, and the ratios
-        assert len(row) == 12 and all(float(row[i]) > 0 for i in range(3, 12))
+        # engine, gathered, per layer, reference-stats, one-by-one and reduced times, and
+        # the ratios
+        assert len(row) == 14 and all(float(row[i]) > 0 for i in range(3, 14))

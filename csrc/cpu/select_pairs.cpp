@@ -14,6 +14,9 @@
 // ordered by the same key reproduces it. Values are float64 and the replacement value is
 // evaluated as (l + r) - x, as in Python.
 //
+// torch.ops.kvslimmer.select_pairs_rows: select_pairs on each row's own first lengths[r] scores
+// with its own ks[r] (layers in lock step whose regions and steps differ), padded with -1.
+//
 // torch.ops.kvslimmer.keep_set: SnapMerge's keep set (kvslimmer_vllm.core.merge.keep_set).
 // The reference binary-searches the number d of lowest-scoring slots to drop; here one sort
 // and one pass per row: dropping the slots in ascending order, each dropped slot adds one to
@@ -125,6 +128,49 @@ at::Tensor select_pairs(const at::Tensor& scores, int64_t k) {
     for (int64_t row = begin; row < end; ++row) {
       std::vector<double> value(data + row * n, data + (row + 1) * n);
       select_row(value, k, out + row * k);
+    }
+  });
+  return scores.device().is_cpu() ? result : result.to(scores.device());
+}
+
+at::Tensor select_pairs_rows(const at::Tensor& scores, const at::Tensor& lengths,
+                             const at::Tensor& ks) {
+  TORCH_CHECK_VALUE(scores.dim() == 2, "scores must be [L, P] (one row per layer), got shape ",
+                    scores.sizes());
+  const int64_t rows = scores.size(0), width = scores.size(1);
+  TORCH_CHECK_VALUE(lengths.dim() == 1 && lengths.size(0) == rows && ks.sizes() == lengths.sizes(),
+                    "lengths and ks must be [", rows, "] (one per row), got shapes ",
+                    lengths.sizes(), " and ", ks.sizes());
+  const at::Tensor values_t =
+      scores.detach().to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/false)
+          .contiguous();
+  const at::Tensor n_t = lengths.to(at::kCPU, at::kLong).contiguous();
+  const at::Tensor k_t = ks.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* n_of = n_t.data_ptr<int64_t>();
+  const int64_t* k_of = k_t.data_ptr<int64_t>();
+  const double* data = values_t.data_ptr<double>();
+  int64_t widest = 0;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t n = n_of[row], k = k_of[row];
+    TORCH_CHECK_VALUE(n >= 0 && n <= width, "lengths[", row, "]=", n, " must be in [0, ",
+                      width, "] (the scores' width)");
+    // 2k > M = n + 1 written without overflow: k > floor(M / 2).
+    TORCH_CHECK_VALUE(k >= 0 && k <= (n + 1) / 2, "ks[", row, "]=", k,
+                      ": cannot choose that many non-overlapping pairs among M=", n + 1,
+                      " slots (need 0 <= 2k <= M)");
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(data[row * width + i]), "pair scores must be finite (row ",
+                        row, ", pair ", i, ")");
+    }
+    widest = std::max(widest, k);
+  }
+  at::Tensor result = at::full({rows, widest}, -1, at::TensorOptions().dtype(at::kLong));
+  int64_t* out = result.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      if (k_of[row] == 0) continue;
+      std::vector<double> value(data + row * width, data + row * width + n_of[row]);
+      select_row(value, k_of[row], out + row * widest);
     }
   });
   return scores.device().is_cpu() ? result : result.to(scores.device());

@@ -17,7 +17,7 @@ from .rope import (
     linear_scaled_inv_freq,
     rope_cos_sin,
 )
-from .select import pair_scores, select_pairs
+from .select import pair_scores, select_pairs, select_pairs_rows
 from .stats import (
     cross_hessian, hessian_stats, normalize_mass, recover_d, smooth_hessian, value_spread,
 )
@@ -45,6 +45,7 @@ __all__ = [
     "recover_d",
     "rope_cos_sin",
     "select_pairs",
+    "select_pairs_rows",
     "slot_ids",
     "smooth_hessian",
 ]

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["pair_scores", "pool_mass", "select_pairs"]
+__all__ = ["pair_scores", "pool_mass", "select_pairs", "select_pairs_rows"]
 
 
 def pool_mass(mass: torch.Tensor, width: int) -> torch.Tensor:
@@ -148,3 +148,35 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
         if alive[node]:
             settle(node, taken=False)
     return torch.tensor(sorted(chosen), dtype=torch.int64, device=scores.device)
+
+
+def select_pairs_rows(scores: torch.Tensor, lengths, ks) -> torch.Tensor:
+    """:func:`select_pairs` of each row on its own first ``lengths[r]`` scores with its own
+    ``ks[r]`` (layers in lock step whose mergeable regions and steps differ).
+
+    Args:
+        scores: ``[L, P]`` pair scores; entries at or past a row's length are ignored.
+        lengths: ``[L]`` pair scores in use per row, each in ``[0, P]``.
+        ks: ``[L]`` pairs to choose per row (``0 <= 2 ks[r] <= lengths[r] + 1``).
+
+    Returns:
+        ``[L, max(ks)]`` int64 on ``scores``' device: row ``r`` holds its ``ks[r]`` left
+        indices ascending, then ``-1``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [L, P] (one row per layer), got shape "
+                         f"{tuple(scores.shape)}")
+    lengths, ks = torch.as_tensor(lengths).tolist(), torch.as_tensor(ks).tolist()
+    if len(lengths) != scores.shape[0] or len(ks) != scores.shape[0]:
+        raise ValueError(f"lengths and ks must be [{scores.shape[0]}] (one per row), got "
+                         f"{len(lengths)} and {len(ks)}")
+    out = torch.full((scores.shape[0], max(ks, default=0)), -1, dtype=torch.int64)
+    for row, (n, k) in enumerate(zip(lengths, ks)):
+        if not 0 <= n <= scores.shape[1]:
+            raise ValueError(f"lengths[{row}]={n} must be in [0, {scores.shape[1]}] (the "
+                             "scores' width)")
+        if not 0 <= 2 * k <= n + 1:
+            raise ValueError(f"ks[{row}]={k}: cannot choose that many non-overlapping pairs "
+                             f"among M={n + 1} slots (need 0 <= 2k <= M)")
+        out[row, :k] = select_pairs(scores[row, :n], k)
+    return out.to(scores.device)

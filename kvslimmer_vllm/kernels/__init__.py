@@ -4,6 +4,7 @@
 |-----------------------------------|--------------------------------|-----------------------------|
 | ``core.paged.paged_attention``    | Triton ``paged_attention.py``  | C++ op ``kvslimmer._C`` (*) |
 | ``core.select.select_pairs``      | C++ op (host)                  | C++ op                      |
+| ``core.select.select_pairs_rows`` | C++ op (host)                  | C++ op                      |
 | ``core.merge.keep_set``           | C++ op (host)                  | C++ op                      |
 | ``core.paged.slot_scores``        | reference                      | C++ op                      |
 | ``core.stats.value_spread``       | Triton ``round.py``            | C++ op                      |
@@ -11,6 +12,8 @@
 | ``core.paged.compact_rows``       | Triton ``round.py`` (**)       | C++ op                      |
 | ``core.paged.gather_rows``        | Triton ``round.py``            | reference (index_select)    |
 | ``core.paged.write_tokens``       | Triton ``round.py``            | C++ op                      |
+| ``core.merge.merge_rounds``       | ``lockstep.py`` with protected | the same (gathered rounds)  |
+|                                   | slots (****), else reference   |                             |
 | ``core.paged.paged_merge_round``  | reference                      | C++ ops (***)               |
 | ``core.paged.paged_drop``         | reference                      | C++ ``compact_rows`` (***)  |
 
@@ -22,6 +25,9 @@ surviving rows from that copy, so moving rows inside a cache cannot race.
 the paged caches in place (no gathered copy), pairs chosen by ``select_pairs`` in between;
 an eviction chosen from the slots' state alone and compacted where the slots live;
 :func:`paged_round_backend_name` says whether a cache runs them.
+(****) Every layer's protected sub-rounds in lock step, each layer at its own size: one
+host round trip per sub-round instead of one per layer and sub-round (PyTorch ops plus the
+round kernels above).
 
 When a kernel is unavailable (the C++ extension did not build, Triton is missing) the
 ``core`` reference runs instead and a notice is logged once. ``KVSLIMMER_KERNELS=reference``
@@ -41,6 +47,7 @@ from kvslimmer_vllm.core import merge as _merge_ref
 from kvslimmer_vllm.core import paged as _paged_ref
 from kvslimmer_vllm.core import select as _select_ref
 from kvslimmer_vllm.core import stats as _stats_ref
+from kvslimmer_vllm.kernels import lockstep as _lockstep
 
 logger = logging.getLogger("vllm.kvslimmer.kernels")
 ENV = "KVSLIMMER_KERNELS"
@@ -48,10 +55,10 @@ CPU_ISA_ENV = "KVSLIMMER_CPU_ISA"
 CPU_ISAS = ("avx512", "avx2", "portable")
 
 __all__ = ["attention_backend_name", "check_cpu_isa_setting", "compact_rows", "cpu_isa",
-           "gather_rows", "keep_set", "merge_pairs", "paged_attention", "paged_drop",
-           "paged_merge_round", "paged_round_backend_name", "paged_slot_scores",
-           "round_backend_name", "select_pairs", "shift_table", "value_spread",
-           "write_tokens"]
+           "gather_rows", "keep_set", "merge_pairs", "merge_rounds", "paged_attention",
+           "paged_drop", "paged_merge_round", "paged_round_backend_name", "paged_slot_scores",
+           "round_backend_name", "select_pairs", "select_pairs_rows", "shift_table",
+           "value_spread", "write_tokens"]
 
 #: Cache dtypes the Triton round kernels take.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -227,6 +234,16 @@ def select_pairs(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ops.select_pairs(scores.detach().to("cpu", torch.float64), k).to(scores.device)
 
 
+def select_pairs_rows(scores: torch.Tensor, lengths, ks) -> torch.Tensor:
+    """:func:`kvslimmer_vllm.core.select.select_pairs_rows` (the C++ op when built: rows in
+    parallel)."""
+    ops = None if _forced_reference() else _cpp_ops()
+    if ops is None:
+        return _select_ref.select_pairs_rows(scores, lengths, ks)
+    return ops.select_pairs_rows(scores.detach().to("cpu", torch.float64),
+                                 torch.as_tensor(lengths), torch.as_tensor(ks)).to(scores.device)
+
+
 def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
     """:func:`kvslimmer_vllm.core.merge.keep_set` (the C++ op when built: one sort and one
     pass per layer instead of a binary search over torch ops)."""
@@ -234,6 +251,18 @@ def keep_set(scores: torch.Tensor, k: int) -> torch.Tensor:
     if ops is None:
         return _merge_ref.keep_set(scores, k)
     return ops.keep_set(scores, k)
+
+
+def merge_rounds(keys, values, counts, positions, hess, mass, *, protect=None,
+                 selector=select_pairs, row_selector=select_pairs_rows, **kwargs):
+    """:func:`kvslimmer_vllm.core.merge.merge_rounds` for gathered slots (any device). With
+    ``protect`` every layer's sub-rounds run in lock step (:mod:`.lockstep`: one host round
+    trip per sub-round for all layers, the pairs chosen by ``row_selector``) instead of one
+    layer after another (the reference, with ``selector``, when forced)."""
+    args = (keys, values, counts, positions, hess, mass)
+    if protect is None or _forced_reference():
+        return _merge_ref.merge_rounds(*args, protect=protect, selector=selector, **kwargs)
+    return _lockstep.protected_rounds(*args, protect, row_selector=row_selector, **kwargs)
 
 
 def shift_table(rotary, delta: torch.Tensor, dtype: torch.dtype):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kvslimmer_vllm.core.merge import MergeResult, merge_rounds, slot_scores
+from kvslimmer_vllm.core.merge import MergeResult, slot_scores
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.kernels import (
-    keep_set, merge_pairs, paged_merge_round, paged_slot_scores, select_pairs, value_spread,
+    keep_set, merge_pairs, merge_rounds, paged_merge_round, paged_slot_scores, select_pairs,
+    select_pairs_rows, value_spread,
 )
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
@@ -15,7 +16,8 @@ from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, regis
 def _kernels() -> dict:
     """The device's kernels for a round's pair choice, value spread and pair merge (looked
     up when called, so a benchmark may swap one)."""
-    return dict(selector=select_pairs, spread=value_spread, pair_merge=merge_pairs)
+    return dict(selector=select_pairs, row_selector=select_pairs_rows, spread=value_spread,
+                pair_merge=merge_pairs)
 
 
 @register

@@ -113,7 +113,7 @@ def test_a_rounds_peak_allocation_stays_within_its_reservation(path, heads, monk
     peaks = {}
     for method, freed, max_fraction, pool in ROUNDS:
         if path == "gathered" and method == "snapmerge":
-            continue  # its composed sub-rounds take at most half of kvslimmer's (and 3 s here)
+            continue  # its lock-step round: the test below
         state, caches, blocks = _round_request(layers, heads, n, seed=len(method))
         impl = get_method(KVMergeConfig(method=method, sink=8, recent=16))
         if path != "in place":
@@ -130,6 +130,25 @@ def test_a_rounds_peak_allocation_stays_within_its_reservation(path, heads, monk
     assert max(peaks.values()) >= seen / 3, (peaks, seen)
     print(path, heads, {f"{m}/{f}": round(v / (layers * n), 1) for (m, f), v in peaks.items()},
           "bytes per slot and layer; reserved", reserve / (layers * n))
+
+
+@pytest.mark.parametrize("heads", [1, 8])
+def test_snapmerge_gathered_lock_step_stays_within_its_reservation(heads, monkeypatch):
+    """SnapMerge's gathered round as CUDA runs it (every layer's protected sub-rounds in lock
+    step, kernels.lockstep): its peak allocation, measured as above, stays within the
+    gathered reservation, a prompt-end step of quarter-size sub-rounds."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    layers, n = 3, 400
+    reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, in_place=False)
+    state, caches, blocks = _round_request(layers, heads, n, seed=9)
+    impl = get_method(KVMergeConfig(method="snapmerge", sink=8, recent=16))
+    monkeypatch.setattr(impl, "paged_rounds", lambda kv: False)
+    plan = MergeRound("r", blocks, n, int(0.75 * (n - 24)), round_index=1,
+                      method="snapmerge", max_fraction=0.25, recent=16, pool=7)
+    peak = peak_allocated_bytes(lambda: apply_round(plan, caches, state, impl, 16))
+    assert peak <= reserve, (peak, reserve)
+    print("lock step", heads, round(peak / (layers * n), 1), "bytes per slot and layer; "
+          "reserved", reserve / (layers * n))
 
 
 def test_batches_bound_a_long_requests_rounds():

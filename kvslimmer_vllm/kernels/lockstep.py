@@ -1,0 +1,297 @@
+"""Protected sub-rounds of every layer at once, each layer at its own size (SnapMerge's
+gathered round: CUDA caches, and CPU caches the in-place C++ round does not take).
+
+The contract is :func:`kvslimmer_vllm.core.merge.merge_rounds` with ``protect``: each layer
+frees ``k`` slots in sub-rounds sized by its own protect mask
+(:func:`~kvslimmer_vllm.core.merge.protected_step`), so after a sub-round the layers may hold
+different numbers of slots. The reference runs the layers one after another; each
+sub-round of each layer is a dozen tensor operations and a host round trip (the pair choice
+runs on the host), ``L x`` sub-rounds of them per step. Here sub-round ``s`` of every layer
+runs as one layer-batched step over padded tensors:
+
+* the layers' slots sit at the front of ``[L, W]`` buffers (``W``: the most slots a layer
+  holds, plus a spare last column that padded writes land in); a layer's mergeable region
+  is ``[sink, held - recent)``, its tail masked out of the statistics;
+* the device computes every layer's statistics and pair scores, which go to the host in
+  one transfer; the host, which keeps each layer's protect mask and slot origins, sizes
+  each layer's step, chooses its pairs (:func:`~kvslimmer_vllm.core.select.select_pairs_rows`)
+  and the order that compacts it, and sends them back in one transfer;
+* the device merges the chosen pairs, compacts every layer with one gather per buffer and
+  writes the merged slots (a finished layer's step is 0: nothing of it changes).
+
+Per sub-round: one device-to-host and one host-to-device transfer, whatever ``L``. Every
+layer's result is the reference's: the same pairs (scores are elementwise in the mass, so
+they match bit for bit) and the same arithmetic, but for the order of the sums over a region
+(alpha's normalisation, the value mean), which differ in the last bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvslimmer_vllm.core import merge as _merge
+from kvslimmer_vllm.core.merge import MergeResult
+from kvslimmer_vllm.core.rope import RotarySpec
+from kvslimmer_vllm.core.select import pair_scores, pool_mass, select_pairs_rows
+from kvslimmer_vllm.core.stats import (
+    cross_hessian, hessian_stats, recover_d, smooth_hessian, value_spread,
+)
+
+__all__ = ["protected_rounds"]
+
+
+def protected_rounds(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    positions: torch.Tensor,
+    hess: torch.Tensor,
+    mass: torch.Tensor,
+    protect: torch.Tensor,
+    *,
+    sink: int,
+    recent: int,
+    k: int,
+    round_idx: int,
+    gamma: float,
+    eps: float,
+    rotary: RotarySpec | None,
+    max_fraction: float = 0.5,
+    key_weights: str = "hessian",
+    row_selector: Callable = select_pairs_rows,
+    score_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    pool: int = 1,
+    spread: Callable = value_spread,
+    pair_merge: Callable = _merge.merge_pairs,
+) -> MergeResult:
+    """:func:`kvslimmer_vllm.core.merge.merge_rounds` with ``protect``, every layer's
+    sub-rounds in lock step (see the module docstring); the arguments are that function's,
+    with ``row_selector`` (the contract of
+    :func:`~kvslimmer_vllm.core.select.select_pairs_rows`) choosing the pairs."""
+    if key_weights not in ("hessian", "count"):
+        raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
+    single, (keys, values, counts, positions, hess, mass) = _merge._batched(
+        keys, values, counts, positions, hess, mass)
+    protect = protect.unsqueeze(0) if single else protect
+    num_layers, n = keys.shape[:2]
+    if protect.shape != (num_layers, n):
+        raise ValueError(f"protect must be [{num_layers}, {n}] (one flag per slot), got "
+                         f"{tuple(protect.shape)}")
+    if n - sink - recent < 0 or sink < 0 or recent < 0:
+        raise ValueError(f"sink={sink} and recent={recent} must be >= 0 and leave a "
+                         f"mergeable region of the N={n} slots")
+    masks = protect.to("cpu", torch.bool)  # one transfer: the host owns the masks
+    _merge.check_protected(masks[:, sink:n - recent], k, max_fraction)
+    if k == 0:
+        return _merge._unbatched(_merge.merge_round(
+            keys, values, counts, positions, hess, mass, sink=sink, recent=recent, k=0,
+            round_idx=round_idx, gamma=gamma, eps=eps, rotary=rotary,
+            key_weights=key_weights, pool=pool, protect=protect, spread=spread,
+            pair_merge=pair_merge), single)
+    lock = _Lockstep(keys, values, counts, positions, hess, mass, masks, sink, recent, k)
+    while lock.remaining.any():
+        steps = lock.steps(max_fraction)
+        scores = lock.scores(gamma, pool, score_reduce)
+        local = lock.choose(scores, steps, row_selector)
+        lock.merge(local, steps, round_idx, eps, rotary, key_weights, spread, pair_merge)
+    return _merge._unbatched(lock.result(keys, values, k), single)
+
+
+class _Lockstep:
+    """The state of a lock-step protected round: device buffers ``[L, W, ...]`` (the
+    layers' slots at the front, column ``W - 1`` a spare that padded writes land in) and,
+    on the host, each layer's slot count, protect mask and slots' input indices (-1 for a
+    merged slot)."""
+
+    def __init__(self, keys, values, counts, positions, hess, mass, masks, sink, recent, k):
+        self.device = keys.device
+        self.sink, self.recent = sink, recent
+        num_layers, n = keys.shape[:2]
+        self.dim = keys.shape[-1]
+        self.dtype = torch.promote_types(keys.dtype, torch.float32)
+        # Sub-round s reads buffers of turn s and writes the other pair (allocated once:
+        # the slots only shrink), so a step holds at most two copies of the rows.
+        self.kv = _merge._joined(keys, values)
+        self.spare: list[torch.Tensor] = []
+        self.turn = -1
+        self.counts, self.positions, self.hess, self.mass = counts, positions, hess, mass
+        self.held = torch.full((num_layers,), n, dtype=torch.int64)
+        self.held_on_device = torch.full((num_layers,), n, dtype=torch.int64,
+                                         device=self.device)
+        self.remaining = torch.full((num_layers,), k, dtype=torch.int64)
+        self.masks = masks.clone()  # [L, W], True past a layer's slots (a break in runs)
+        self.origin = torch.arange(n).expand(num_layers, n).clone()
+        self.layer = torch.arange(num_layers, device=self.device)[:, None]
+
+    # -------------------------------------------------------------------- host side
+
+    def steps(self, max_fraction: float) -> torch.Tensor:
+        """``[L]`` slots each layer frees in this sub-round (as the reference's
+        :func:`~kvslimmer_vllm.core.merge.protected_step` on the layer's own mask; 0 once
+        a layer has freed ``k``)."""
+        region = self._region_masks()
+        free = _merge.disjoint_free_pairs(region)
+        m = self.held - self.sink - self.recent
+        steps = [min(left, max(1, int(max_fraction * size)), pairs) if left else 0
+                 for left, size, pairs in zip(self.remaining.tolist(), m.tolist(),
+                                              free.tolist())]
+        return torch.tensor(steps, dtype=torch.int64)
+
+    def _region_masks(self) -> torch.Tensor:
+        """``[L, R]`` protect masks over the layers' mergeable regions, True past each
+        layer's own (so no run of free slots reaches past it)."""
+        width = int(self.held.max()) - self.sink - self.recent
+        region = self.masks[:, self.sink:self.sink + width].clone()
+        beyond = torch.arange(width) >= (self.held - self.sink - self.recent)[:, None]
+        region[beyond] = True
+        return region
+
+    def choose(self, scores: torch.Tensor, steps: torch.Tensor, row_selector) -> torch.Tensor:
+        """Each layer's ``steps[l]`` pairs (``[L, max steps]`` region indices, -1 padded)
+        from the device's ``[L, R - 1]`` pair scores, its protected pairs scored out; the
+        host state follows (masks and origins compacted)."""
+        scores = scores.to("cpu", torch.float64)  # the sub-round's device-to-host transfer
+        guarded = self._region_masks()
+        scores = torch.where(guarded[:, :-1] | guarded[:, 1:], _merge.PROTECTED_SCORE, scores)
+        lengths = (self.held - self.sink - self.recent - 1).clamp_min(0)
+        local = row_selector(scores, lengths, steps).cpu()
+        chosen = local >= 0
+        rows = torch.arange(len(steps))[:, None].expand_as(local)[chosen]
+        left = self.sink + local[chosen]
+        self.origin[rows, left] = -1
+        keep = torch.arange(self.masks.shape[1]) < self.held[:, None]
+        keep[rows, left + 1] = False
+        self.held -= steps
+        self.remaining -= steps
+        # Kept slots first, in order; what follows is padding (a layer's own tail).
+        self.order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        width = int(self.held.max())
+        self.order = self.order[:, :width + 1]  # + the spare column
+        self.masks = torch.gather(self.masks, 1, self.order)
+        self.masks[torch.arange(width + 1) >= self.held[:, None]] = True
+        self.origin = torch.gather(self.origin, 1, self.order[:, :width])
+        return local
+
+    # ------------------------------------------------------------------ device side
+
+    def _valid(self, width: int) -> torch.Tensor:
+        """``[L, width]`` bool on the device: region index within each layer's region
+        (from the device's own slot counts: no transfer)."""
+        m = self.held_on_device - self.sink - self.recent
+        return torch.arange(width, device=self.device) < m[:, None]
+
+    def scores(self, gamma: float, pool: int, score_reduce) -> torch.Tensor:
+        """Every layer's statistics over its own region (kept for :meth:`merge`) and its
+        ``[L, R - 1]`` pair scores (float64, on the device)."""
+        width = int(self.held.max()) - self.sink - self.recent
+        self.region = slice(self.sink, self.sink + width)
+        valid = self._valid(width)
+        self.valid = valid
+        mass = torch.where(valid[..., None], self.mass[:, self.region].to(self.dtype), 0.0)
+        # alpha as normalize_mass gives it over each layer's region (uniform 1 / m when a
+        # head saw nothing), 0 past the region.
+        total = mass.sum(dim=-2, keepdim=True)
+        m = valid.sum(dim=1).clamp_min(1).to(self.dtype)[:, None, None]
+        uniform = valid[..., None] / m
+        self.alpha = torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), uniform)
+        self.values_region = self.kv[:, self.region, :, self.dim:]
+        scores = pair_scores(pool_mass(mass, pool), gamma)
+        if score_reduce is not None:
+            scores = score_reduce(scores)
+        return scores
+
+    def merge(self, local, steps, round_idx, eps, rotary, key_weights, spread, pair_merge):
+        """Merge each layer's chosen pairs, write the region's smoothed Hessian proxy of
+        the layers that ran, and compact every layer (one gather per buffer)."""
+        device, layer = self.device, self.layer
+        to_dev = _sender(device)
+        packed = to_dev(torch.cat((steps[:, None], local, self.order), dim=1))
+        ran = packed[:, 0] > 0
+        self.held_on_device = self.held_on_device - packed[:, 0]
+        local_d = packed[:, 1:1 + local.shape[1]]
+        order = packed[:, 1 + local.shape[1]:]
+        chosen = local_d >= 0
+        local_d = local_d.clamp_min(0)
+        left, right = self.sink + local_d, self.sink + local_d + 1
+
+        h_new, _ = hessian_stats(self.alpha, self.values_region, spread)
+        h = smooth_hessian(h_new, self.hess[:, self.region], round_idx)
+        c_i = _merge._take(self.counts, left).to(self.dtype)
+        c_j = _merge._take(self.counts, right).to(self.dtype)
+        h_i, h_j = _merge._take(h, local_d), _merge._take(h, local_d + 1)
+        if key_weights == "hessian":
+            d = recover_d(h, self.alpha, eps)
+            h_ij = _merge._take(cross_hessian(self.alpha, d), local_d)
+            a, b, _ = _merge.merge_weights(h_i, h_j, h_ij, c_i, c_j, eps)
+        else:
+            a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
+            b = 1 - a
+        p_i, p_j = _merge._take(self.positions, left), _merge._take(self.positions, right)
+        merged_keys, merged_values = pair_merge(
+            self.kv[..., :self.dim], self.kv[..., self.dim:], left, a, c_i, c_j, rotary,
+            p_j - p_i)
+        merged_mass = _merge._take(self.mass, left) + _merge._take(self.mass, right)
+
+        hess = self.hess.clone()
+        write = ran[:, None, None] & self.valid[..., None]
+        hess[:, self.region] = torch.where(write, h.to(hess.dtype), hess[:, self.region])
+        # Compact, then write the merged slots where their left slot lands (the pairs'
+        # right slots before it are gone); a padded pair writes the spare column.
+        width = order.shape[1]
+        dest = torch.where(chosen, left - torch.arange(local_d.shape[1], device=device),
+                           width - 1)
+        self.kv = self._next_rows(order)
+        self.kv[layer, dest] = _merge._joined(merged_keys, merged_values).to(self.kv.dtype)
+        self.hess = _merge._take(hess, order)
+        self.hess[layer, dest] = (a * a * h_i + b * b * h_j).to(hess.dtype)
+        self.counts = _merge._take(self.counts, order)
+        self.counts[layer, dest] = (c_i + c_j).to(self.counts.dtype)
+        self.positions = _merge._take(self.positions, order)
+        self.positions[layer, dest] = p_j
+        self.mass = _merge._take(self.mass, order)
+        self.mass[layer, dest] = merged_mass
+
+    def _next_rows(self, order: torch.Tensor) -> torch.Tensor:
+        """The rows compacted by ``order`` into the spare buffer of this turn."""
+        if len(self.spare) < 2:  # the first are the largest: the slots only shrink
+            self.spare.append(self.kv.new_empty(order.numel() * self.kv[0, 0].numel()))
+        self.turn += 1
+        return _merge._take(self.kv, order, out=self.spare[self.turn % 2])
+
+    def result(self, keys: torch.Tensor, values: torch.Tensor, k: int) -> MergeResult:
+        """The step relative to its input, as the reference composes it."""
+        num_layers, n = keys.shape[:2]
+        size = n - k
+        origin = self.origin[:, :size]
+        index = torch.arange(size).expand(num_layers, size)
+        merged = origin < 0
+        widest = int(merged.sum(dim=1).max())
+        order = torch.sort((~merged).to(torch.int8), dim=1, stable=True).indices[:, :widest]
+        unchanged = origin == index
+        first = (~unchanged).to(torch.int8).argmax(dim=1)
+        first_changed = int(torch.where(unchanged.all(dim=1), size, first).min())
+        to_dev = _sender(self.device)
+        packed = to_dev(torch.cat((torch.where(merged, index, origin), order), dim=1))
+        source, order = packed[:, :size], packed[:, size:]
+        return MergeResult(
+            counts=self.counts[:, :size].contiguous(),
+            positions=self.positions[:, :size].contiguous(),
+            hess=self.hess[:, :size].contiguous(),
+            pairs=source.new_empty(num_layers, 0),
+            first_changed=first_changed,
+            source=source,
+            input_keys=keys,
+            input_values=values,
+            merged_slots=order,
+            merged_keys=_merge._take(self.kv[..., :self.dim], order),
+            merged_values=_merge._take(self.kv[..., self.dim:], order),
+        )
+
+
+def _sender(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Host tensor -> ``device`` without waiting for the device (pinned memory on CUDA)."""
+    if device.type != "cuda":
+        return lambda t: t.to(device)
+    return lambda t: t.pin_memory().to(device, non_blocking=True)
