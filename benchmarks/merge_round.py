@@ -27,6 +27,9 @@ freeing ``k``, over every layer of the model:
   statistics and its choice, so ``snapmerge`` runs its layers' sub-rounds from Python one
   layer at a time instead of in one C++ call.
 
+The ``ops`` column counts the torch operations each gathered arm dispatches (every one a
+kernel launch on a GPU, where a launch costs microseconds whatever its size).
+
 All start from identical random caches (block ids shuffled) and must leave the same
 caches behind (checked before timing). Calls are interleaved and the table reports
 medians. Shapes: SmolLM2-135M (30 layers, Hkv 3, D 64) on CPU, Llama-3.1-8B (32 layers,
@@ -49,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvslimmer_vllm.core.config import KVMergeConfig
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
@@ -143,6 +147,18 @@ def _reduced(method):
         method.score_reduce = None
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the torch operations dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     layers = [LayerCache(i, kv, rotary) for i, kv in enumerate(kvs)]
     saved = state.max_batch_elements
@@ -200,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         # (stale in any case: the in-place arm leaves its sub-rounds' rows there).
         valid = torch.ones(kvs[0].shape[0], dtype=torch.bool)
         valid[slot_ids(plan.block_ids, num_slots, BLOCK)[plan.num_slots_after:]] = False
-        outcomes = []
+        outcomes, ops = [], {}
         for arm in arms:
             s, k = _copy(state, kvs)
-            _run(s, k, rotary, plan, method, arm, device)
+            with _OpCounter() as counter:
+                _run(s, k, rotary, plan, method, arm, device)
+            ops[arm] = counter.ops
             outcomes.append((s, k))
         s1, k1 = outcomes[0]
         # Timed runs gather into a warm buffer, as the engine does (the in-place arm has none).
@@ -225,21 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         engine, batched, single, reference, serial, reduced = (
             statistics.median(times[a]) * 1e3 for a in arms)
         rows.append((num_slots, num_merge, observe, engine, batched, single, reference,
-                     serial, reduced))
+                     serial, reduced, ops["gathered"], ops["one by one"]))
         print(f"[merge_round] N={num_slots} k={num_merge} {observe}: engine {engine:.1f} ms, "
               f"gathered {batched:.1f} ms, per layer {single:.1f} ms, reference stats "
-              f"{reference:.1f} ms, one by one {serial:.1f} ms, reduced {reduced:.1f} ms",
+              f"{reference:.1f} ms, one by one {serial:.1f} ms, reduced {reduced:.1f} ms; "
+              f"ops gathered {ops['gathered']}, one by one {ops['one by one']}",
               file=sys.stderr, flush=True)
     lines = [
         f"# One merge round over {shape['layers']} layers ({args.method}, {device.type})", "",
         "| slots N | freed k | observe | engine (ms) | gathered (ms) | gathered / engine "
         "| per layer (ms) | per layer / gathered | reference stats (ms) "
         "| reference stats / gathered | one by one (ms) | one by one / gathered "
-        "| reduced (ms) | reduced / engine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| reduced (ms) | reduced / engine | ops gathered / one by one |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(f"| {n} | {k} | {o} | {e:.1f} | {b:.1f} | {b / e:.2f} | {p:.1f} | {p / b:.2f} | "
-          f"{r:.1f} | {r / b:.2f} | {q:.1f} | {q / b:.2f} | {t:.1f} | {t / e:.2f} |"
-          for n, k, o, e, b, p, r, q, t in rows), "",
+          f"{r:.1f} | {r / b:.2f} | {q:.1f} | {q / b:.2f} | {t:.1f} | {t / e:.2f} "
+          f"| {og} / {oq} |"
+          for n, k, o, e, b, p, r, q, t, og, oq in rows), "",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- shapes: Hkv {shape['kv_heads']}, D {shape['head_dim']}, {shape['dtype']}, "
         f"block {BLOCK}; medians of {args.repeats} interleaved repeats; progressive: one "

@@ -28,4 +28,7 @@ def test_merge_round_benchmark_writes_a_row_per_case(tmp_path):
     for row in rows:
         # engine, gathered, per layer, reference-stats, one-by-one and reduced times, and
         # the ratios
-        assert len(row) == 14 and all(float(row[i]) > 0 for i in range(3, 14))
+        assert len(row) == 15 and all(float(row[i]) > 0 for i in range(3, 14))
+        # Dispatched torch ops: the lock step's round needs fewer than one layer at a time.
+        gathered, one_by_one = (int(c) for c in row[14].split(" / "))
+        assert 0 < gathered < one_by_one, row
