@@ -13,6 +13,7 @@ from kvslimmer_vllm.core import (
     evict_oldest,
     merge_round,
 )
+from kvslimmer_vllm.core.merge import keep_set, merge_rounds, slot_scores
 from helpers import triton_kernel_modules
 from kvslimmer_vllm import kernels
 from kvslimmer_vllm.core.config import KVMergeConfig
@@ -43,6 +44,11 @@ def _core_round(method, b, k, cfg, rotary):
         return merge_round(*args, sink=4, recent=8, k=k, round_idx=2, gamma=cfg.gamma,
                            eps=cfg.eps, rotary=rotary,
                            key_weights="hessian" if method == "kvslimmer" else "count")
+    if method == "snapmerge":  # SnapKV's keep set protected, the rest merged around it
+        protect = torch.zeros(b.mass.shape[0], dtype=torch.bool)
+        protect[4:-8] = keep_set(slot_scores(b.mass[None], sink=4, recent=8), k)[0]
+        return merge_rounds(*args, sink=4, recent=8, k=k, round_idx=2, gamma=cfg.gamma,
+                            eps=cfg.eps, rotary=rotary, protect=protect)
     evict = evict_lowest if method == "evict" else evict_oldest
     return evict(*args, sink=4, recent=8, k=k)
 
@@ -55,7 +61,7 @@ def _use_triton_round_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "round_backend_name", lambda tensor: "triton")
 
 
-@pytest.mark.parametrize("method", ["kvslimmer", "average", "evict", "streaming"])
+@pytest.mark.parametrize("method", ["kvslimmer", "average", "snapmerge", "evict", "streaming"])
 @pytest.mark.parametrize("num_slots, num_merge", [(100, 20), (64, 1), (47, 6), (160, 50)])
 @pytest.mark.parametrize("batching", ["one batch", "two ropes", "one layer per batch"])
 @pytest.mark.parametrize("round_kernels", ["this device's", "triton"])
@@ -65,7 +71,8 @@ def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, m
     """Layers are merged as layer batches (grouped by RoPE, bounded in size); every
     layer must still equal the core round on that layer alone, with this device's round
     kernels and with the CUDA ones (Triton: one-launch gather, value spread, pair merge,
-    write-back reading the gathered copy)."""
+    write-back reading the gathered copy; SnapMerge's protected sub-rounds of all layers in
+    lock step)."""
     if round_kernels == "triton":
         _use_triton_round_kernels(monkeypatch)
     cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
