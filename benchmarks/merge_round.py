@@ -27,8 +27,9 @@ freeing ``k``, over every layer of the model:
   statistics and its choice, so ``snapmerge`` runs its layers' sub-rounds from Python one
   layer at a time instead of in one C++ call.
 
-The ``ops`` column counts the torch operations each gathered arm dispatches (every one a
-kernel launch on a GPU, where a launch costs microseconds whatever its size).
+The ``ops`` column counts the torch operations each gathered arm dispatches, views left out
+(on a GPU nearly all of the rest are kernel launches, microseconds each whatever their
+size).
 
 All start from identical random caches (block ids shuffled) and must leave the same
 caches behind (checked before timing). Calls are interleaved and the table reports
@@ -148,14 +149,14 @@ def _reduced(method):
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the torch operations dispatched while it is active."""
+    """Counts the torch operations dispatched while it is active, views left out."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
+        self.ops += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
