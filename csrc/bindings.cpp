@@ -31,12 +31,13 @@ TORCH_LIBRARY(kvslimmer, m) {
       "Tensor(e!)? mass=None) -> ()");
   m.def(
       "round_stats(Tensor[] kvs, Tensor slots, Tensor layers, Tensor hess, Tensor mass, "
-      "int sink, int recent, int round_idx, float gamma, int pool) -> (Tensor, Tensor, Tensor)");
+      "int sink, int recent, int round_idx, float gamma, int pool, Tensor? held=None) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "round_apply(Tensor(a!)[] kvs, Tensor slots, Tensor layers, Tensor(b!) counts, "
       "Tensor(c!) positions, Tensor(d!) hess, Tensor(e!) mass, Tensor left, Tensor alpha, "
       "Tensor h, int sink, int recent, float eps, bool hessian_weights, Tensor? cos_sin, "
-      "int rotary_dim, bool is_neox, bool carry_mass=False) -> ()");
+      "int rotary_dim, bool is_neox, bool carry_mass=False, Tensor? held=None) -> ()");
   m.def("slot_scores(Tensor slots, Tensor layers, Tensor mass, int sink, int recent, int pool) "
         "-> Tensor");
   m.def(

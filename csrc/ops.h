@@ -81,14 +81,14 @@ void write_tokens(const at::Tensor& kv, const at::Tensor& key, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
     const std::vector<at::Tensor>& kvs, const at::Tensor& slots, const at::Tensor& layer_rows,
     const at::Tensor& hess, const at::Tensor& mass, int64_t sink, int64_t recent,
-    int64_t round_idx, double gamma, int64_t pool);
+    int64_t round_idx, double gamma, int64_t pool, const std::optional<at::Tensor>& held);
 void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                  const at::Tensor& layer_rows, const at::Tensor& counts,
                  const at::Tensor& positions, const at::Tensor& hess, const at::Tensor& mass,
                  const at::Tensor& left, const at::Tensor& alpha, const at::Tensor& h,
                  int64_t sink, int64_t recent, double eps, bool hessian_weights,
                  const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim, bool is_neox,
-                 bool carry_mass);
+                 bool carry_mass, const std::optional<at::Tensor>& held);
 // torch.ops.kvslimmer.slot_scores on CPU (csrc/cpu/paged_round.cpp): [L, M] float64
 // SnapKV scores of the region [sink, N - recent) of the request's slots, read from the mass
 // state rows `layer_rows` through the slot ids, as kvslimmer_vllm.core.paged.slot_scores.

@@ -25,6 +25,11 @@
 // the pair scores use them), read through the slot ids: SnapMerge's keep set is chosen from
 // them (keep_set, select_pairs.cpp) before protected_round runs around it.
 //
+// With `held` ([L]) layer l holds only the first held[l] of the N slots (layers in lock step
+// whose earlier sub-rounds freed different numbers: SnapMerge under tensor parallelism);
+// round_stats' outputs are then sized for the widest region, zero past a layer's own, and
+// round_apply's left rows may end in -1 padding.
+//
 // Unlike the gathered path (engine/slots.py), nothing here copies the request's rows out:
 // the value spread reads them where they are, the pair merge reads its four rows per pair.
 // Caches float32 or float64 (computed in that dtype, like the reference); the state tensors
@@ -385,19 +390,48 @@ int64_t disjoint_free_pairs(const bool* guarded, int64_t M) {
   return pairs;
 }
 
+// Each layer's slot count: all N, or with `held` ([L] int64) layer l's first held[l] slots
+// (layers in lock step whose earlier sub-rounds freed different numbers), each leaving a
+// region of at least 2 slots.
+std::vector<int64_t> held_slots(const std::optional<at::Tensor>& held, const Round& r,
+                                int64_t recent) {
+  std::vector<int64_t> n_of(r.layers, r.n);
+  if (!held.has_value()) return n_of;
+  TORCH_CHECK_VALUE(held->dim() == 1 && held->numel() == r.layers &&
+                        held->scalar_type() == at::kLong && held->is_cpu(),
+                    "held must be CPU int64 [L] with L = ", r.layers, "; got ",
+                    held->scalar_type(), " ", held->sizes());
+  const at::Tensor counts = held->contiguous();
+  const int64_t* p = counts.data_ptr<int64_t>();
+  for (int64_t l = 0; l < r.layers; ++l) {
+    TORCH_CHECK_VALUE(p[l] - r.sink - recent >= 2 && p[l] <= r.n, "held[", l, "]=", p[l],
+                      " must leave a mergeable region of at least 2 slots and be at most N = ",
+                      r.n);
+    n_of[l] = p[l];
+  }
+  return n_of;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
     const std::vector<at::Tensor>& kvs, const at::Tensor& slots, const at::Tensor& layer_rows,
     const at::Tensor& hess, const at::Tensor& mass, int64_t sink, int64_t recent,
-    int64_t round_idx, double gamma, int64_t pool) {
+    int64_t round_idx, double gamma, int64_t pool, const std::optional<at::Tensor>& held) {
   check_state_dtypes(nullptr, nullptr, hess, mass);
   const Round r = check_round(kvs, slots, layer_rows, {&hess, &mass}, sink, recent);
   check_stats_args(round_idx, gamma, pool);
-  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, S = r.num_slots;
+  const std::vector<int64_t> n_of = held_slots(held, r, recent);
+  const int64_t L = r.layers, H = r.heads, D = r.dim, S = r.num_slots;
+  // Outputs sized for the widest region (every layer's when `held` is not given); a
+  // narrower layer's tail stays 0.
+  const int64_t M = *std::max_element(n_of.begin(), n_of.end()) - sink - recent;
   const auto options = kvs[0].options();
-  at::Tensor alpha = at::empty({L, M, H}, options), h = at::empty({L, M, H}, options);
-  at::Tensor scores = at::empty({L, M - 1}, options.dtype(at::kDouble));
+  const bool ragged = held.has_value();
+  at::Tensor alpha = ragged ? at::zeros({L, M, H}, options) : at::empty({L, M, H}, options);
+  at::Tensor h = ragged ? at::zeros({L, M, H}, options) : at::empty({L, M, H}, options);
+  at::Tensor scores = ragged ? at::zeros({L, M - 1}, options.dtype(at::kDouble))
+                             : at::empty({L, M - 1}, options.dtype(at::kDouble));
   const State state(slots, layer_rows, nullptr, nullptr, hess, mass);
   const int64_t* ids = state.ids + sink;  // the region's slot ids
 
@@ -410,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
       for (int64_t task = begin; task < end; ++task) {
         const int64_t l = task / H, hd = task % H;
         const auto ly = state.layer<T>(kvs[l], l);
-        head_stats<T>(ly, ids, M, H, D, hd, round_idx, alpha_p + l * M * H + hd,
-                      h_p + l * M * H + hd, scratch);
+        head_stats<T>(ly, ids, n_of[l] - sink - recent, H, D, hd, round_idx,
+                      alpha_p + l * M * H + hd, h_p + l * M * H + hd, scratch);
       }
     });
   });
@@ -420,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> round_stats(
   at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> per_slot(M);
     for (int64_t l = begin; l < end; ++l) {
-      pair_scores(state.mass + state.rows[l] * S * H, ids, M, H, pool, gamma,
-                  score_p + l * (M - 1), per_slot);
+      pair_scores(state.mass + state.rows[l] * S * H, ids, n_of[l] - sink - recent, H, pool,
+                  gamma, score_p + l * (M - 1), per_slot);
     }
   });
   return {alpha, h, scores};
@@ -475,11 +509,13 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
                  const at::Tensor& left, const at::Tensor& alpha, const at::Tensor& h,
                  int64_t sink, int64_t recent, double eps, bool hessian_weights,
                  const std::optional<at::Tensor>& cos_sin, int64_t rotary_dim, bool is_neox,
-                 bool carry_mass) {
+                 bool carry_mass, const std::optional<at::Tensor>& held) {
   check_state_dtypes(&counts, &positions, hess, mass);
   const Round r = check_round(kvs, slots, layer_rows, {&counts, &positions, &hess, &mass},
                               sink, recent);
-  const int64_t L = r.layers, M = r.region, H = r.heads, D = r.dim, N = r.n;
+  const std::vector<int64_t> n_of = held_slots(held, r, recent);
+  const int64_t L = r.layers, H = r.heads, D = r.dim, N = r.n;
+  const int64_t M = *std::max_element(n_of.begin(), n_of.end()) - sink - recent;
   const auto dtype = kvs[0].scalar_type();
   TORCH_CHECK_VALUE(alpha.sizes() == at::IntArrayRef({L, M, H}) && h.sizes() == alpha.sizes() &&
                         alpha.scalar_type() == dtype && h.scalar_type() == dtype &&
@@ -493,11 +529,20 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
   const int64_t k = left.size(1);
   const at::Tensor pairs = left.contiguous();
   const int64_t* lp = pairs.data_ptr<int64_t>();
+  // A row may end in -1 padding (fewer pairs in that layer): k_of[l] pairs.
+  std::vector<int64_t> k_of(L, k);
   for (int64_t l = 0; l < L; ++l) {
+    const int64_t region = n_of[l] - sink - recent;
     for (int64_t p = 0; p < k; ++p) {
       const int64_t i = lp[l * k + p];
-      TORCH_CHECK_VALUE(i >= 0 && i + 1 < M && (p == 0 || i >= lp[l * k + p - 1] + 2),
-                        "left[", l, "] must be ascending, disjoint pairs of the ", M,
+      if (i == -1 && k_of[l] == k) k_of[l] = p;
+      if (p >= k_of[l]) {
+        TORCH_CHECK_VALUE(i == -1, "left[", l, "] may end in -1 padding only; got ", i,
+                          " at ", p);
+        continue;
+      }
+      TORCH_CHECK_VALUE(i >= 0 && i + 1 < region && (p == 0 || i >= lp[l * k + p - 1] + 2),
+                        "left[", l, "] must be ascending, disjoint pairs of the ", region,
                         "-slot region; got ", i, " at ", p);
     }
   }
@@ -507,7 +552,7 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
   if (table.defined()) {  // every shift must have its row, checked before the first write
     for (int64_t l = 0; l < L; ++l) {
       const int64_t* pos = state.positions_of(l);
-      for (int64_t p = 0; p < k; ++p) {
+      for (int64_t p = 0; p < k_of[l]; ++p) {
         const int64_t i = sink + lp[l * k + p];
         const int64_t delta = pos[ids[i + 1]] - pos[ids[i]];
         TORCH_CHECK_VALUE(delta > -table.size(0) && delta < table.size(0), "shift ", delta,
@@ -526,8 +571,9 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
       std::vector<T> merged(H * 2 * D), cos(rotary_dim / 2), sin(rotary_dim / 2);
       for (int64_t l = begin; l < end; ++l) {
         const auto ly = state.layer<T>(kvs[l], l);
-        apply_layer<T>(ly, ids, N, sink, M, H, D, lp + l * k, k, alpha_p + l * M * H,
-                       h_p + l * M * H, params, merged.data(), cos.data(), sin.data());
+        apply_layer<T>(ly, ids, n_of[l], sink, n_of[l] - sink - recent, H, D, lp + l * k,
+                       k_of[l], alpha_p + l * M * H, h_p + l * M * H, params, merged.data(),
+                       cos.data(), sin.data());
         if (!carry_mass) {
           for (int64_t j = 0; j < N; ++j) std::fill_n(ly.mass + ids[j] * H, H, 0.0f);
         }

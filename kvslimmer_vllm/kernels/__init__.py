@@ -342,8 +342,8 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
     (``[L, N]`` bool: slots no pair may touch) each layer runs its own sub-rounds, sized
     as :func:`kvslimmer_vllm.core.merge.merge_rounds` sizes them for its mask: all of them
     in the one C++ op ``protected_round`` (layers in parallel), or, with ``score_reduce``
-    (whose reduction must run between a sub-round's statistics and its choice), one layer's
-    sub-rounds at a time from here."""
+    (whose reduction must run between a sub-round's statistics and its choice), every
+    layer's sub-round ``s`` at once from here, one reduction each (:func:`_paged_lockstep`)."""
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
     if paged_round_backend_name(kvs[0]) != "cpp":
@@ -364,74 +364,67 @@ def paged_merge_round(kvs, slots, layers, counts, positions, hess, mass, *, sink
             gamma, eps, pool, key_weights == "hessian", table, rotary_dim, is_neox)
         return
     table, rotary_dim, is_neox = _shift_rows(rotary, kvs[0].dtype, positions, layers, slots)
-    run = functools.partial(_paged_subrounds, slots=slots, counts=counts, positions=positions,
-                            hess=hess, mass=mass, sink=sink, recent=recent,
-                            round_idx=round_idx, gamma=gamma, eps=eps, pool=pool,
-                            hessian_weights=key_weights == "hessian", table=table,
-                            rotary_dim=rotary_dim, is_neox=is_neox, score_reduce=score_reduce)
+    common = dict(slots=slots, counts=counts, positions=positions, hess=hess, mass=mass,
+                  sink=sink, recent=recent, round_idx=round_idx, gamma=gamma, eps=eps,
+                  pool=pool, hessian_weights=key_weights == "hessian", table=table,
+                  rotary_dim=rotary_dim, is_neox=is_neox, score_reduce=score_reduce)
     if protect is None:
         sizes = _merge_ref.subround_sizes(len(slots) - sink - recent, k, max_fraction)
-        steps = iter(sizes)
-        run(kvs, layers, lambda held: next(steps), carry=len(sizes) > 1)
+        _paged_subrounds(kvs, layers, sizes, **common)
         return
     _merge_ref.check_protected(protect[:, sink:len(slots) - recent], k, max_fraction)
-    for layer in range(len(kvs)):  # each layer's mask sizes its own sub-rounds
-        mask = protect[layer].clone()
-        run(kvs[layer:layer + 1], layers[layer:layer + 1],
-            _protected_steps(mask, sink, recent, k, max_fraction), mask,
-            carry=True)
+    _paged_lockstep(kvs, layers, protect, k=k, max_fraction=max_fraction, **common)
 
 
-def _protected_steps(mask, sink: int, recent: int, k: int, max_fraction: float):
-    """``next_step`` for one layer's protected sub-rounds: sizes by
-    :func:`~kvslimmer_vllm.core.merge.protected_step` on ``mask`` as it is when asked,
-    until ``k`` slots are freed (one round of 0 when ``k`` is 0)."""
-    freed, asked = 0, False
-
-    def next_step(held: int) -> int:
-        nonlocal freed, asked
-        if asked and freed >= k:
-            raise StopIteration
-        asked = True
-        step = _merge_ref.protected_step(mask[None, sink:held - recent], k - freed,
-                                         max_fraction) if k else 0
-        freed += step
-        return step
-
-    return next_step
-
-
-def _paged_subrounds(kvs, layers, next_step, protect=None, carry: bool = False, *, slots,
-                     counts, positions, hess, mass, sink, recent, round_idx, gamma, eps, pool,
-                     hessian_weights, table, rotary_dim, is_neox, score_reduce) -> None:
-    """The C++ in-place sub-rounds over ``kvs``, each freeing ``next_step(held)`` slots
-    (``held``: the slots held now; StopIteration ends the step). With ``protect`` (one
-    layer's ``[N]`` mask, updated here as its slots merge) a protected slot's pairs score
-    :data:`~kvslimmer_vllm.core.merge.PROTECTED_SCORE`. With ``carry`` the mass is
-    carried between sub-rounds and reset after the last (else round_apply resets it)."""
+def _paged_lockstep(kvs, layers, protect, *, k: int, max_fraction: float, slots, counts,
+                    positions, hess, mass, sink: int, recent: int, round_idx: int,
+                    gamma: float, eps: float, pool: int, hessian_weights: bool, table,
+                    rotary_dim: int, is_neox: bool, score_reduce) -> None:
+    """Protected sub-rounds in place with a score reduction between each sub-round's
+    statistics and its choice: every layer's sub-round ``s`` at once, each at its own size
+    (the C++ ops with ``held``: a layer's first ``held[l]`` slots), so one reduction per
+    sub-round serves all layers. The layers with nothing left to free sit out; with ``k``
+    0 every layer runs one sub-round of no pairs (the statistics still update). Every rank
+    sees the same reduced scores, so all take the same steps."""
     ops = _cpp_ops()
-    held = len(slots)
-    while True:
-        try:
-            step = next_step(held)
-        except StopIteration:
-            break
+    schedule = _lockstep.ProtectedSchedule(protect, sink, recent, k)
+    first = True
+    while first or bool(schedule.remaining.any()):
+        steps = schedule.steps(max_fraction)
+        rows = torch.arange(len(kvs)) if first and k == 0 else steps.nonzero().flatten()
+        first = False
+        part = [kvs[i] for i in rows.tolist()]
+        held = schedule.held[rows]
+        alpha, h, scores = ops.round_stats(part, slots, layers[rows], hess, mass, sink, recent,
+                                           round_idx, gamma, pool, held)
+        if score_reduce is not None:
+            scores = score_reduce(scores)
+        left = select_pairs_rows(schedule.guard(scores.to(torch.float64), rows),
+                                 schedule.lengths(rows), steps[rows])
+        ops.round_apply(part, slots, layers[rows], counts, positions, hess, mass, left, alpha,
+                        h, sink, recent, eps, hessian_weights, table, rotary_dim, is_neox,
+                        True, held)
+        schedule.merged(rows, left)
+    mass[layers[:, None], slots] = 0.0
+
+
+def _paged_subrounds(kvs, layers, sizes: list[int], *, slots, counts, positions, hess, mass,
+                     sink, recent, round_idx, gamma, eps, pool, hessian_weights, table,
+                     rotary_dim, is_neox, score_reduce) -> None:
+    """The C++ in-place sub-rounds over ``kvs``, every layer freeing ``sizes[s]`` slots in
+    sub-round ``s``; with several, the mass is carried between them and reset after the
+    last (else round_apply resets it)."""
+    ops = _cpp_ops()
+    held, carry = len(slots), len(sizes) > 1
+    for step in sizes:
         now = slots[:held]
         alpha, h, scores = ops.round_stats(kvs, now, layers, hess, mass, sink, recent,
                                            round_idx, gamma, pool)
         if score_reduce is not None:
             scores = score_reduce(scores)
-        if protect is not None:
-            guarded = protect[sink:held - recent]
-            scores = torch.where(guarded[:-1] | guarded[1:], _merge_ref.PROTECTED_SCORE,
-                                 scores)
         left = ops.select_pairs(scores.to(torch.float64), step)
         ops.round_apply(kvs, now, layers, counts, positions, hess, mass, left, alpha, h, sink,
                         recent, eps, hessian_weights, table, rotary_dim, is_neox, carry)
-        if protect is not None:  # the pairs' right slots are gone
-            kept = torch.ones(held, dtype=torch.bool)
-            kept[sink + 1 + left[0]] = False
-            protect[:held - step] = protect[:held][kept].clone()
         held -= step
     if carry:
         mass[layers[:, None], slots] = 0.0

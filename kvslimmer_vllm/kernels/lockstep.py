@@ -39,7 +39,7 @@ from kvslimmer_vllm.core.stats import (
     cross_hessian, hessian_stats, recover_d, smooth_hessian, value_spread,
 )
 
-__all__ = ["protected_rounds"]
+__all__ = ["ProtectedSchedule", "protected_rounds"]
 
 
 def protected_rounds(
@@ -91,18 +91,86 @@ def protected_rounds(
             key_weights=key_weights, pool=pool, protect=protect, spread=spread,
             pair_merge=pair_merge), single)
     lock = _Lockstep(keys, values, counts, positions, hess, mass, masks, sink, recent, k)
-    while lock.remaining.any():
-        steps = lock.steps(max_fraction)
+    while lock.schedule.remaining.any():
+        steps = lock.schedule.steps(max_fraction)
         scores = lock.scores(gamma, pool, score_reduce)
         local = lock.choose(scores, steps, row_selector)
         lock.merge(local, steps, round_idx, eps, rotary, key_weights, spread, pair_merge)
     return _merge._unbatched(lock.result(keys, values, k), single)
 
 
+class ProtectedSchedule:
+    """The host's side of lock-step protected sub-rounds (shared with the in-place C++
+    round under tensor parallelism, :func:`kvslimmer_vllm.kernels.paged_merge_round`): each
+    layer's slot count, protect mask and slots still to free; it sizes each layer's next
+    step, scores protected pairs out and follows the layers' slots as pairs merge.
+
+    Args:
+        masks: ``[L, N]`` bool (CPU), the slots no pair may touch.
+        sink, recent: slots at either end that never merge.
+        k: slots every layer frees in all.
+    """
+
+    def __init__(self, masks: torch.Tensor, sink: int, recent: int, k: int):
+        num_layers, n = masks.shape
+        self.sink, self.recent = sink, recent
+        self.masks = masks.to("cpu", torch.bool).clone()  # True past a layer's slots too
+        self.held = torch.full((num_layers,), n, dtype=torch.int64)
+        self.remaining = torch.full((num_layers,), k, dtype=torch.int64)
+
+    def steps(self, max_fraction: float) -> torch.Tensor:
+        """``[L]`` slots each layer frees in its next sub-round (as
+        :func:`~kvslimmer_vllm.core.merge.protected_step` on the layer's own mask; 0 once
+        it has freed ``k``)."""
+        free = _merge.disjoint_free_pairs(self.regions(torch.arange(len(self.held))))
+        m = self.held - self.sink - self.recent
+        steps = [min(left, max(1, int(max_fraction * size)), pairs) if left else 0
+                 for left, size, pairs in zip(self.remaining.tolist(), m.tolist(),
+                                              free.tolist())]
+        return torch.tensor(steps, dtype=torch.int64)
+
+    def regions(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``[len(rows), width]`` protect masks over those layers' mergeable regions, True
+        past each layer's own (no run of free slots reaches past it); ``width`` defaults to
+        the widest of those regions."""
+        m = self.held[rows] - self.sink - self.recent
+        width = int(m.max()) if width is None else width
+        region = self.masks[rows, self.sink:self.sink + width].clone()
+        region[torch.arange(width) >= m[:, None]] = True
+        return region
+
+    def guard(self, scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The ``[len(rows), R - 1]`` pair scores of layers ``rows`` (float64, CPU) with
+        every pair touching a protected slot, or past a layer's region, scored out."""
+        guarded = self.regions(rows, scores.shape[1] + 1)
+        return torch.where(guarded[:, :-1] | guarded[:, 1:], _merge.PROTECTED_SCORE, scores)
+
+    def lengths(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[len(rows)]`` pair scores in each of those layers' regions."""
+        return (self.held[rows] - self.sink - self.recent - 1).clamp_min(0)
+
+    def merged(self, rows: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """Layers ``rows`` merged the pairs ``local`` (``[len(rows), P]`` region indices,
+        -1 padded): their right slots are gone. Returns those layers' ``[len(rows), N]``
+        order of their slots before the sub-round, kept ones first (then their tail)."""
+        chosen = local >= 0
+        steps = chosen.sum(dim=1)
+        which = torch.arange(len(rows))[:, None].expand_as(local)[chosen]
+        keep = torch.arange(self.masks.shape[1]) < self.held[rows][:, None]
+        keep[which, self.sink + 1 + local[chosen]] = False
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        self.held[rows] -= steps
+        self.remaining[rows] -= steps
+        masks = torch.gather(self.masks[rows], 1, order)
+        masks[torch.arange(masks.shape[1]) >= self.held[rows][:, None]] = True
+        self.masks[rows] = masks
+        return order
+
+
 class _Lockstep:
     """The state of a lock-step protected round: device buffers ``[L, W, ...]`` (the
     layers' slots at the front, column ``W - 1`` a spare that padded writes land in) and,
-    on the host, each layer's slot count, protect mask and slots' input indices (-1 for a
+    on the host, the :class:`ProtectedSchedule` and the slots' input indices (-1 for a
     merged slot)."""
 
     def __init__(self, keys, values, counts, positions, hess, mass, masks, sink, recent, k):
@@ -117,61 +185,29 @@ class _Lockstep:
         self.spare: list[torch.Tensor] = []
         self.turn = -1
         self.counts, self.positions, self.hess, self.mass = counts, positions, hess, mass
-        self.held = torch.full((num_layers,), n, dtype=torch.int64)
+        self.schedule = ProtectedSchedule(masks, sink, recent, k)
         self.held_on_device = torch.full((num_layers,), n, dtype=torch.int64,
                                          device=self.device)
-        self.remaining = torch.full((num_layers,), k, dtype=torch.int64)
-        self.masks = masks.clone()  # [L, W], True past a layer's slots (a break in runs)
         self.origin = torch.arange(n).expand(num_layers, n).clone()
         self.layer = torch.arange(num_layers, device=self.device)[:, None]
+        self.rows = torch.arange(num_layers)
 
     # -------------------------------------------------------------------- host side
-
-    def steps(self, max_fraction: float) -> torch.Tensor:
-        """``[L]`` slots each layer frees in this sub-round (as the reference's
-        :func:`~kvslimmer_vllm.core.merge.protected_step` on the layer's own mask; 0 once
-        a layer has freed ``k``)."""
-        region = self._region_masks()
-        free = _merge.disjoint_free_pairs(region)
-        m = self.held - self.sink - self.recent
-        steps = [min(left, max(1, int(max_fraction * size)), pairs) if left else 0
-                 for left, size, pairs in zip(self.remaining.tolist(), m.tolist(),
-                                              free.tolist())]
-        return torch.tensor(steps, dtype=torch.int64)
-
-    def _region_masks(self) -> torch.Tensor:
-        """``[L, R]`` protect masks over the layers' mergeable regions, True past each
-        layer's own (so no run of free slots reaches past it)."""
-        width = int(self.held.max()) - self.sink - self.recent
-        region = self.masks[:, self.sink:self.sink + width].clone()
-        beyond = torch.arange(width) >= (self.held - self.sink - self.recent)[:, None]
-        region[beyond] = True
-        return region
 
     def choose(self, scores: torch.Tensor, steps: torch.Tensor, row_selector) -> torch.Tensor:
         """Each layer's ``steps[l]`` pairs (``[L, max steps]`` region indices, -1 padded)
         from the device's ``[L, R - 1]`` pair scores, its protected pairs scored out; the
         host state follows (masks and origins compacted)."""
+        schedule, rows = self.schedule, self.rows
         scores = scores.to("cpu", torch.float64)  # the sub-round's device-to-host transfer
-        guarded = self._region_masks()
-        scores = torch.where(guarded[:, :-1] | guarded[:, 1:], _merge.PROTECTED_SCORE, scores)
-        lengths = (self.held - self.sink - self.recent - 1).clamp_min(0)
-        local = row_selector(scores, lengths, steps).cpu()
+        local = row_selector(schedule.guard(scores, rows), schedule.lengths(rows), steps).cpu()
         chosen = local >= 0
-        rows = torch.arange(len(steps))[:, None].expand_as(local)[chosen]
-        left = self.sink + local[chosen]
-        self.origin[rows, left] = -1
-        keep = torch.arange(self.masks.shape[1]) < self.held[:, None]
-        keep[rows, left + 1] = False
-        self.held -= steps
-        self.remaining -= steps
-        # Kept slots first, in order; what follows is padding (a layer's own tail).
-        self.order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
-        width = int(self.held.max())
-        self.order = self.order[:, :width + 1]  # + the spare column
-        self.masks = torch.gather(self.masks, 1, self.order)
-        self.masks[torch.arange(width + 1) >= self.held[:, None]] = True
-        self.origin = torch.gather(self.origin, 1, self.order[:, :width])
+        which = rows[:, None].expand_as(local)[chosen]
+        self.origin[which, self.sink + local[chosen]] = -1
+        order = schedule.merged(rows, local)
+        width = int(schedule.held.max())
+        self.order = order[:, :width + 1]  # + the spare column
+        self.origin = torch.gather(self.origin, 1, order[:, :width])
         return local
 
     # ------------------------------------------------------------------ device side
@@ -185,7 +221,7 @@ class _Lockstep:
     def scores(self, gamma: float, pool: int, score_reduce) -> torch.Tensor:
         """Every layer's statistics over its own region (kept for :meth:`merge`) and its
         ``[L, R - 1]`` pair scores (float64, on the device)."""
-        width = int(self.held.max()) - self.sink - self.recent
+        width = int(self.schedule.held.max()) - self.sink - self.recent
         self.region = slice(self.sink, self.sink + width)
         valid = self._valid(width)
         self.valid = valid

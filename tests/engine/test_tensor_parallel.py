@@ -17,9 +17,9 @@ from kvslimmer_vllm.engine.plugin import engine_kwargs
 from helpers import offline_llm, random_tokens
 
 
-def _greedy(model, tp, prompts, observe, **extra):
-    """Greedy tokens and merge stats of each prompt, run with the observe mode of the
-    same index (per request)."""
+def _greedy(model, tp, prompts, settings, **extra):
+    """Greedy tokens and merge stats of each prompt, run with the per-request settings of
+    the same index."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -29,8 +29,8 @@ def _greedy(model, tp, prompts, observe, **extra):
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts],
             [SamplingParams(temperature=0.0, max_tokens=48, min_tokens=48, ignore_eos=True,
-                            detokenize=False, extra_args={"kv_merge_observe": mode})
-             for mode in observe],
+                            detokenize=False, extra_args=xargs)
+             for xargs in settings],
             use_tqdm=False,
         )
     return ([list(o.outputs[0].token_ids) for o in outputs],
@@ -62,16 +62,22 @@ def test_two_ranks_give_the_single_rank_tokens(tiny_llama, two_ranks):
     """Catches: ranks choosing different slots (scores not summed over ranks), ranks
     running different rounds, or a rank merging heads it does not hold -- with rounds
     during prefill (progressive) and with one step after the prompt scored by the
-    question's window, pooled (prompt-end), in the same batch."""
+    question's window, pooled (prompt-end), in the same batch; and SnapMerge, whose
+    protected sub-rounds run as one C++ call on one rank but in lock step from Python
+    with a score sum per sub-round on two."""
     lengths = (300, 700, 1100)
-    prompts = [random_tokens(n, seed=3 + i) for i, n in enumerate(lengths)] * 2
-    observe = ["progressive"] * len(lengths) + ["prompt-end"] * len(lengths)
-    single, s1 = _greedy(tiny_llama, 1, prompts, observe)
-    double, s2 = _greedy(tiny_llama, 2, prompts, observe)  # fails without the score sum
+    prompts = [random_tokens(n, seed=3 + i) for i, n in enumerate(lengths)] * 3
+    settings = ([{"kv_merge_observe": "progressive"}] * len(lengths)
+                + [{"kv_merge_observe": "prompt-end"}] * len(lengths)
+                + [{"kv_merge_method": "snapmerge"}] * len(lengths))
+    single, s1 = _greedy(tiny_llama, 1, prompts, settings)
+    double, s2 = _greedy(tiny_llama, 2, prompts, settings)  # fails without the score sum
     assert all(s["rounds"] >= 3 for s in s1[:len(lengths)])
     # prompt-end: the compression step, then decode rounds (48 tokens, interval 32)
     assert all(s["rounds"] >= 2 for s in s1[len(lengths):])
+    assert [s["method"] for s in s1[2 * len(lengths):]] == ["snapmerge"] * len(lengths)
     assert s1 == s2
     assert double == single
     # The modes did differ: the same prompt merged in another way gives other tokens.
-    assert single[:len(lengths)] != single[len(lengths):]
+    assert single[:len(lengths)] != single[len(lengths):2 * len(lengths)]
+    assert single[len(lengths):2 * len(lengths)] != single[2 * len(lengths):]

@@ -400,16 +400,22 @@ def test_protected_round_errors_name_the_problem_and_write_nothing(change, patte
 
 
 def test_protected_round_runs_the_python_sub_rounds_in_one_call():
-    """The C++ driver and the per-layer loop it replaces (kept for score reductions) leave
-    the same caches and state, bit for bit, on a float64 request (each layer its own
-    keep set, so its own sub-round sizes)."""
+    """The C++ driver and the lock step kept for score reductions (every layer's sub-round
+    s at once from Python, the C++ ops with ``held``) leave the same caches and state, bit
+    for bit, on a float64 request (each layer its own keep set, so its own sub-round
+    sizes); the reduction runs once per sub-round for all layers."""
     kvs, slots, state = _request(300, 3, 8, torch.float64, seed=5)
     layers = torch.arange(TOTAL_LAYERS)
     mass = state["mass"][layers[:, None], slots[4:300 - 16]]
     protect = torch.zeros(TOTAL_LAYERS, 300, dtype=torch.bool)
     protect[:, 4:300 - 16] = keep_set(pool_mass(mass, 7).sum(-1), 200)
-    outcomes = []
-    for reduce in (None, lambda scores: scores + 0.0):
+    outcomes, reduced = [], []
+
+    def reduce(scores):
+        reduced.append(scores.shape[0])
+        return scores + 0.0
+
+    for reduce in (None, reduce):
         c, s = [kv.clone() for kv in kvs], copy.deepcopy(state)
         kernels.paged_merge_round(c, slots, layers, s["counts"], s["positions"], s["hess"],
                                   s["mass"], sink=4, recent=16, k=200, round_idx=3,
@@ -424,6 +430,75 @@ def test_protected_round_runs_the_python_sub_rounds_in_one_call():
         assert torch.equal(a[name][:, live], b[name][:, live]), name
     assert torch.equal(a["hess"][:, live].nan_to_num(-1.0), b["hess"][:, live].nan_to_num(-1.0))
     assert bool((a["counts"][:, live] > 1).any())  # the round merged
+    # One reduction per lock-step sub-round, of every layer still freeing slots; the
+    # layers' own sub-round counts differ, so some sat out the last ones.
+    assert reduced[0] == TOTAL_LAYERS and min(reduced) < TOTAL_LAYERS, reduced
+
+
+def _held_args(seed=2):
+    kvs, slots, state = _request(60, 2, 8, torch.float64, seed=seed)
+    return kvs, slots, state, torch.tensor([3, 0, 1]), torch.tensor([60, 41, 52])
+
+
+def test_round_ops_with_held_equal_each_layer_alone():
+    """``held``: layer l uses its first held[l] slots (layers in lock step); round_stats
+    and round_apply (left padded with -1) equal each layer run alone on slots[:held[l]],
+    bit for bit, and round_stats' outputs are 0 past a layer's region."""
+    kvs, slots, state, layers, held = _held_args()
+    sink, recent = 3, 5
+    common = dict(round_idx=2, gamma=50.0, pool=3)
+    alpha, h, scores = OPS.round_stats([kvs[i] for i in layers], slots, layers, state["hess"],
+                                       state["mass"], sink, recent, *common.values(), held)
+    width = int(held.max()) - sink - recent
+    assert alpha.shape == (3, width, 2) and scores.shape == (3, width - 1)
+    left = torch.tensor([[0, 5, 9, 20], [2, 4, -1, -1], [1, -1, -1, -1]])
+    table = build_cos_sin_cache(default_inv_freq(8, 1e4), 4096).double()
+    lock = [kv.clone() for kv in kvs], copy.deepcopy(state)
+    OPS.round_apply([lock[0][i] for i in layers], slots, layers, lock[1]["counts"],
+                    lock[1]["positions"], lock[1]["hess"], lock[1]["mass"], left, alpha, h,
+                    sink, recent, 1e-21, True, table, 8, True, True, held)
+    alone = [kv.clone() for kv in kvs], copy.deepcopy(state)
+    for row, (layer, n) in enumerate(zip(layers.tolist(), held.tolist())):
+        m = n - sink - recent
+        a1, h1, s1 = OPS.round_stats([kvs[layer]], slots[:n], layers[row:row + 1],
+                                     state["hess"], state["mass"], sink, recent,
+                                     *common.values())
+        assert torch.equal(alpha[row, :m], a1[0]) and torch.equal(h[row, :m], h1[0])
+        assert torch.equal(scores[row, :m - 1], s1[0])
+        assert not alpha[row, m:].any() and not scores[row, m - 1:].any()
+        pairs = left[row:row + 1, :int((left[row] >= 0).sum())]
+        OPS.round_apply([alone[0][layer]], slots[:n], layers[row:row + 1], alone[1]["counts"],
+                        alone[1]["positions"], alone[1]["hess"], alone[1]["mass"], pairs, a1,
+                        h1, sink, recent, 1e-21, True, table, 8, True, True)
+    assert all(torch.equal(x, y) for x, y in zip(lock[0], alone[0]))
+    for name in ("counts", "positions", "mass"):
+        assert torch.equal(lock[1][name], alone[1][name]), name
+    assert torch.equal(lock[1]["hess"].nan_to_num(-1.0), alone[1]["hess"].nan_to_num(-1.0))
+
+
+@pytest.mark.parametrize("held,left,pattern", [
+    (torch.tensor([60, 41]), None, "held must be CPU int64 \\[L\\] with L = 3"),
+    (torch.tensor([60, 9, 52]), None, "held\\[1\\]=9 must leave a mergeable region"),
+    (torch.tensor([60, 61, 52]), None, "held\\[1\\]=61 .* at most N = 60"),
+    (None, torch.tensor([[0, -1, 4], [2, 4, 6], [1, 3, 5]]), "may end in -1 padding only"),
+    (None, torch.tensor([[0, 2, 4], [2, 4, 40], [1, 3, 5]]), "pairs of the 33-slot region"),
+])
+def test_held_errors_name_the_problem_and_write_nothing(held, left, pattern):
+    kvs, slots, state, layers, good = _held_args()
+    held = good if held is None else held
+    part = [kvs[i] for i in layers]
+    before = [kv.clone() for kv in part]
+    if left is None:
+        with pytest.raises(ValueError, match=pattern):
+            OPS.round_stats(part, slots, layers, state["hess"], state["mass"], 3, 5, 1, 50.0,
+                            1, held)
+        left = torch.tensor([[0], [2], [1]])
+    alpha = torch.zeros(3, 52, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=pattern):
+        OPS.round_apply(part, slots, layers, state["counts"], state["positions"],
+                        state["hess"], state["mass"], left, alpha, alpha.clone(), 3, 5, 1e-21,
+                        True, None, 0, True, True, held)
+    assert all(torch.equal(a, b) for a, b in zip(part, before))
 
 
 def test_freeing_the_whole_region_is_refused_before_anything_runs():
