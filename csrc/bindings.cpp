@@ -14,6 +14,14 @@ TORCH_LIBRARY(kvslimmer, m) {
   m.def("select_pairs(Tensor scores, int k) -> Tensor", &kvslimmer::select_pairs);
   m.def("select_pairs_rows(Tensor scores, Tensor lengths, Tensor ks) -> Tensor",
         &kvslimmer::select_pairs_rows);
+  m.def(
+      "protected_steps(Tensor masks, Tensor held, Tensor remaining, int sink, int recent, "
+      "float max_fraction) -> Tensor",
+      &kvslimmer::protected_steps);
+  m.def(
+      "protected_merged(Tensor(a!) masks, Tensor(b!) held, Tensor(c!) remaining, Tensor rows, "
+      "Tensor left, int sink) -> Tensor",
+      &kvslimmer::protected_merged);
   m.def("keep_set(Tensor scores, int k) -> Tensor", &kvslimmer::keep_set);
   m.def("cpu_isa(str? isa=None) -> str", &kvslimmer::cpu_isa);
   m.def("cpu_isas() -> str[]", &kvslimmer::cpu_isas);

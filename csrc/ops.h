@@ -94,6 +94,15 @@ void round_apply(const std::vector<at::Tensor>& kvs, const at::Tensor& slots,
 // state rows `layer_rows` through the slot ids, as kvslimmer_vllm.core.paged.slot_scores.
 at::Tensor slot_scores(const at::Tensor& slots, const at::Tensor& layer_rows,
                        const at::Tensor& mass, int64_t sink, int64_t recent, int64_t pool);
+// torch.ops.kvslimmer.protected_steps / protected_merged (csrc/cpu/paged_round.cpp): the
+// host's bookkeeping of protected sub-rounds in lock step, as
+// kvslimmer_vllm.kernels.lockstep.ProtectedSchedule.steps / merged.
+at::Tensor protected_steps(const at::Tensor& masks, const at::Tensor& held,
+                           const at::Tensor& remaining, int64_t sink, int64_t recent,
+                           double max_fraction);
+at::Tensor protected_merged(const at::Tensor& masks, const at::Tensor& held,
+                            const at::Tensor& remaining, const at::Tensor& rows,
+                            const at::Tensor& left, int64_t sink);
 // torch.ops.kvslimmer.protected_round on CPU (csrc/cpu/paged_round.cpp): the sub-rounds of
 // one step that frees k slots while no pair touches a slot of `protect` ([L, N] bool), each
 // layer sized by its own mask and run as one task, as paged_merge_round with protect.

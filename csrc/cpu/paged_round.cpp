@@ -25,6 +25,10 @@
 // the pair scores use them), read through the slot ids: SnapMerge's keep set is chosen from
 // them (keep_set, select_pairs.cpp) before protected_round runs around it.
 //
+// protected_steps / protected_merged: the host's bookkeeping of protected sub-rounds run in
+// lock step from Python (kvslimmer_vllm.kernels.lockstep.ProtectedSchedule): each layer's
+// next step, sized as protected_round sizes it, and its mask compacted after its pairs merged.
+//
 // With `held` ([L]) layer l holds only the first held[l] of the N slots (layers in lock step
 // whose earlier sub-rounds freed different numbers: SnapMerge under tensor parallelism);
 // round_stats' outputs are then sized for the widest region, zero past a layer's own, and
@@ -679,6 +683,119 @@ void protected_round(const std::vector<at::Tensor>& kvs, const at::Tensor& slots
       }
     });
   });
+}
+
+namespace {
+
+void check_schedule(const at::Tensor& masks, const std::vector<const at::Tensor*>& per_layer) {
+  TORCH_CHECK_VALUE(masks.dim() == 2 && masks.scalar_type() == at::kBool && masks.is_cpu() &&
+                        masks.is_contiguous(),
+                    "masks must be contiguous CPU bool [L, N]; got ", masks.scalar_type(), " ",
+                    masks.sizes());
+  for (const at::Tensor* t : per_layer) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == masks.size(0) &&
+                          t->scalar_type() == at::kLong && t->is_cpu() && t->is_contiguous(),
+                      "held and remaining must be contiguous CPU int64 [L] with L = ",
+                      masks.size(0), "; got ", t->scalar_type(), " ", t->sizes());
+  }
+}
+
+}  // namespace
+
+at::Tensor protected_steps(const at::Tensor& masks, const at::Tensor& held,
+                           const at::Tensor& remaining, int64_t sink, int64_t recent,
+                           double max_fraction) {
+  check_schedule(masks, {&held, &remaining});
+  TORCH_CHECK_VALUE(max_fraction > 0 && max_fraction <= 0.5,
+                    "max_fraction must be in (0, 0.5], got ", max_fraction);
+  const int64_t L = masks.size(0), N = masks.size(1);
+  const bool* mask_p = masks.data_ptr<bool>();
+  const int64_t* held_p = held.data_ptr<int64_t>();
+  const int64_t* left_p = remaining.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK_VALUE(sink >= 0 && recent >= 0 && held_p[l] - sink - recent >= 0 &&
+                          held_p[l] <= N,
+                      "held[", l, "]=", held_p[l], " must hold sink + recent = ", sink + recent,
+                      " slots and at most N = ", N);
+  }
+  at::Tensor steps = at::zeros({L}, held.options());
+  int64_t* out = steps.data_ptr<int64_t>();
+  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      if (left_p[l] <= 0) continue;
+      const int64_t m = held_p[l] - sink - recent;
+      out[l] = std::min({left_p[l],
+                         std::max<int64_t>(1, static_cast<int64_t>(max_fraction * m)),
+                         disjoint_free_pairs(mask_p + l * N + sink, m)});
+    }
+  });
+  return steps;
+}
+
+at::Tensor protected_merged(const at::Tensor& masks, const at::Tensor& held,
+                            const at::Tensor& remaining, const at::Tensor& rows,
+                            const at::Tensor& left, int64_t sink) {
+  check_schedule(masks, {&held, &remaining});
+  const int64_t L = masks.size(0), N = masks.size(1);
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_cpu() &&
+                        rows.is_contiguous(),
+                    "rows must be contiguous CPU int64 [R]; got ", rows.scalar_type(), " ",
+                    rows.sizes());
+  const int64_t R = rows.numel();
+  TORCH_CHECK_VALUE(left.dim() == 2 && left.size(0) == R && left.scalar_type() == at::kLong &&
+                        left.is_cpu(),
+                    "left must be CPU int64 [R, P] with R = ", R, "; got ", left.scalar_type(),
+                    " ", left.sizes());
+  const at::Tensor pairs = left.contiguous();
+  const int64_t P = pairs.size(1);
+  const int64_t* row_p = rows.data_ptr<int64_t>();
+  const int64_t* lp = pairs.data_ptr<int64_t>();
+  int64_t* held_p = held.data_ptr<int64_t>();
+  int64_t* left_p = remaining.data_ptr<int64_t>();
+  std::vector<int64_t> k_of(R, 0);
+  std::vector<char> seen(L, 0);
+  for (int64_t r = 0; r < R; ++r) {  // everything checked before anything is written
+    const int64_t l = row_p[r];
+    TORCH_CHECK_VALUE(l >= 0 && l < L && !seen[l], "rows must be distinct layers in [0, ", L,
+                      "); got ", l);
+    seen[l] = 1;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t i = lp[r * P + p];
+      if (i == -1) continue;  // padding: no pair may follow (k_of[r] == p below)
+      TORCH_CHECK_VALUE(k_of[r] == p && i >= 0 && sink + 1 + i < held_p[l] &&
+                            (p == 0 || i >= lp[r * P + p - 1] + 2),
+                        "left[", r, "] must be ascending, disjoint pairs within layer ", l,
+                        "'s ", held_p[l], " slots, then -1 padding; got ", i, " at ", p);
+      ++k_of[r];
+    }
+  }
+  at::Tensor order = at::empty({R, N}, held.options());
+  int64_t* order_p = order.data_ptr<int64_t>();
+  bool* mask_p = masks.data_ptr<bool>();
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> gone(N);
+    std::vector<bool> before(N);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t l = row_p[r], n = held_p[l], k = k_of[r];
+      std::fill(gone.begin(), gone.end(), 0);
+      for (int64_t p = 0; p < k; ++p) gone[sink + 1 + lp[r * P + p]] = 1;
+      // Kept slots first, in order, then the others in order (a stable sort on "gone").
+      int64_t* o = order_p + r * N;
+      int64_t out = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!gone[j]) o[out++] = j;
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        if (j >= n || gone[j]) o[out++] = j;
+      }
+      bool* mask = mask_p + l * N;
+      for (int64_t j = 0; j < N; ++j) before[j] = mask[j];
+      for (int64_t j = 0; j < N; ++j) mask[j] = j >= n - k || before[o[j]];
+      held_p[l] = n - k;
+      left_p[l] -= k;
+    }
+  });
+  return order;
 }
 
 }  // namespace kvslimmer

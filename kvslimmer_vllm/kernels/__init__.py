@@ -262,7 +262,8 @@ def merge_rounds(keys, values, counts, positions, hess, mass, *, protect=None,
     args = (keys, values, counts, positions, hess, mass)
     if protect is None or _forced_reference():
         return _merge_ref.merge_rounds(*args, protect=protect, selector=selector, **kwargs)
-    return _lockstep.protected_rounds(*args, protect, row_selector=row_selector, **kwargs)
+    return _lockstep.protected_rounds(*args, protect, row_selector=row_selector,
+                                      schedule_ops=_cpp_ops(), **kwargs)
 
 
 def shift_table(rotary, delta: torch.Tensor, dtype: torch.dtype):
@@ -387,7 +388,7 @@ def _paged_lockstep(kvs, layers, protect, *, k: int, max_fraction: float, slots,
     0 every layer runs one sub-round of no pairs (the statistics still update). Every rank
     sees the same reduced scores, so all take the same steps."""
     ops = _cpp_ops()
-    schedule = _lockstep.ProtectedSchedule(protect, sink, recent, k)
+    schedule = _lockstep.ProtectedSchedule(protect, sink, recent, k, ops)
     first = True
     while first or bool(schedule.remaining.any()):
         steps = schedule.steps(max_fraction)

@@ -65,11 +65,13 @@ def protected_rounds(
     pool: int = 1,
     spread: Callable = value_spread,
     pair_merge: Callable = _merge.merge_pairs,
+    schedule_ops=None,
 ) -> MergeResult:
     """:func:`kvslimmer_vllm.core.merge.merge_rounds` with ``protect``, every layer's
     sub-rounds in lock step (see the module docstring); the arguments are that function's,
     with ``row_selector`` (the contract of
-    :func:`~kvslimmer_vllm.core.select.select_pairs_rows`) choosing the pairs."""
+    :func:`~kvslimmer_vllm.core.select.select_pairs_rows`) choosing the pairs and
+    ``schedule_ops`` (see :class:`ProtectedSchedule`) keeping the host's books."""
     if key_weights not in ("hessian", "count"):
         raise ValueError(f"key_weights must be 'hessian' or 'count', got {key_weights!r}")
     single, (keys, values, counts, positions, hess, mass) = _merge._batched(
@@ -90,7 +92,8 @@ def protected_rounds(
             round_idx=round_idx, gamma=gamma, eps=eps, rotary=rotary,
             key_weights=key_weights, pool=pool, protect=protect, spread=spread,
             pair_merge=pair_merge), single)
-    lock = _Lockstep(keys, values, counts, positions, hess, mass, masks, sink, recent, k)
+    lock = _Lockstep(keys, values, counts, positions, hess, mass, masks, sink, recent, k,
+                     schedule_ops)
     while lock.schedule.remaining.any():
         steps = lock.schedule.steps(max_fraction)
         scores = lock.scores(gamma, pool, score_reduce)
@@ -109,11 +112,14 @@ class ProtectedSchedule:
         masks: ``[L, N]`` bool (CPU), the slots no pair may touch.
         sink, recent: slots at either end that never merge.
         k: slots every layer frees in all.
+        ops: ``torch.ops.kvslimmer`` for :meth:`steps` and :meth:`merged` in C++ (one pass
+            per layer, layers in parallel), or None for the torch ops below (tens of ms per
+            sub-round at 32 layers of 16K slots).
     """
 
-    def __init__(self, masks: torch.Tensor, sink: int, recent: int, k: int):
+    def __init__(self, masks: torch.Tensor, sink: int, recent: int, k: int, ops=None):
         num_layers, n = masks.shape
-        self.sink, self.recent = sink, recent
+        self.sink, self.recent, self.ops = sink, recent, ops
         self.masks = masks.to("cpu", torch.bool).clone()  # True past a layer's slots too
         self.held = torch.full((num_layers,), n, dtype=torch.int64)
         self.remaining = torch.full((num_layers,), k, dtype=torch.int64)
@@ -122,6 +128,9 @@ class ProtectedSchedule:
         """``[L]`` slots each layer frees in its next sub-round (as
         :func:`~kvslimmer_vllm.core.merge.protected_step` on the layer's own mask; 0 once
         it has freed ``k``)."""
+        if self.ops is not None:
+            return self.ops.protected_steps(self.masks, self.held, self.remaining, self.sink,
+                                            self.recent, max_fraction)
         free = _merge.disjoint_free_pairs(self.regions(torch.arange(len(self.held))))
         m = self.held - self.sink - self.recent
         steps = [min(left, max(1, int(max_fraction * size)), pairs) if left else 0
@@ -153,6 +162,9 @@ class ProtectedSchedule:
         """Layers ``rows`` merged the pairs ``local`` (``[len(rows), P]`` region indices,
         -1 padded): their right slots are gone. Returns those layers' ``[len(rows), N]``
         order of their slots before the sub-round, kept ones first (then their tail)."""
+        if self.ops is not None:
+            return self.ops.protected_merged(self.masks, self.held, self.remaining, rows,
+                                             local, self.sink)
         chosen = local >= 0
         steps = chosen.sum(dim=1)
         which = torch.arange(len(rows))[:, None].expand_as(local)[chosen]
@@ -173,7 +185,8 @@ class _Lockstep:
     on the host, the :class:`ProtectedSchedule` and the slots' input indices (-1 for a
     merged slot)."""
 
-    def __init__(self, keys, values, counts, positions, hess, mass, masks, sink, recent, k):
+    def __init__(self, keys, values, counts, positions, hess, mass, masks, sink, recent, k,
+                 schedule_ops):
         self.device = keys.device
         self.sink, self.recent = sink, recent
         num_layers, n = keys.shape[:2]
@@ -185,7 +198,7 @@ class _Lockstep:
         self.spare: list[torch.Tensor] = []
         self.turn = -1
         self.counts, self.positions, self.hess, self.mass = counts, positions, hess, mass
-        self.schedule = ProtectedSchedule(masks, sink, recent, k)
+        self.schedule = ProtectedSchedule(masks, sink, recent, k, schedule_ops)
         self.held_on_device = torch.full((num_layers,), n, dtype=torch.int64,
                                          device=self.device)
         self.origin = torch.arange(n).expand(num_layers, n).clone()

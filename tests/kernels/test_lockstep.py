@@ -20,7 +20,7 @@ from kvslimmer_vllm.core import merge as merge_ref
 from kvslimmer_vllm.core.merge import DEFAULT_EPS, DEFAULT_GAMMA, slot_scores
 from kvslimmer_vllm.core.rope import RotarySpec, build_cos_sin_cache, default_inv_freq
 from kvslimmer_vllm.core.select import select_pairs, select_pairs_rows
-from kvslimmer_vllm.kernels.lockstep import protected_rounds
+from kvslimmer_vllm.kernels.lockstep import ProtectedSchedule, protected_rounds
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HAS_CPP = kernels.attention_backend_name(torch.device("cpu")) == "cpp"
@@ -245,6 +245,70 @@ def test_triton_round_kernels_in_lockstep():
                                pair_merge=pair_merge, **settings)
         want = merge_ref.merge_rounds(*state, protect=protect, k=20, **settings)
         _assert_same(got, want, tol)
+
+
+# ------------------------------------------------------------------ the host's bookkeeping
+
+@needs_cpp
+@pytest.mark.parametrize("layers,n,k,sink,recent,max_fraction,masks", [
+    (6, 400, 300, 4, 16, 0.25, "keep set"), (5, 160, 40, 3, 6, 0.05, "adversarial"),
+    (3, 60, 0, 2, 2, 0.3, "keep set"), (4, 200, 150, 0, 0, 0.5, "keep set"),
+])
+def test_schedule_in_cpp_equals_torch(layers, n, k, sink, recent, max_fraction, masks):
+    """ProtectedSchedule's steps and merged, by the C++ ops (protected_steps,
+    protected_merged) and by torch ops, step for step through a whole step's schedule:
+    sizes, orders, masks, slot counts and what is left to free."""
+    if masks == "keep set":
+        scores = torch.rand(layers, n - sink - recent, generator=torch.Generator().manual_seed(n),
+                            dtype=torch.float64)
+        protect = torch.zeros(layers, n, dtype=torch.bool)
+        protect[:, sink:n - recent] = merge_ref.keep_set(scores, k)
+    else:
+        protect = _adversarial_masks(layers, n, sink, recent)
+        k = int(merge_ref.mergeable_without(protect[:, sink:n - recent]).min())
+    plain = ProtectedSchedule(protect, sink, recent, k)
+    cpp = ProtectedSchedule(protect, sink, recent, k, torch.ops.kvslimmer)
+    gen = torch.Generator().manual_seed(1)
+    turns = 0
+    while turns == 0 or bool(plain.remaining.any()):
+        steps = plain.steps(max_fraction)
+        assert torch.equal(cpp.steps(max_fraction), steps)
+        rows = steps.nonzero().flatten()
+        if not len(rows):
+            break
+        width = int(plain.held[rows].max()) - sink - recent
+        scores = torch.rand(len(rows), width - 1, generator=gen, dtype=torch.float64)
+        local = select_pairs_rows(plain.guard(scores, rows), plain.lengths(rows), steps[rows])
+        assert torch.equal(cpp.merged(rows, local), plain.merged(rows, local))
+        for name in ("masks", "held", "remaining"):
+            assert torch.equal(getattr(cpp, name), getattr(plain, name)), name
+        turns += 1
+    assert int(plain.remaining.sum()) == 0 and bool((plain.held == n - k).all())
+
+
+@needs_cpp
+def test_schedule_ops_errors_name_the_problem_and_write_nothing():
+    masks = torch.zeros(2, 20, dtype=torch.bool)
+    held, remaining = torch.tensor([20, 18]), torch.tensor([4, 4])
+    ops = torch.ops.kvslimmer
+    with pytest.raises(ValueError, match="max_fraction must be in"):
+        ops.protected_steps(masks, held, remaining, 2, 2, 0.7)
+    with pytest.raises(ValueError, match=r"held\[1\]=3 must hold sink \+ recent = 4"):
+        ops.protected_steps(masks, torch.tensor([20, 3]), remaining, 2, 2, 0.5)
+    with pytest.raises(ValueError, match=r"held and remaining must be contiguous CPU int64 \[L\]"):
+        ops.protected_steps(masks, held[:1], remaining, 2, 2, 0.5)
+    with pytest.raises(ValueError, match="masks must be contiguous CPU bool"):
+        ops.protected_steps(masks.int(), held, remaining, 2, 2, 0.5)
+    before = masks.clone(), held.clone(), remaining.clone()
+    for left, pattern in ((torch.tensor([[0, -1, 4]]), "then -1 padding; got 4 at 2"),
+                          (torch.tensor([[0, 1]]), "ascending, disjoint pairs"),
+                          (torch.tensor([[16]]), "within layer 1's 18 slots")):
+        with pytest.raises(ValueError, match=pattern):
+            ops.protected_merged(masks, held, remaining, torch.tensor([1]), left, 1)
+    with pytest.raises(ValueError, match="rows must be distinct layers"):
+        ops.protected_merged(masks, held, remaining, torch.tensor([1, 1]),
+                             torch.tensor([[0], [2]]), 1)
+    assert all(torch.equal(a, b) for a, b in zip((masks, held, remaining), before))
 
 
 # ----------------------------------------------------------------------- select_pairs_rows
