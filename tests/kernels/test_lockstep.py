@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import triton_kernel_modules
 from kvslimmer_vllm import kernels
@@ -245,6 +247,32 @@ def test_triton_round_kernels_in_lockstep():
                                pair_merge=pair_merge, **settings)
         want = merge_ref.merge_rounds(*state, protect=protect, k=20, **settings)
         _assert_same(got, want, tol)
+
+
+@settings(max_examples=60)
+@given(layers=st.integers(1, 5), n=st.integers(10, 120), sink=st.integers(0, 4),
+       recent=st.integers(0, 6), density=st.sampled_from([0.0, 0.2, 0.5, 0.8]),
+       share=st.floats(0.0, 1.0), max_fraction=st.sampled_from([0.05, 0.2, 0.25, 0.5]),
+       pool=st.sampled_from([1, 3, 5]), count_weights=st.booleans(), seed=st.integers(0, 99),
+       cpp_books=st.booleans())
+def test_any_masks_and_sizes_equal_the_reference(layers, n, sink, recent, density, share,
+                                                 max_fraction, pool, count_weights, seed,
+                                                 cpp_books):
+    """Random protect masks (each layer its own), region sizes and settings: the lock
+    step (its books in torch or in C++) equals the layer-by-layer reference."""
+    if cpp_books and not HAS_CPP:
+        cpp_books = False
+    gen = torch.Generator().manual_seed(seed)
+    protect = torch.zeros(layers, n, dtype=torch.bool)
+    protect[:, sink:n - recent] = torch.rand(layers, n - sink - recent, generator=gen) < density
+    k = int(share * int(merge_ref.mergeable_without(protect[:, sink:n - recent]).min()))
+    state = _state(layers, n, 2, 8, torch.float64, seed=seed)
+    settings_ = _settings(sink=sink, recent=recent, pool=pool, max_fraction=max_fraction,
+                          key_weights="count" if count_weights else "hessian")
+    want = merge_ref.merge_rounds(*state, protect=protect.to(DEVICE), k=k, **settings_)
+    got = protected_rounds(*state, protect.to(DEVICE), k=k, **settings_,
+                           schedule_ops=torch.ops.kvslimmer if cpp_books else None)
+    _assert_same(got, want, TOL64)
 
 
 # ------------------------------------------------------------------ the host's bookkeeping
