@@ -240,7 +240,6 @@ def test_triton_round_kernels_in_lockstep():
     for dtype, tol in ((torch.float32, dict(rtol=1e-4, atol=1e-5)),
                        (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))):
         state = _state(3, 48, 2, 16, dtype, seed=9)
-        state = (*state[:5], state[5])
         protect = _snap_protect(state[5], 20, 2, 4, 3)
         settings = _settings(pool=3, max_fraction=0.25, rotary=_rotary(16))
         got = protected_rounds(*state, protect, k=20, spread=rk.value_spread,
