@@ -23,7 +23,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -34,9 +34,9 @@ from .stats import (
 )
 
 __all__ = [
-    "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "drop_slots", "evict_lowest", "evict_oldest",
-    "keep_set", "lowest_mass_slots", "merge_pairs", "merge_round", "merge_rounds", "merge_weights",
-    "oldest_slots", "slot_scores",
+    "ChosenPairs", "DEFAULT_EPS", "DEFAULT_GAMMA", "MergeResult", "drop_slots", "evict_lowest",
+    "evict_oldest", "keep_set", "lowest_mass_slots", "merge_chosen", "merge_pairs", "merge_round",
+    "merge_rounds", "merge_weights", "oldest_slots", "slot_scores",
 ]
 
 #: Positional decay of the pair score, ``exp(t / gamma)`` (reference: 4096 / ln 512).
@@ -407,27 +407,17 @@ def merge_round(
     local = selector(scores.cpu(), k).to(device)
     layer = torch.arange(num_layers, device=device)[:, None]
     left, right = sink + local, sink + local + 1
-
-    c_i, c_j = _take(counts, left).to(dtype), _take(counts, right).to(dtype)
-    h_i, h_j = _take(h, local), _take(h, local + 1)
-    if key_weights == "hessian":
-        h_ij = _take(cross_hessian(alpha, recover_d(h, alpha, eps)), local)
-        a, b, key_fallback = merge_weights(h_i, h_j, h_ij, c_i, c_j, eps)
-    else:
-        a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
-        b, key_fallback = 1 - a, None
-
-    p_j = _take(positions, right)
-    merged_keys, merged_values = pair_merge(keys, values, left, a, c_i, c_j, rotary,
-                                            p_j - _take(positions, left))
+    pairs = merge_chosen(keys, values, counts, positions, alpha, h, local, sink=sink,
+                         eps=eps, key_weights=key_weights, rotary=rotary,
+                         pair_merge=pair_merge)
 
     new_hess = hess.clone()
     new_hess[:, region] = h.to(hess.dtype)
-    new_hess[layer, left] = (a * a * h_i + b * b * h_j).to(hess.dtype)
+    new_hess[layer, left] = pairs.hess.to(hess.dtype)
     new_counts = counts.clone()
-    new_counts[layer, left] = (c_i + c_j).to(counts.dtype)
+    new_counts[layer, left] = pairs.counts.to(counts.dtype)
     new_positions = positions.clone()
-    new_positions[layer, left] = p_j
+    new_positions[layer, left] = pairs.positions
 
     source = _kept(num_layers, n, right)
     return _unbatched(MergeResult(
@@ -440,10 +430,46 @@ def merge_round(
         input_keys=keys,
         input_values=values,
         merged_slots=left - torch.arange(k, device=device),  # indices after compaction
-        merged_keys=merged_keys,
-        merged_values=merged_values,
-        key_fallback=key_fallback,
+        merged_keys=pairs.keys,
+        merged_values=pairs.values,
+        key_fallback=pairs.key_fallback,
     ), single)
+
+
+class ChosenPairs(NamedTuple):
+    """The merged slots of a round's chosen pairs (``[L, k, ...]``, see :func:`merge_chosen`)."""
+
+    keys: torch.Tensor  # [L, k, Hkv, D] merged keys, in the keys' dtype
+    values: torch.Tensor  # [L, k, Hkv, D] merged values
+    counts: torch.Tensor  # [L, k] c_i + c_j (float32, or float64 for float64 keys)
+    positions: torch.Tensor  # [L, k] the right slot's position
+    hess: torch.Tensor  # [L, k, Hkv] a^2 h_i + b^2 h_j
+    key_fallback: torch.Tensor | None  # [L, k, Hkv] guarded key weights (Hessian weights)
+
+
+def merge_chosen(keys, values, counts, positions, alpha, h, local, *, sink: int, eps: float,
+                 key_weights: str, rotary, pair_merge=merge_pairs) -> ChosenPairs:
+    """Steps 2 and 4 of :func:`merge_round` for the chosen pairs: ``local`` (``[L, k]``
+    region indices of the left slots; the region starts at ``sink``), the region's
+    ``alpha`` and smoothed ``h`` (``[L, M, Hkv]``), the slots' ``keys`` ... ``positions``
+    (``[L, N, ...]``): key weights (Hessian or count), merged keys and values
+    (``pair_merge``, :func:`merge_pairs`' contract), counts, positions and Hessian proxies
+    of the merged slots."""
+    dtype = torch.promote_types(keys.dtype, torch.float32)
+    left, right = sink + local, sink + local + 1
+    c_i, c_j = _take(counts, left).to(dtype), _take(counts, right).to(dtype)
+    h_i, h_j = _take(h, local), _take(h, local + 1)
+    if key_weights == "hessian":
+        h_ij = _take(cross_hessian(alpha, recover_d(h, alpha, eps)), local)
+        a, b, key_fallback = merge_weights(h_i, h_j, h_ij, c_i, c_j, eps)
+    else:
+        a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
+        b, key_fallback = 1 - a, None
+    p_j = _take(positions, right)
+    merged_keys, merged_values = pair_merge(keys, values, left, a, c_i, c_j, rotary,
+                                            p_j - _take(positions, left))
+    return ChosenPairs(merged_keys, merged_values, c_i + c_j, p_j, a * a * h_i + b * b * h_j,
+                       key_fallback)
 
 
 def subround_sizes(region: int, k: int, max_fraction: float) -> list[int]:

@@ -35,9 +35,7 @@ from kvslimmer_vllm.core import merge as _merge
 from kvslimmer_vllm.core.merge import MergeResult
 from kvslimmer_vllm.core.rope import RotarySpec
 from kvslimmer_vllm.core.select import pair_scores, pool_mass, select_pairs_rows
-from kvslimmer_vllm.core.stats import (
-    cross_hessian, hessian_stats, recover_d, smooth_hessian, value_spread,
-)
+from kvslimmer_vllm.core.stats import hessian_stats, smooth_hessian, value_spread
 
 __all__ = ["ProtectedSchedule", "protected_rounds"]
 
@@ -267,20 +265,10 @@ class _Lockstep:
 
         h_new, _ = hessian_stats(self.alpha, self.values_region, spread)
         h = smooth_hessian(h_new, self.hess[:, self.region], round_idx)
-        c_i = _merge._take(self.counts, left).to(self.dtype)
-        c_j = _merge._take(self.counts, right).to(self.dtype)
-        h_i, h_j = _merge._take(h, local_d), _merge._take(h, local_d + 1)
-        if key_weights == "hessian":
-            d = recover_d(h, self.alpha, eps)
-            h_ij = _merge._take(cross_hessian(self.alpha, d), local_d)
-            a, b, _ = _merge.merge_weights(h_i, h_j, h_ij, c_i, c_j, eps)
-        else:
-            a = (c_i / (c_i + c_j))[..., None].expand_as(h_i)
-            b = 1 - a
-        p_i, p_j = _merge._take(self.positions, left), _merge._take(self.positions, right)
-        merged_keys, merged_values = pair_merge(
-            self.kv[..., :self.dim], self.kv[..., self.dim:], left, a, c_i, c_j, rotary,
-            p_j - p_i)
+        pairs = _merge.merge_chosen(self.kv[..., :self.dim], self.kv[..., self.dim:],
+                                    self.counts, self.positions, self.alpha, h, local_d,
+                                    sink=self.sink, eps=eps, key_weights=key_weights,
+                                    rotary=rotary, pair_merge=pair_merge)
         merged_mass = _merge._take(self.mass, left) + _merge._take(self.mass, right)
 
         hess = self.hess.clone()
@@ -292,13 +280,13 @@ class _Lockstep:
         dest = torch.where(chosen, left - torch.arange(local_d.shape[1], device=device),
                            width - 1)
         self.kv = self._next_rows(order)
-        self.kv[layer, dest] = _merge._joined(merged_keys, merged_values).to(self.kv.dtype)
+        self.kv[layer, dest] = _merge._joined(pairs.keys, pairs.values).to(self.kv.dtype)
         self.hess = _merge._take(hess, order)
-        self.hess[layer, dest] = (a * a * h_i + b * b * h_j).to(hess.dtype)
+        self.hess[layer, dest] = pairs.hess.to(hess.dtype)
         self.counts = _merge._take(self.counts, order)
-        self.counts[layer, dest] = (c_i + c_j).to(self.counts.dtype)
+        self.counts[layer, dest] = pairs.counts.to(self.counts.dtype)
         self.positions = _merge._take(self.positions, order)
-        self.positions[layer, dest] = p_j
+        self.positions[layer, dest] = pairs.positions
         self.mass = _merge._take(self.mass, order)
         self.mass[layer, dest] = merged_mass
 
