@@ -95,8 +95,9 @@ def protected_rounds(
     while lock.schedule.remaining.any():
         steps = lock.schedule.steps(max_fraction)
         scores = lock.scores(gamma, pool, score_reduce)
-        local = lock.choose(scores, steps, row_selector)
-        lock.merge(local, steps, round_idx, eps, rotary, key_weights, spread, pair_merge)
+        local, order = lock.choose(scores, steps, row_selector)
+        lock.merge(local, order, steps, round_idx, eps, rotary, key_weights, spread,
+                   pair_merge)
     return _merge._unbatched(lock.result(keys, values, k), single)
 
 
@@ -205,10 +206,11 @@ class _Lockstep:
 
     # -------------------------------------------------------------------- host side
 
-    def choose(self, scores: torch.Tensor, steps: torch.Tensor, row_selector) -> torch.Tensor:
+    def choose(self, scores: torch.Tensor, steps: torch.Tensor, row_selector):
         """Each layer's ``steps[l]`` pairs (``[L, max steps]`` region indices, -1 padded)
-        from the device's ``[L, R - 1]`` pair scores, its protected pairs scored out; the
-        host state follows (masks and origins compacted)."""
+        from the device's ``[L, R - 1]`` pair scores, its protected pairs scored out, and
+        the ``[L, W]`` order that compacts the layers (kept slots first, then a spare
+        column); the host state follows (masks and origins compacted)."""
         schedule, rows = self.schedule, self.rows
         scores = scores.to("cpu", torch.float64)  # the sub-round's device-to-host transfer
         local = row_selector(schedule.guard(scores, rows), schedule.lengths(rows), steps).cpu()
@@ -217,9 +219,8 @@ class _Lockstep:
         self.origin[which, self.sink + local[chosen]] = -1
         order = schedule.merged(rows, local)
         width = int(schedule.held.max())
-        self.order = order[:, :width + 1]  # + the spare column
         self.origin = torch.gather(self.origin, 1, order[:, :width])
-        return local
+        return local, order[:, :width + 1]  # + the spare column
 
     # ------------------------------------------------------------------ device side
 
@@ -240,7 +241,8 @@ class _Lockstep:
         # alpha as normalize_mass gives it over each layer's region (uniform 1 / m when a
         # head saw nothing), 0 past the region.
         total = mass.sum(dim=-2, keepdim=True)
-        m = valid.sum(dim=1).clamp_min(1).to(self.dtype)[:, None, None]
+        m = (self.held_on_device - self.sink - self.recent).clamp_min(1)
+        m = m.to(self.dtype)[:, None, None]
         uniform = valid[..., None] / m
         self.alpha = torch.where(total > 0, mass / torch.where(total > 0, total, 1.0), uniform)
         self.values_region = self.kv[:, self.region, :, self.dim:]
@@ -249,12 +251,13 @@ class _Lockstep:
             scores = score_reduce(scores)
         return scores
 
-    def merge(self, local, steps, round_idx, eps, rotary, key_weights, spread, pair_merge):
+    def merge(self, local, order, steps, round_idx, eps, rotary, key_weights, spread,
+              pair_merge):
         """Merge each layer's chosen pairs, write the region's smoothed Hessian proxy of
         the layers that ran, and compact every layer (one gather per buffer)."""
         device, layer = self.device, self.layer
         to_dev = _sender(device)
-        packed = to_dev(torch.cat((steps[:, None], local, self.order), dim=1))
+        packed = to_dev(torch.cat((steps[:, None], local, order), dim=1))
         ran = packed[:, 0] > 0
         self.held_on_device = self.held_on_device - packed[:, 0]
         local_d = packed[:, 1:1 + local.shape[1]]
