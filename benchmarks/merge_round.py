@@ -7,9 +7,10 @@ Wall time of ``kvslimmer_vllm.engine.slots.apply_round`` for one request of ``N`
 freeing ``k``, over every layer of the model:
 
 * ``engine``: the engine's path. On CPU every method's round (one round, or a prompt-end
-  step's sub-rounds) runs where the slots live (``MergeMethod.paged_rounds``: the C++
+  step's sub-rounds) runs where the slots live (``MergeMethod.round_path``: the C++
   round_stats / round_apply ops for pairwise methods, compact_rows for eviction); on CUDA
-  rounds gather the slots into a scratch buffer, run the method on all layers that share
+  eviction compacts in place from a staged copy of the rows it moves, and merge rounds
+  gather the slots into a scratch buffer, run the method on all layers that share
   a RoPE at once (in batches bounded by ``footprint_per_slot``), and move the surviving
   rows and write the merged slots back;
 * ``gathered``: that gathered path for every round (the in-place kernel off);
@@ -102,11 +103,11 @@ def _copy(state: SlotState, kvs):
 @contextlib.contextmanager
 def _gathered(method):
     """The method's in-place round switched off: every round gathers."""
-    method.paged_rounds = lambda kv: False
+    method.round_path = lambda kv: "gathered"
     try:
         yield
     finally:
-        del method.paged_rounds
+        del method.round_path
 
 
 @contextlib.contextmanager
@@ -166,7 +167,7 @@ def _run(state, kvs, rotary, plan, method, arm: str, device) -> float:
     if arm == "per layer":
         heads, row = kvs[0].shape[1:]
         state.max_batch_elements = plan.num_slots * footprint_per_slot(
-            heads, row // 2, kvs[0].dtype, in_place=False)
+            heads, row // 2, kvs[0].dtype, "gathered")
     contexts = contextlib.ExitStack()
     if arm == "reduced":
         contexts.enter_context(_reduced(method))

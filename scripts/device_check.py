@@ -25,6 +25,11 @@ pyyaml and numpy: no vLLM, no pydantic, no model weights, no network, no install
    (:mod:`kvslimmer_vllm.kernels.lockstep`, what the engine runs) against one layer after
    another (the ``core.merge`` reference): times, host round trips (pair selections), the
    selection's own time, and whether both chose the same slots.
+5. An eviction (the lowest-mass slots dropped) of the same request over 32 layers, as
+   CUDA caches run it: compacted in place from a staged copy of the rows that move
+   (``kernels.paged_drop``, the Triton ``compact_rows`` without a gathered copy) against
+   the gathered path (every slot gathered, the survivors written back from that copy):
+   times, equal caches, and each path's peak allocation against its reservation.
 
 Without CUDA the same runs on CPU tensors with the Triton kernel under Triton's
 interpreter (``TRITON_INTERPRET=1``) at small shapes: a smoke test, not a measurement.
@@ -65,6 +70,7 @@ from kvslimmer_vllm.core.merge import (  # noqa: E402
     DEFAULT_EPS,
     DEFAULT_GAMMA,
     MergeResult,
+    lowest_mass_slots,
     merge_rounds,
     slot_scores,
     subround_sizes,
@@ -72,14 +78,14 @@ from kvslimmer_vllm.core.merge import (  # noqa: E402
 from kvslimmer_vllm.core.merge import merge_pairs as merge_pairs_reference  # noqa: E402
 from kvslimmer_vllm.core.paged import compact_rows as compact_rows_reference  # noqa: E402
 from kvslimmer_vllm.core.paged import gather_rows as gather_rows_reference  # noqa: E402
-from kvslimmer_vllm.core.paged import slot_ids  # noqa: E402
+from kvslimmer_vllm.core.paged import paged_drop, slot_ids  # noqa: E402
 from kvslimmer_vllm.core.rope import (  # noqa: E402
     RotarySpec,
     build_cos_sin_cache,
     default_inv_freq,
 )
 from kvslimmer_vllm.core.stats import value_spread as value_spread_reference  # noqa: E402
-from kvslimmer_vllm.engine.memory import footprint_per_slot  # noqa: E402
+from kvslimmer_vllm.engine.memory import footprint_per_slot, round_reserve_bytes  # noqa: E402
 
 TEST_PATHS = ["tests/core", "tests/kernels"]
 PYTEST_CHILD = "--pytest-child"
@@ -520,7 +526,7 @@ def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: 
     # What the engine reserves for a gathered round of these layers (engine.memory), and
     # what the round took: its allocations at their peak plus the gathered copy.
     reserved = (layers * p.merge_slots * p.dtype.itemsize
-                * footprint_per_slot(p.kv_heads, p.head_dim, p.dtype, in_place=False))
+                * footprint_per_slot(p.kv_heads, p.head_dim, p.dtype, "gathered"))
     took = {name: None if peak is None else peak + scratch.numel() * scratch.element_size()
             for name, peak in peaks.items()}
     selector.seconds = 0.0
@@ -535,6 +541,55 @@ def merge_row(p: Profile, layers: int, target: int, device: torch.device, seed: 
                 select_ms=selector.seconds * 1e3 / (2 * p.merge_repeats), ok=ok,
                 reserved=reserved, torch_bytes=took["torch"], triton_bytes=took["triton"],
                 memory_ok=all(t is None or t <= reserved for t in took.values()))
+
+
+def evict_row(p: Profile, layers: int, n: int, target: int, device: torch.device,
+              seed: int, triton_round) -> dict:
+    """An eviction of ``n`` slots to ``target`` in every layer (the lowest pooled mass
+    dropped, as ``evict`` / ``snapkv`` choose), from the slots' paged state: compacted in
+    place from a staged copy of the rows that move, vs gathered (the request's rows copied
+    first, the survivors written back from that copy). Both must leave the same caches and
+    state; their peak allocations are checked against the engine's reservation for each
+    path."""
+    k = n - target
+    arms = {}
+    for path in ("staged", "gathered"):
+        caches, slots, counts, positions, hess, mass = merge_state(
+            dataclasses.replace(p, merge_slots=n), layers, device, seed)
+        paged = [torch.zeros(layers, caches[0].shape[0], *t.shape[2:], dtype=t.dtype,
+                             device=device) for t in (counts, positions, hess, mass)]
+        for full, part in zip(paged, (counts, positions, hess, mass)):
+            full[:, slots] = part
+        arms[path] = (caches, slots, torch.arange(layers, device=device), *paged)
+    dropped = lowest_mass_slots(arms["staged"][-1][:, arms["staged"][1]], sink=SINK,
+                                recent=RECENT, k=k, pool=7)
+    scratch = torch.empty(layers, n, p.kv_heads, 2 * p.head_dim, device=device, dtype=p.dtype)
+
+    def staged():
+        paged_drop(*arms["staged"], dropped, triton_round.compact_rows)
+
+    def gathered():
+        state = arms["gathered"]
+        rows = triton_round.gather_rows(state[0], state[1], scratch)
+        paged_drop(*state, dropped,
+                   lambda *args: triton_round.compact_rows(*args, rows))
+
+    runs = {"staged": staged, "gathered": gathered}
+    took = {name: peak_bytes(run, device)[0] for name, run in runs.items()}
+    synchronize(device)
+    kept = arms["staged"][1][:target]
+    a, b = arms["staged"], arms["gathered"]
+    ok = (all(torch.equal(x[kept], y[kept]) for x, y in zip(a[0], b[0]))
+          and all(torch.equal(x[:, kept].nan_to_num(-1), y[:, kept].nan_to_num(-1))
+                  for x, y in zip(a[3:], b[3:])))
+    if took["gathered"] is not None:
+        took["gathered"] += scratch.numel() * scratch.element_size()
+    reserved = {path: round_reserve_bytes(layers, n, p.kv_heads, p.head_dim, p.dtype, path)
+                for path in runs}
+    times = median_ms_host(runs, p.merge_repeats, sync=lambda: synchronize(device))
+    return dict(layers=layers, slots=n, target=target, staged_ms=times["staged"],
+                gathered_ms=times["gathered"], ok=ok, bytes=took, reserved=reserved,
+                memory_ok=all(t is None or t <= reserved[path] for path, t in took.items()))
 
 
 def peak_bytes(fn, device: torch.device) -> tuple[int | None, object]:
@@ -647,6 +702,35 @@ def protected_table(rows: list[dict], p: Profile) -> list[str]:
     return lines
 
 
+def evict_table(rows: list[dict], p: Profile) -> list[str]:
+    """Markdown section of the eviction rows."""
+    lines = [
+        "## Eviction as CUDA caches run it: in place from a staged copy vs gathered", "",
+        f"One request's slots in L separate paged caches (Hkv {p.kv_heads}, D "
+        f"{p.head_dim}, {str(p.dtype).removeprefix('torch.')}), the lowest pooled mass "
+        "dropped in every layer (core.merge.lowest_mass_slots, pool 7), the survivors' "
+        "rows and state moved down (core.paged.paged_drop). Staged: the Triton "
+        "compact_rows copies the rows that move, then writes them (the engine's path for "
+        "evict, snapkv and streaming on CUDA); gathered: every slot gathered first, the "
+        f"survivors written back from that copy. Median ms of {p.merge_repeats} run(s); "
+        "ok: both leave the same caches and state. Memory: peak allocation (plus the "
+        "gathered copy) against engine.memory's reservation for each path; - off CUDA.", "",
+        "| path | layers | slots | to slots | staged (ms) | gathered (ms) "
+        "| staged / gathered | peak MiB staged / gathered | reserved MiB staged / gathered "
+        "| ok | within |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| eviction | {r['layers']} | {r['slots']} | {r['target']} "
+            f"| {fmt_ms(r['staged_ms'])} | {fmt_ms(r['gathered_ms'])} "
+            f"| {r['staged_ms'] / r['gathered_ms']:.2f} "
+            f"| {fmt_mib(r['bytes']['staged'])} / {fmt_mib(r['bytes']['gathered'])} "
+            f"| {fmt_mib(r['reserved']['staged'])} / {fmt_mib(r['reserved']['gathered'])} "
+            f"| {'yes' if r['ok'] else 'NO'} | {'yes' if r['memory_ok'] else 'NO'} |")
+    return lines
+
+
 def fmt_mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
@@ -687,25 +771,26 @@ def header(device: torch.device, tests: dict | None, passed: bool) -> list[str]:
     return lines
 
 
-def all_passed(tests: dict | None, attention: list, merges: list,
-               protected: list = ()) -> bool:
-    """Whether the tests (if run) and every benchmark check passed."""
-    return ((tests is None or tests["ok"])
-            and all(r["ok"] for r in [*attention, *merges, *protected])
-            and all(r["memory_ok"] for r in merges))
+#: Each kind of benchmark row and its report section, in report order.
+TABLES = {"attention": attention_table, "merge": merge_table, "protected": protected_table,
+          "evict": evict_table}
 
 
-def report(device, p: Profile, tests, attention: list, merges: list, protected: list,
-           notes: list) -> str:
+def all_passed(tests: dict | None, results: dict[str, list]) -> bool:
+    """Whether the tests (if run) and every benchmark check (agreement, and memory within
+    its reservation where measured) passed."""
+    rows = [row for kind in results.values() for row in kind]
+    return ((tests is None or tests["ok"]) and all(r["ok"] for r in rows)
+            and all(r.get("memory_ok", True) for r in rows))
+
+
+def report(device, p: Profile, tests, results: dict[str, list], notes: list) -> str:
     """The whole markdown report."""
-    lines = header(device, tests, all_passed(tests, attention, merges, protected))
+    lines = header(device, tests, all_passed(tests, results))
     lines += [f"- note: {note}" for note in notes]
-    if attention:
-        lines += ["", *attention_table(attention, p)]
-    if merges:
-        lines += ["", *merge_table(merges, p)]
-    if protected:
-        lines += ["", *protected_table(protected, p)]
+    for kind, table in TABLES.items():
+        if results.get(kind):
+            lines += ["", *table(results[kind], p)]
     return "\n".join(lines) + "\n"
 
 
@@ -713,18 +798,22 @@ def report(device, p: Profile, tests, attention: list, merges: list, protected: 
 
 
 def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: list):
-    """Every attention case, then the merge rounds and SnapMerge's, until ``budget_s``
-    seconds have passed (cases not started then are listed in ``notes``)."""
+    """Every attention case, then the merge rounds, SnapMerge's and the eviction, until
+    ``budget_s`` seconds have passed (cases not started then are listed in ``notes``):
+    ``{kind: rows}`` (:data:`TABLES`' kinds)."""
     kernel = load_triton_module("paged_attention", interpret=device.type != "cuda")
     triton_round = load_triton_module("round", interpret=device.type != "cuda")
     deadline = time.monotonic() + budget_s
-    attention, merges, protected = [], [], []
+    results = {kind: [] for kind in TABLES}
+    attention, merges, protected = results["attention"], results["merge"], results["protected"]
     jobs = [("attention", case) for case in attention_cases(p)]
-    # The one-layer merge rows, then SnapMerge's lock step, then the rest: the budget
-    # stops starting jobs, and without the C++ op the wide rows' host selection is slow.
+    # The one-layer merge rows, then SnapMerge's lock step and the eviction, then the rest:
+    # the budget stops starting jobs, and without the C++ op the wide rows' host selection
+    # is slow.
     merge_jobs = [("merge", (layers, target)) for layers in p.merge_layers
                   for target in p.merge_targets]
     jobs += merge_jobs[:len(p.merge_targets)] + [("protected", p.protected_case)]
+    jobs += [("evict", (max(p.merge_layers), p.merge_slots, min(p.merge_targets)))]
     jobs += merge_jobs[len(p.merge_targets):]
     for seed, (kind, job) in enumerate(jobs):
         if time.monotonic() > deadline:
@@ -746,6 +835,14 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
                 f"lock step {fmt_ms(row['lock_ms'])} ms ({row['trips']['lock step']} round "
                 f"trips), one by one {fmt_ms(row['serial_ms'])} ms "
                 f"({row['trips']['one by one']})" + ("" if row["ok"] else " DISAGREE"))
+        elif kind == "evict":
+            row = evict_row(p, *job, device, seed, triton_round)
+            results["evict"].append(row)
+            say(f"eviction {row['layers']} layers {row['slots']} -> {row['target']}: staged "
+                f"{fmt_ms(row['staged_ms'])} ms, gathered {fmt_ms(row['gathered_ms'])} ms, "
+                f"peak MiB {fmt_mib(row['bytes']['staged'])} / "
+                f"{fmt_mib(row['bytes']['gathered'])}" + ("" if row["ok"] else " DISAGREE")
+                + ("" if row["memory_ok"] else " OVER THE RESERVATION"))
         else:
             row = merge_row(p, *job, device, seed, triton_round)
             merges.append(row)
@@ -759,7 +856,7 @@ def run_benchmarks(p: Profile, device: torch.device, budget_s: float, notes: lis
         say(f"  ({time.perf_counter() - started:.1f} s)")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return attention, merges, protected
+    return results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -788,15 +885,14 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         say(CPU_NOTICE)
     tests = None if args.bench_only else run_tests(args.tests_timeout_s)
-    notes, attention, merges, protected = [], [], [], []
+    notes, results = [], {}
     if not args.tests_only:
-        attention, merges, protected = run_benchmarks(profile, device, args.bench_budget_s,
-                                                      notes)
-    text = report(device, profile, tests, attention, merges, protected, notes)
+        results = run_benchmarks(profile, device, args.bench_budget_s, notes)
+    text = report(device, profile, tests, results, notes)
     (out / "device_check.md").write_text(text, encoding="utf-8")
     print(text, flush=True)
     say(f"report written to {out / 'device_check.md'}")
-    return 0 if all_passed(tests, attention, merges, protected) else 1
+    return 0 if all_passed(tests, results) else 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@
 #      Triton round kernels (triton_kernels/round.py), side by side, caches compared,
 #      and each round's peak CUDA allocation against the engine's reservation for it,
 #   4. SnapMerge's gathered round, 8K slots to 2K over 32 layers: every layer's protected
-#      sub-rounds in lock step (kernels/lockstep.py) vs one layer after another.
+#      sub-rounds in lock step (kernels/lockstep.py) vs one layer after another,
+#   5. an eviction of that request over 32 layers: in place from a staged copy of the rows
+#      that move (the engine's CUDA path for evict, snapkv, streaming) vs gathered.
 # Without CUDA the same runs on CPU, Triton under its interpreter, at small shapes (a smoke
 # test of this script, said so in its output).
 #

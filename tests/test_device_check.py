@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kvslimmer_vllm.core.merge import subround_sizes
-from kvslimmer_vllm.engine.memory import footprint_per_slot
+from kvslimmer_vllm.engine.memory import footprint_per_slot, round_reserve_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_cpu_smoke_mode_writes_every_row(tmp_path):
         assert ratio == pytest.approx(triton_ms / torch_ms, rel=0.02, abs=0.01), row
         # Off CUDA no peak is measured; the reservation is engine.memory's for the round.
         layers, slots = int(row[0]), int(row[1])
-        reserved = layers * slots * 4 * footprint_per_slot(1, 64, torch.float32, False)
+        reserved = layers * slots * 4 * footprint_per_slot(1, 64, torch.float32, "gathered")
         assert row[9:] == ["- / -", f"{reserved / 2**20:.1f}", "yes"], row
 
     # SnapMerge's protected round: lock step vs one layer after another, same slots chosen,
@@ -132,3 +132,16 @@ def test_cpu_smoke_mode_writes_every_row(tmp_path):
     assert lock_ms > 0 and serial_ms > 0, snap
     assert _number(snap[7]) == pytest.approx(lock_ms / serial_ms, rel=0.02, abs=0.01), snap
     assert _number(snap[9]) > 0 and snap[10] == "yes", snap
+
+    # The eviction as CUDA caches run it: in place from a staged copy of the moved rows vs
+    # gathered, the same caches left, each path's reservation from engine.memory.
+    (evict,) = _table(markdown, lambda cell: cell == "eviction")
+    assert evict[1:4] == ["4", "1024", "256"], evict
+    staged_ms, gathered_ms = _number(evict[4]), _number(evict[5])
+    assert staged_ms > 0 and gathered_ms > 0, evict
+    assert _number(evict[6]) == pytest.approx(staged_ms / gathered_ms, rel=0.02, abs=0.01)
+    reserved = [round_reserve_bytes(4, 1024, 1, 64, torch.float32, path) / 2**20
+                for path in ("staged", "gathered")]
+    assert evict[7:] == ["- / -", f"{reserved[0]:.1f} / {reserved[1]:.1f}", "yes", "yes"], \
+        evict
+    assert reserved[0] < reserved[1]

@@ -3,22 +3,23 @@
 Each function implements the contract of a ``core`` reference; the math is the reference's,
 computed in float32 from caches of any float dtype:
 
-| function             | reference                                       | launches          |
-|----------------------|-------------------------------------------------|-------------------|
-| :func:`gather_rows`  | :func:`kvslimmer_vllm.core.paged.gather_rows`   | 1 for all layers  |
-| :func:`value_spread` | :func:`kvslimmer_vllm.core.stats.value_spread`  | 2 (mean, spread)  |
-| :func:`merge_pairs`  | :func:`kvslimmer_vllm.core.merge.merge_pairs`   | 1                 |
-| :func:`compact_rows` | :func:`kvslimmer_vllm.core.paged.compact_rows`  | 2 (moves, merged) |
-| :func:`write_tokens` | :func:`kvslimmer_vllm.core.paged.write_tokens`  | 1                 |
+| function             | reference                                       | launches            |
+|----------------------|-------------------------------------------------|---------------------|
+| :func:`gather_rows`  | :func:`kvslimmer_vllm.core.paged.gather_rows`   | 1 for all layers    |
+| :func:`value_spread` | :func:`kvslimmer_vllm.core.stats.value_spread`  | 2 (mean, spread)    |
+| :func:`merge_pairs`  | :func:`kvslimmer_vllm.core.merge.merge_pairs`   | 1                   |
+| :func:`compact_rows` | :func:`kvslimmer_vllm.core.paged.compact_rows`  | 2 (moves, merged),  |
+|                      |                                                 | 3 staging the moves |
+| :func:`write_tokens` | :func:`kvslimmer_vllm.core.paged.write_tokens`  | 1                   |
 
 Layer caches are separate tensors (``[S, Hkv, 2D]``, one per layer, of one shape and
 strides, last dim contiguous); a kernel reaches all of them through a table of their
 addresses, so one launch serves every layer of a round. :func:`compact_rows` reads the
-surviving rows from the round's gathered copy (``rows``), not from the cache it writes:
-programs run in any order, so moving rows inside one cache would let a program overwrite
-a row another has yet to read. Shapes, dtypes and devices are checked; slot ids and
-indices are not (that would cost a host synchronisation per call): the engine builds them,
-and the ``core`` references and the C++ ops check them.
+surviving rows from a copy (the round's gathered ``rows``, or the moved rows staged
+first), not from the cache it writes: programs run in any order, so moving rows inside one
+cache would let a program overwrite a row another has yet to read. Shapes, dtypes and
+devices are checked; slot ids and indices are not (that would cost a host synchronisation
+per call): the engine builds them, and the ``core`` references and the C++ ops check them.
 
 Reductions use ``tl.reduce`` with the combiners of :mod:`.paged_attention` (see there why:
 the kernels also run under Triton's CPU interpreter, which the tests use without a GPU).
@@ -89,16 +90,18 @@ def _row_tile(width: int) -> int:
 
 @triton.jit
 def _gather_kernel(
-    table_ptr, slots_ptr, out_ptr, num_slots, stride_slot, stride_head, stride_out_layer,
-    stride_out_row, ROW: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    table_ptr, slots_ptr, out_ptr, num_slots, stride_slots_layer, stride_slot, stride_head,
+    stride_out_layer, stride_out_row, ROW: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """``out[l, j] = cache_l[slots[j]]`` (``WIDTH = Hkv * ROW`` elements, ``ROW = 2D``)."""
-    layer = tl.program_id(0)
+    """``out[l, j] = cache_l[slots[l, j]]`` (``WIDTH = Hkv * ROW`` elements, ``ROW = 2D``;
+    ``stride_slots_layer`` 0: the same slots in every layer)."""
+    layer = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < num_slots
     cache = tl.load(table_ptr + layer).to(tl.pointer_type(out_ptr.dtype.element_ty))
-    slot = tl.load(slots_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + layer * stride_slots_layer + offs_n, mask=n_ok,
+                   other=0).to(tl.int64)
     src = cache + slot[:, None] * stride_slot
     dst = out_ptr + layer * stride_out_layer + offs_n[:, None].to(tl.int64) * stride_out_row
     for c0 in range(0, WIDTH, BLOCK_C):
@@ -123,13 +126,20 @@ def gather_rows(kvs: list[torch.Tensor], slots: torch.Tensor, out: torch.Tensor)
         raise ValueError(f"out must be contiguous {kvs[0].dtype} {shape}, got {out.dtype} "
                          f"{tuple(out.shape)}")
     _check_device(kvs[0], slots, out)
-    if slots.numel():
-        block_n = 16
-        grid = (len(kvs), triton.cdiv(slots.shape[0], block_n))
-        _gather_kernel[grid](table, slots, out, slots.shape[0], stride_slot, stride_head,
-                             out.stride(0), out.stride(1), ROW=kvs[0].shape[2], WIDTH=width,
-                             BLOCK_N=block_n, BLOCK_C=_row_tile(width))
+    _gather(table, slots.contiguous(), 0, out, stride_slot, stride_head)
     return out
+
+
+def _gather(table, slots, stride_slots_layer: int, out, stride_slot: int,
+            stride_head: int) -> None:
+    """One launch of :func:`_gather_kernel` over ``out``'s ``[L, n]`` rows."""
+    layers, n, width = out.shape[0], out.shape[1], out.shape[2] * out.shape[3]
+    if layers and n:
+        block_n = 16
+        _gather_kernel[(layers, triton.cdiv(n, block_n))](
+            table, slots, out, n, stride_slots_layer, stride_slot, stride_head,
+            out.stride(0), out.stride(1), ROW=out.shape[3], WIDTH=width, BLOCK_N=block_n,
+            BLOCK_C=_row_tile(width))
 
 
 # ----------------------------------------------------------------------------- value spread
@@ -403,25 +413,30 @@ def _write_merged_kernel(
 
 
 def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values,
-                 rows) -> None:
-    """:func:`kvslimmer_vllm.core.paged.compact_rows`, reading the surviving rows from
-    ``rows``, the round's ``[L, N, Hkv, 2D]`` gathered copy of the request's slots (equal to
-    the caches' rows before the round), so no program reads a row another one writes.
+                 rows=None) -> None:
+    """:func:`kvslimmer_vllm.core.paged.compact_rows`, reading the surviving rows from a
+    copy, so no program reads a row another one writes: ``rows``, the round's
+    ``[L, N, Hkv, 2D]`` gathered copy of the request's slots (equal to the caches' rows
+    before the round), or, without it, a copy of just the rows that move (``[L, n -
+    start, Hkv, 2D]``, made first: an eviction, which gathers nothing).
 
-    Two launches for all layers: the moved rows, then the merged ones.
+    Two launches for all layers (the moved rows, then the merged ones), and one more to
+    stage the moved rows when ``rows`` is None.
     """
     table, stride_slot, stride_head = _layer_table(kvs)
     layers = len(kvs)
     heads, dim = kvs[0].shape[1], kvs[0].shape[2] // 2
     n = source.shape[-1]
-    if rows.dim() != 4 or rows.shape[0] != layers or rows.shape[2:] != kvs[0].shape[1:]:
-        raise ValueError(f"rows must be [{layers}, N, {heads}, {2 * dim}], got "
-                         f"{tuple(rows.shape)}")
-    if rows.dtype != kvs[0].dtype or rows.stride(3) != 1 or rows.stride(2) != 2 * dim:
-        raise ValueError("rows must have the caches' dtype and contiguous [Hkv, 2D] rows")
-    if source.shape != (layers, n) or n > slots.shape[0] or rows.shape[1] != slots.shape[0]:
-        raise ValueError(f"source must be [{layers}, n] with n <= N = {slots.shape[0]} = "
-                         f"rows.shape[1], got {tuple(source.shape)}")
+    if source.shape != (layers, n) or n > slots.shape[0]:
+        raise ValueError(f"source must be [{layers}, n] with n <= N = {slots.shape[0]}, got "
+                         f"{tuple(source.shape)}")
+    if rows is not None:
+        if (rows.dim() != 4 or rows.shape[0] != layers or rows.shape[1] != slots.shape[0]
+                or rows.shape[2:] != kvs[0].shape[1:]):
+            raise ValueError(f"rows must be [{layers}, {slots.shape[0]}, {heads}, {2 * dim}], "
+                             f"got {tuple(rows.shape)}")
+        if rows.dtype != kvs[0].dtype or rows.stride(3) != 1 or rows.stride(2) != 2 * dim:
+            raise ValueError("rows must have the caches' dtype and contiguous [Hkv, 2D] rows")
     w = merged_slots.shape[-1]
     want = (layers, w, heads, dim)
     if (merged_slots.shape != (layers, w) or merged_keys.shape != want
@@ -433,10 +448,19 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
         raise ValueError("merged keys/values need the caches' dtype and a contiguous last dim")
     if not 0 <= start <= n:
         raise ValueError(f"start must be in [0, {n}], got {start}")
-    _check_device(kvs[0], slots, source, merged_slots, merged_keys, merged_values, rows)
+    _check_device(kvs[0], slots, source, merged_slots, merged_keys, merged_values,
+                  *([] if rows is None else [rows]))
     slots, source = slots.contiguous(), source.contiguous()
     merged_slots = merged_slots.contiguous()
     block_n = 16
+    if n > start and rows is None:
+        # Stage the rows that move: rows[l, j - start] = cache_l[slots[source[l, j]]].
+        moving = slots[source[:, start:]].contiguous()
+        rows = torch.empty(layers, n - start, heads, 2 * dim, dtype=kvs[0].dtype,
+                           device=kvs[0].device)
+        _gather(table, moving, moving.stride(0), rows, stride_slot, stride_head)
+        # Output slot j reads row j - start of the copy (the same in every layer).
+        source = torch.arange(-start, n - start, device=slots.device).expand(layers, n)
     if n > start:
         _move_rows_kernel[(layers, triton.cdiv(n - start, block_n))](
             table, rows, slots, source, start, n, stride_slot, stride_head,

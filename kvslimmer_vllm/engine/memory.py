@@ -41,6 +41,17 @@ CPP_BUFFER_BYTES_PER_SLOT = 160
 #: prompt-end step of 10% sub-rounds; tests/engine/test_memory.py). The Triton kernels on
 #: CUDA take and return tensors of the same shapes.
 GATHERED_FOOTPRINT = 4
+#: An eviction on CUDA caches compacts in place, staging the rows it moves in one copy
+#: (the Triton ``compact_rows`` without a gathered copy): at most one copy of the rows.
+STAGED_FOOTPRINT = 1
+#: Row copies per path a round may take (:meth:`MergeMethod.round_path`).
+ROW_COPIES = {"in place": 0, "staged": STAGED_FOOTPRINT, "gathered": GATHERED_FOOTPRINT}
+
+
+def costliest_path(paths) -> str:
+    """Of round paths (``ROW_COPIES``' keys), the one whose rounds copy the most rows:
+    what the worker reserves when requests may choose among methods."""
+    return max(paths, key=ROW_COPIES.__getitem__)
 
 
 def batch_limit(device: torch.device) -> int:
@@ -57,15 +68,17 @@ def batch_elements_within(budget: int, dtype: torch.dtype,
 
 
 def footprint_per_slot(num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                       in_place: bool) -> int:
-    """Elements of ``dtype`` (rounded up) a round allocates at its peak per slot and
-    layer: its statistics (:data:`STATS_BYTES_PER_HEAD`, :data:`STATS_BYTES_PER_SLOT`,
-    :data:`CPP_BUFFER_BYTES_PER_SLOT`) and, gathered, :data:`GATHERED_FOOTPRINT` copies
-    of the slot's ``Hkv * 2D`` row."""
+                       path: str) -> int:
+    """Elements of ``dtype`` (rounded up) a round taking ``path`` (``"in place"``,
+    ``"staged"`` or ``"gathered"``) allocates at its peak per slot and layer: its
+    statistics (:data:`STATS_BYTES_PER_HEAD`, :data:`STATS_BYTES_PER_SLOT`,
+    :data:`CPP_BUFFER_BYTES_PER_SLOT`) and :data:`ROW_COPIES` copies of the slot's
+    ``Hkv * 2D`` row."""
+    if path not in ROW_COPIES:
+        raise ValueError(f"path must be one of {sorted(ROW_COPIES)}, got {path!r}")
     nbytes = (STATS_BYTES_PER_HEAD * num_kv_heads + STATS_BYTES_PER_SLOT
-              + CPP_BUFFER_BYTES_PER_SLOT)
-    if not in_place:
-        nbytes += GATHERED_FOOTPRINT * num_kv_heads * 2 * head_dim * dtype.itemsize
+              + CPP_BUFFER_BYTES_PER_SLOT
+              + ROW_COPIES[path] * num_kv_heads * 2 * head_dim * dtype.itemsize)
     return -(-nbytes // dtype.itemsize)
 
 
@@ -90,11 +103,12 @@ def round_elements(num_layers: int, max_slots: int, per_slot: int,
 
 
 def round_reserve_bytes(num_layers: int, max_slots: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype, in_place: bool,
+                        dtype: torch.dtype, path: str,
                         max_batch: int | None = None) -> int:
-    """Worst-case bytes a round allocates with a KV cache of ``dtype`` (rounds in place,
-    or gathered into :meth:`SlotState.scratch`): what the worker reserves."""
-    per_slot = footprint_per_slot(num_kv_heads, head_dim, dtype, in_place)
+    """Worst-case bytes a round taking ``path`` allocates with a KV cache of ``dtype``
+    (in place, staged, or gathered into :meth:`SlotState.scratch`): what the worker
+    reserves."""
+    per_slot = footprint_per_slot(num_kv_heads, head_dim, dtype, path)
     return round_elements(num_layers, max_slots, per_slot, max_batch) * dtype.itemsize
 
 

@@ -144,24 +144,24 @@ def apply_round(
 
     Layers that share a RoPE run as layer-batched rounds (each layer still gets its own
     pairs), in batches whose footprint (:func:`footprint_per_slot`) stays within
-    ``state.max_batch_elements``: in place where the slots live when the method has a
-    kernel for these caches (:meth:`MergeMethod.paged_rounds`), else gathered into the
-    state's scratch and written back.
+    ``state.max_batch_elements``: where the slots live when the method has a kernel for
+    these caches (:meth:`MergeMethod.round_path` in place or staged), else gathered into
+    the state's scratch and written back.
     """
     if not layers:
         return
     device = layers[0].kv.device
     src = slot_ids(plan.block_ids, plan.num_slots, block_size, device)
-    in_place = method.paged_rounds(layers[0].kv)
+    path = method.round_path(layers[0].kv)
     heads, row = layers[0].kv.shape[1:]
-    per_slot = footprint_per_slot(heads, row // 2, layers[0].kv.dtype, in_place)
+    per_slot = footprint_per_slot(heads, row // 2, layers[0].kv.dtype, path)
     batch = layers_per_batch(plan.num_slots * per_slot, state.max_batch_elements)
     settings = dict(k=plan.num_merge, round_index=plan.round_index, recent=plan.recent,
                     pool=plan.pool, max_fraction=plan.max_fraction)
     for group in _rotary_groups(layers):
         for first in range(0, len(group), batch):
             part = group[first:first + batch]
-            if in_place:
+            if path != "gathered":
                 method.run_paged_round(_paged_slots(part, state, src),
                                        rotary=part[0].rotary, **settings)
                 continue

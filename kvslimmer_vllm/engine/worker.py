@@ -35,6 +35,7 @@ from kvslimmer_vllm.engine.memory import (
     batch_elements_within,
     batch_limit,
     blocks_within,
+    costliest_path,
     round_reserve_bytes,
 )
 from kvslimmer_vllm.engine.slots import (
@@ -137,7 +138,7 @@ class KVMergeRunnerMixin:
         return method
 
     # --------------------------------------------------------------- KV cache setup
-    def kv_merge_memory_plan(self, available: int) -> dict[str, int]:
+    def kv_merge_memory_plan(self, available: int) -> dict[str, int | str]:
         """How a KV budget of ``available`` bytes is shared: the most blocks whose KV
         and per-slot state, plus the worst-case memory of a merge round
         (``engine.slots.round_reserve_bytes``), fit in it (``engine.slots.blocks_within``);
@@ -158,22 +159,22 @@ class KVMergeRunnerMixin:
         state_per_block = num_layers * first.block_size * state_bytes_per_slot(
             first.num_kv_heads)
         # A round takes at most a whole request: max_model_len slots, in batches of
-        # layers capped by a share of the budget; in place when every method a request may
-        # ask for has an in-place round on these caches, else gathered.
+        # layers capped by a share of the budget, on the costliest path (in place, staged
+        # or gathered) of every method a request may ask for on these caches.
         self._kv_merge_max_batch = batch_elements_within(available, first.dtype,
                                                          batch_limit(self.device))
         probe = torch.empty(0, dtype=first.dtype, device=self.device)
-        in_place = all(self._kv_merge_method(name).paged_rounds(probe)
-                       for name in METHODS if name != "none")
+        path = costliest_path(self._kv_merge_method(name).round_path(probe)
+                              for name in METHODS if name != "none")
         scratch = round_reserve_bytes(num_layers, self.max_model_len, first.num_kv_heads,
-                                      first.head_size, first.dtype, in_place,
+                                      first.head_size, first.dtype, path,
                                       self._kv_merge_max_batch)
         num_blocks = blocks_within(available, kv_per_block, state_per_block, scratch)
         return {
             "available": available, "num_blocks": num_blocks,
             "kv_bytes_per_block": kv_per_block, "state_bytes_per_block": state_per_block,
             "state": num_blocks * state_per_block, "scratch": scratch,
-            "rounds_in_place": int(in_place),
+            "round_path": path,
             "kv_budget": num_blocks * kv_per_block,
             "unmodified_num_blocks": available // kv_per_block,
         }
@@ -454,7 +455,7 @@ def _worker_class(base: type) -> type:
                 "kv-merge: of the KV cache budget of %d bytes, reserved %d for slot state "
                 "and %d for merge rounds (%s): %d KV blocks (%d without merging)",
                 available, plan["state"], plan["scratch"],
-                "in place" if plan["rounds_in_place"] else "gathered", plan["num_blocks"],
+                plan["round_path"], plan["num_blocks"],
                 plan["unmodified_num_blocks"],
             )
             return plan["kv_budget"]

@@ -15,12 +15,14 @@
 | ``core.merge.merge_rounds``       | ``lockstep.py`` with protected | the same (gathered rounds)  |
 |                                   | slots (****), else reference   |                             |
 | ``core.paged.paged_merge_round``  | reference                      | C++ ops (***)               |
-| ``core.paged.paged_drop``         | reference                      | C++ ``compact_rows`` (***)  |
+| ``core.paged.paged_drop``         | reference, Triton staged       | C++ ``compact_rows`` (***)  |
+|                                   | ``compact_rows`` (**)          |                             |
 
 (*) The C++ op holds AVX-512, AVX2 and portable versions and picks the best the CPU runs at
 run time (:func:`cpu_isa`; ``KVSLIMMER_CPU_ISA=avx512|avx2|portable`` pins one).
-(**) When the caller passes the round's gathered rows (the engine does): programs read the
-surviving rows from that copy, so moving rows inside a cache cannot race.
+(**) Programs read the surviving rows from the round's gathered copy when the caller passes
+it (a gathered round), else from a copy of just the rows that move (an eviction, which
+gathers nothing), so moving rows inside a cache cannot race.
 (***) ``round_stats`` + ``round_apply``: a whole pairwise round read from and written into
 the paged caches in place (no gathered copy), pairs chosen by ``select_pairs`` in between;
 an eviction chosen from the slots' state alone and compacted where the slots live;
@@ -297,11 +299,12 @@ def merge_pairs(keys, values, left, a, c_i, c_j, rotary=None, delta=None):
 
 def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_values,
                  rows=None) -> None:
-    """:func:`kvslimmer_vllm.core.paged.compact_rows` (the C++ op for CPU caches, Triton on
-    CUDA when ``rows``, the round's ``[L, N, Hkv, 2D]`` gathered copy of the slots, is
-    given; the reference elsewhere)."""
+    """:func:`kvslimmer_vllm.core.paged.compact_rows` (the C++ op for CPU caches; Triton on
+    CUDA, reading the surviving rows from ``rows``, the round's ``[L, N, Hkv, 2D]``
+    gathered copy of the slots, when given, else from a staged copy of the rows it moves;
+    the reference elsewhere)."""
     args = (kvs, slots, source, start, merged_slots, merged_keys, merged_values)
-    if round_backend_name(kvs[0]) == "triton" and rows is not None:
+    if round_backend_name(kvs[0]) == "triton":
         _triton_round().compact_rows(*args, rows)
     elif _cpu_ops(kvs[0]) is not None:  # any cache dtype
         _cpu_ops(kvs[0]).compact_rows(*args)
@@ -310,15 +313,19 @@ def compact_rows(kvs, slots, source, start, merged_slots, merged_keys, merged_va
 
 
 def paged_round_backend_name(kv: torch.Tensor) -> str:
-    """Which implementation :func:`paged_merge_round` and :func:`paged_drop` use for caches
-    like ``kv``: ``cpp`` (float32/float64 CPU caches with the C++ extension) or
+    """Which kernels :func:`paged_merge_round` and :func:`paged_drop` use for caches like
+    ``kv``: ``cpp`` (float32/float64 CPU caches with the C++ extension: both in place),
+    ``triton`` (CUDA caches: an eviction compacted by the Triton :func:`compact_rows`
+    from a staged copy of the rows it moves; a merge round is gathered) or
     ``reference``."""
-    return "cpp" if kv.device.type == "cpu" and round_backend_name(kv) == "cpp" else "reference"
+    name = round_backend_name(kv)
+    return "reference" if name == "cpp" and kv.device.type != "cpu" else name
 
 
 def paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped) -> None:
-    """:func:`kvslimmer_vllm.core.paged.paged_drop` with :func:`compact_rows` (the C++ op
-    moves each surviving row once, in place, on CPU)."""
+    """:func:`kvslimmer_vllm.core.paged.paged_drop` with :func:`compact_rows` (on CPU the
+    C++ op moves each surviving row once, in place; on CUDA the Triton kernels copy the
+    rows that move, then write them: two launches for all layers)."""
     _paged_ref.paged_drop(kvs, slots, layers, counts, positions, hess, mass, dropped,
                           compact_rows)
 

@@ -76,19 +76,23 @@ class MergeMethod(ABC):
     #: Whether :meth:`run_paged_round` is implemented (on caches the in-place kernels take).
     has_paged_round: ClassVar[bool] = False
 
-    def paged_rounds(self, kv: torch.Tensor) -> bool:
-        """Whether this method runs its rounds in place on caches like ``kv``
+    def round_path(self, kv: torch.Tensor) -> str:
+        """How this method's rounds run on caches like ``kv``: ``"in place"``
         (:meth:`run_paged_round`: the method has one and the caches have the kernels, C++
-        on CPU); else the engine gathers the slots and calls :meth:`run_round`. Decides
-        the memory the worker reserves for rounds."""
-        return self.has_paged_round and paged_round_backend_name(kv) == "cpp"
+        on CPU), ``"staged"`` (:meth:`run_paged_round` too, the moved rows staged in one
+        copy: eviction on CUDA), or ``"gathered"`` (the engine gathers the slots and calls
+        :meth:`run_round`). Decides the memory the worker reserves for rounds
+        (``engine.memory.ROW_COPIES``)."""
+        if self.has_paged_round and paged_round_backend_name(kv) == "cpp":
+            return "in place"
+        return "gathered"
 
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,
         recent: int | None = None, pool: int = 1, max_fraction: float = 0.5,
     ) -> None:
         """Run the round in place where the slots live (called only when
-        :meth:`paged_rounds` is true for the caches). The result must be what
+        :meth:`round_path` is not ``"gathered"`` for the caches). The result must be what
         :meth:`run_round` followed by the engine's write-back would leave."""
         raise NotImplementedError(f"{self.name} has no in-place round")
 

@@ -8,7 +8,7 @@ from kvslimmer_vllm.core.merge import (
     MergeResult, evict_lowest, evict_oldest, lowest_mass_slots, oldest_slots,
 )
 from kvslimmer_vllm.core.rope import RotarySpec
-from kvslimmer_vllm.kernels import paged_drop
+from kvslimmer_vllm.kernels import paged_drop, paged_round_backend_name
 from kvslimmer_vllm.methods.base import MergeMethod, PagedSlots, SlotData, register
 
 
@@ -21,9 +21,14 @@ class _Dropping(MergeMethod):
         """``[L, k]`` sorted indices into ``slots.slots`` of the slots to drop."""
         raise NotImplementedError
 
-    #: In place on CPU (C++ compact_rows); CUDA caches are gathered and compacted by the
-    #: Triton kernel.
     has_paged_round = True
+
+    def round_path(self, kv: torch.Tensor) -> str:
+        """In place on CPU (the C++ compact_rows moves each survivor once); staged on CUDA
+        (the Triton compact_rows copies the rows it moves, then writes them: two launches
+        for all layers, no gathered request)."""
+        return {"cpp": "in place", "triton": "staged"}.get(paged_round_backend_name(kv),
+                                                          "gathered")
 
     def run_paged_round(
         self, slots: PagedSlots, *, k: int, round_index: int, rotary: RotarySpec | None,

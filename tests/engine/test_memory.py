@@ -33,7 +33,7 @@ from kvslimmer_vllm.engine.memory import (
 )
 from kvslimmer_vllm.engine.slots import LayerCache, SlotState, apply_round, state_bytes_per_slot
 from kvslimmer_vllm.methods import get_method
-from helpers import offline_llm, peak_allocated_bytes, random_tokens
+from helpers import offline_llm, peak_allocated_bytes, random_tokens, triton_kernel_modules
 
 #: Whether this machine's CPU rounds run in place (the C++ extension is built).
 IN_PLACE = kernels.paged_round_backend_name(torch.zeros(1)) == "cpp"
@@ -50,14 +50,14 @@ def test_state_bytes_equal_what_slot_state_allocates(layers, slots, heads):
 
 @pytest.mark.parametrize("max_batch", [1 << 12, 1 << 16, 1 << 26])
 @pytest.mark.parametrize("layers", [1, 3, 30])
-@pytest.mark.parametrize("in_place", [True, False])
-def test_round_bound_covers_every_round_length(layers, max_batch, in_place, monkeypatch):
+@pytest.mark.parametrize("path", ["in place", "staged", "gathered"])
+def test_round_bound_covers_every_round_length(layers, max_batch, path, monkeypatch):
     """round_elements is the most any round over up to N slots takes: the bound holds
     for every n <= N, and is reached (a real reservation, not a guess) when all layers fit
     one batch or one layer alone exceeds the cap. Catches: the batching of apply_round
     changing without the reservation following."""
     monkeypatch.setattr(memory_module, "MAX_BATCH_ELEMENTS", max_batch)
-    per_slot = footprint_per_slot(2, 8, torch.float32, in_place)
+    per_slot = footprint_per_slot(2, 8, torch.float32, path)
     for max_slots in (1, 7, 100, 300, 5000):
         bound = round_elements(layers, max_slots, per_slot)
         taken = [min(layers, layers_per_batch(n * per_slot)) * n * per_slot
@@ -66,12 +66,18 @@ def test_round_bound_covers_every_round_length(layers, max_batch, in_place, monk
         whole = max_slots * per_slot
         if layers * whole <= max_batch or whole >= max_batch:
             assert max(taken) == bound
-    assert round_reserve_bytes(2, 10, 2, 8, torch.bfloat16, False) \
-        == 2 * round_elements(2, 10, footprint_per_slot(2, 8, torch.bfloat16, False))
-    # Gathered: GATHERED_FOOTPRINT copies of the row beside what an in-place round takes.
-    assert footprint_per_slot(2, 8, torch.float32, False) \
-        == memory_module.GATHERED_FOOTPRINT * 2 * 2 * 8 + footprint_per_slot(2, 8, torch.float32,
-                                                                           True)
+    assert round_reserve_bytes(2, 10, 2, 8, torch.bfloat16, "gathered") \
+        == 2 * round_elements(2, 10, footprint_per_slot(2, 8, torch.bfloat16, "gathered"))
+    # Gathered / staged: GATHERED_FOOTPRINT / STAGED_FOOTPRINT copies of the row beside what
+    # an in-place round takes.
+    in_place = footprint_per_slot(2, 8, torch.float32, "in place")
+    assert footprint_per_slot(2, 8, torch.float32, "gathered") \
+        == memory_module.GATHERED_FOOTPRINT * 2 * 2 * 8 + in_place
+    assert footprint_per_slot(2, 8, torch.float32, "staged") == 2 * 2 * 8 + in_place
+    assert memory_module.costliest_path(["in place", "staged"]) == "staged"
+    assert memory_module.costliest_path(["staged", "gathered", "in place"]) == "gathered"
+    with pytest.raises(ValueError, match="path must be one of"):
+        footprint_per_slot(2, 8, torch.float32, "in-place")
 
 
 def _round_request(layers, heads, n, seed=0):
@@ -94,36 +100,55 @@ ROUNDS = [("kvslimmer", 0.25, 0.5, 1), ("kvslimmer", 0.75, 0.25, 7), ("average",
           ("streaming", 0.25, 0.5, 1)]
 
 
-@pytest.mark.parametrize("path", ["in place", "gathered"])
-@pytest.mark.parametrize("heads", [1, 8])
+def _route_round_kernels_to_triton(monkeypatch):
+    """The round kernels as CUDA caches run them (Triton, interpreted on CPU tensors)."""
+    (interpreted,) = triton_kernel_modules("round")
+    monkeypatch.setattr(kernels, "_triton_round", lambda: interpreted)
+    monkeypatch.setattr(kernels, "round_backend_name", lambda tensor: "triton")
+
+
+@pytest.mark.parametrize("path, heads", [("in place", 1), ("in place", 8), ("gathered", 1),
+                                         ("gathered", 8), ("staged", 8)])
 def test_a_rounds_peak_allocation_stays_within_its_reservation(path, heads, monkeypatch):
     """Every method's round, measured with torch's memory profiler (every tensor it
     allocates, up to the peak held at once): at most round_reserve_bytes for the path it
     takes, and at least a third of its measurable part for the method that takes most (the
     reservation is sized by the rounds, not guessed). Catches: a round allocating what the KV budget
     does not account for (on a GPU: out of memory mid-serving), e.g. a sub-round's copies
-    beyond the gathered scratch. In place: no scratch at all. Gathered: with the torch
-    reference ops (the C++ ones allocate less: 3.1 vs 3.3 row copies at most)."""
+    beyond the gathered scratch. In place: no scratch at all. Staged (eviction on CUDA
+    caches: the Triton compact_rows, interpreted here): no scratch, one copy of the moved
+    rows. Gathered: with the torch reference ops (the C++ ones allocate less: 3.1 vs 3.3 row
+    copies at most)."""
     if path == "in place" and not IN_PLACE:
         pytest.skip("C++ extension not built")
     if path == "gathered":
         monkeypatch.setenv(kernels.ENV, "reference")
     layers, n = 3, 400
-    reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, path == "in place")
+    if path == "staged":  # 8 heads only: the staged copy is then the larger share
+        _route_round_kernels_to_triton(monkeypatch)
+        layers, n = 2, 96  # the interpreter is slow under the profiler (~6 s per round here)
+    reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, path)
     peaks = {}
     for method, freed, max_fraction, pool in ROUNDS:
         if path == "gathered" and method == "snapmerge":
             continue  # its lock-step round: the test below
         state, caches, blocks = _round_request(layers, heads, n, seed=len(method))
         impl = get_method(KVMergeConfig(method=method, sink=8, recent=16))
-        if path != "in place":
-            monkeypatch.setattr(impl, "paged_rounds", lambda kv: False)
-        assert impl.paged_rounds(caches[0].kv) == (path == "in place")
+        if path == "staged":
+            # Merge rounds gather on CUDA (the gathered case); of the evictions, which all
+            # compact the same way, the one moving the most rows is measured.
+            staged = impl.round_path(caches[0].kv) == "staged"
+            assert staged == (method in ("evict", "snapkv", "streaming"))
+            if (method, freed) != ("evict", 0.25):
+                continue
+        if path == "gathered":
+            monkeypatch.setattr(impl, "round_path", lambda kv: "gathered")
+        assert impl.round_path(caches[0].kv) == path
         plan = MergeRound("r", blocks, n, int(freed * (n - 24)), round_index=2,
                           method=method, max_fraction=max_fraction, recent=16, pool=pool)
         peaks[method, freed] = peak_allocated_bytes(
             lambda: apply_round(plan, caches, state, impl, 16))
-        assert (state.scratch_nbytes == 0) == (path == "in place")
+        assert (state.scratch_nbytes == 0) == (path != "gathered")
     assert max(peaks.values()) <= reserve, (peaks, reserve)
     # The part the profiler sees (the C++ ops' own buffers are counted, not measured).
     seen = reserve - layers * n * memory_module.CPP_BUFFER_BYTES_PER_SLOT
@@ -139,10 +164,10 @@ def test_snapmerge_gathered_lock_step_stays_within_its_reservation(heads, monkey
     gathered reservation, a prompt-end step of quarter-size sub-rounds."""
     monkeypatch.delenv(kernels.ENV, raising=False)
     layers, n = 3, 400
-    reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, in_place=False)
+    reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, "gathered")
     state, caches, blocks = _round_request(layers, heads, n, seed=9)
     impl = get_method(KVMergeConfig(method="snapmerge", sink=8, recent=16))
-    monkeypatch.setattr(impl, "paged_rounds", lambda kv: False)
+    monkeypatch.setattr(impl, "round_path", lambda kv: "gathered")
     plan = MergeRound("r", blocks, n, int(0.75 * (n - 24)), round_index=1,
                       method="snapmerge", max_fraction=0.25, recent=16, pool=7)
     peak = peak_allocated_bytes(lambda: apply_round(plan, caches, state, impl, 16))
@@ -155,21 +180,21 @@ def test_batches_bound_a_long_requests_rounds():
     """With a cap below a whole request, apply_round takes fewer layers at once and the
     measured peak stays within the capped reservation (in place and gathered)."""
     layers, heads, n = 6, 2, 300
-    for in_place in ((True, False) if IN_PLACE else (False,)):
-        per_slot = footprint_per_slot(heads, 16, torch.float32, in_place)
+    for path in (("in place", "gathered") if IN_PLACE else ("gathered",)):
+        per_slot = footprint_per_slot(heads, 16, torch.float32, path)
         cap = 2 * n * per_slot  # two layers per batch
         state, caches, blocks = _round_request(layers, heads, n)
         state.max_batch_elements = cap
         impl = get_method(KVMergeConfig(method="kvslimmer", sink=8, recent=16))
-        if not in_place:
-            impl.paged_rounds = lambda kv: False
+        if path == "gathered":
+            impl.round_path = lambda kv: "gathered"
         plan = MergeRound("r", blocks, n, 200, round_index=2, method="kvslimmer",
                           max_fraction=0.25, recent=16, pool=7)
         peak = peak_allocated_bytes(lambda: apply_round(plan, caches, state, impl, 16))
-        reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, in_place, cap)
+        reserve = round_reserve_bytes(layers, n, heads, 16, torch.float32, path, cap)
         assert reserve == cap * 4 < round_reserve_bytes(layers, n, heads, 16, torch.float32,
-                                                        in_place)
-        assert peak <= reserve, (in_place, peak, reserve)
+                                                        path)
+        assert peak <= reserve, (path, peak, reserve)
 
 
 def test_blocks_within_is_the_most_that_fit():
@@ -204,14 +229,14 @@ def test_small_budgets_batch_fewer_layers():
     assert batch_limit(torch.device("cuda")) == memory_module.MAX_BATCH_ELEMENTS
     assert batch_elements_within(1 << 40, torch.float32, batch_limit(torch.device("cpu"))) \
         == memory_module.CPU_BATCH_ELEMENTS
-    per_slot = footprint_per_slot(3, 64, torch.float32, False)
+    per_slot = footprint_per_slot(3, 64, torch.float32, "gathered")
     per_layer = 4096 * per_slot  # a gathered 4,096-slot round of SmolLM2-135M
     small = batch_elements_within(500 * 2**20, torch.float32)
     assert layers_per_batch(per_layer, small) == small // per_layer == 2
     assert round_elements(30, 4096, per_slot, small) == small
     assert round_elements(30, 4096, per_slot, 1) == per_layer  # one layer at least
     # In place, the same request takes a fraction of that: all 30 layers at once.
-    in_place = footprint_per_slot(3, 64, torch.float32, True)
+    in_place = footprint_per_slot(3, 64, torch.float32, "in place")
     assert layers_per_batch(4096 * in_place, small) >= 30
 
 
@@ -239,7 +264,7 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
     max_batch = batch_elements_within(KV_BUDGET, torch.float32, batch_limit(device))
     in_place = IN_PLACE and device.type == "cpu"
     scratch = round_reserve_bytes(LAYERS, MAX_MODEL_LEN, KV_HEADS, HEAD_DIM, torch.float32,
-                                  in_place, max_batch)
+                                  "in place" if in_place else "gathered", max_batch)
     expected = blocks_within(KV_BUDGET, kv_per_block, state_per_block, scratch)
 
     with offline_llm(tiny_llama, **ENGINE) as plain:
@@ -272,14 +297,14 @@ def test_merging_engine_kv_cache_shrinks_by_exactly_what_it_reserves(tiny_llama)
             rows = MAX_MODEL_LEN * KV_HEADS * 2 * HEAD_DIM * 4
             assert 0 < state.scratch_nbytes <= scratch * rows // (
                 GATHERED_FOOTPRINT * rows + footprint_per_slot(KV_HEADS, HEAD_DIM, torch.float32,
-                                                               True) * 4 * MAX_MODEL_LEN)
+                                                               "in place") * 4 * MAX_MODEL_LEN)
 
     used = blocks * (kv_per_block + state_per_block) + scratch
     assert used <= KV_BUDGET < used + kv_per_block + state_per_block
     assert blocks < plain_blocks
     if in_place:  # in-place rounds leave the KV cache more of the budget
         gathered = round_reserve_bytes(LAYERS, MAX_MODEL_LEN, KV_HEADS, HEAD_DIM,
-                                       torch.float32, False, max_batch)
+                                       torch.float32, "gathered", max_batch)
         assert blocks > blocks_within(KV_BUDGET, kv_per_block, state_per_block, gathered)
     print(f"KV budget {KV_BUDGET} B: {plain_blocks} blocks unmerged, {blocks} merging "
           f"(state {blocks * state_per_block} B, scratch {scratch} B)")

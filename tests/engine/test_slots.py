@@ -72,7 +72,8 @@ def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, m
     layer must still equal the core round on that layer alone, with this device's round
     kernels and with the CUDA ones (Triton: one-launch gather, value spread, pair merge,
     write-back reading the gathered copy; SnapMerge's protected sub-rounds of all layers in
-    lock step)."""
+    lock step; eviction compacted where the slots live from a staged copy of the rows it
+    moves, nothing gathered)."""
     if round_kernels == "triton":
         _use_triton_round_kernels(monkeypatch)
     cfg = KVMergeConfig(method="kvslimmer", sink=4, recent=8)
@@ -93,8 +94,16 @@ def test_apply_round_matches_core_and_spares_other_slots(num_slots, num_merge, m
     before = [gather(layer, state, src) for layer in layers]
     untouched = [(kv[others].clone(), state.counts[i][others].clone()) for i, kv in enumerate(kvs)]
 
-    apply_round(plan, layers, state, get_method(cfg.model_copy(update={"method": method})),
-                BLOCK)
+    impl = get_method(cfg.model_copy(update={"method": method}))
+    gathers = []
+    real_gather = slots_module._gather_rows
+    monkeypatch.setattr(slots_module, "_gather_rows",
+                        lambda *args: gathers.append(1) or real_gather(*args))
+    apply_round(plan, layers, state, impl, BLOCK)
+    path = impl.round_path(kvs[0])
+    if round_kernels == "triton":
+        assert path == ("staged" if method in ("evict", "streaming") else "gathered")
+    assert bool(gathers) == (path == "gathered")
 
     dst = src[: num_slots - num_merge]
     for i, layer in enumerate(layers):

@@ -149,16 +149,21 @@ def test_merge_pairs_rejects_bad_tables():
     (1, 4, 1, 2, 2, 1, 1, False), (3, 96, 3, 64, 60, 17, 17, False),
     (2, 64, 2, 40, 40, 0, 0, True), (1, 64, 8, 16, 33, 16, 16, False),
 ])
+@pytest.mark.parametrize("copy", ["gathered", "staged"])
 def test_compact_rows_matches_reference(dtype, layers, num_slots, heads, dim, n_in, freed,
-                                        width, padded):
+                                        width, padded, copy):
     """Bit-equal caches after the round, every start; slots outside the request never
-    change. The surviving rows come from the gathered copy, as the engine passes it."""
+    change. The surviving rows come from the gathered copy, as a gathered round passes it,
+    or from a copy of the rows that move, made by compact_rows itself (an eviction in
+    place)."""
     gen = torch.Generator().manual_seed(n_in + dim)
     kvs = _caches(layers, num_slots, heads, dim, dtype, gen, padded)
     slots = torch.randperm(num_slots, generator=gen)[:n_in].to(DEVICE)
     n = n_in - freed
     source = torch.stack([torch.randperm(n_in, generator=gen)[:n].sort().values
                           for _ in range(layers)]).to(DEVICE)
+    if layers > 1:  # one layer drops only its first slots: every row moves down by `freed`
+        source[-1] = torch.arange(freed, n_in, device=DEVICE)
     merged_slots = torch.stack([torch.randperm(n, generator=gen)[:width]
                                 for _ in range(layers)]).to(DEVICE)
     merged = torch.randn(layers, width, heads, 2 * dim, generator=gen).to(dtype).to(DEVICE)
@@ -170,7 +175,7 @@ def test_compact_rows_matches_reference(dtype, layers, num_slots, heads, dim, n_
         ours = [kv.clone() for kv in kvs]
         theirs = [kv.clone() for kv in kvs]
         args = (slots, source, start, merged_slots, merged[..., :dim], merged[..., dim:])
-        rk.compact_rows(ours, *args, rows)
+        rk.compact_rows(ours, *args, *([rows] if copy == "gathered" else []))
         compact_rows_ref(theirs, *args)
         for before, got, want in zip(kvs, ours, theirs):
             assert torch.equal(got, want)
