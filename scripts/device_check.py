@@ -613,122 +613,127 @@ def fmt_ms(ms: float) -> str:
     return f"{ms:.4f}" if ms < 1 else (f"{ms:.3f}" if ms < 100 else f"{ms:.1f}")
 
 
+def section(title: str, caption: str, columns: list[str],
+            cells: list[list[str]]) -> list[str]:
+    """A markdown report section: a title, a caption, and a table of ``cells``."""
+    return [f"## {title}", "", caption, "", "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns), *("| " + " | ".join(row) + " |" for row in cells)]
+
+
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def dtype_name(p: Profile) -> str:
+    return str(p.dtype).removeprefix("torch.")
+
+
 def attention_table(rows: list[dict], p: Profile) -> list[str]:
     """Markdown section of the attention rows."""
-    lines = [
-        "## Paged attention: Triton (log-count bias) vs PyTorch SDPA", "",
-        f"Hq {p.q_heads}, Hkv {p.kv_heads}, D {p.head_dim}, "
-        f"{str(p.dtype).removeprefix('torch.')}, block {p.block_size}, scattered blocks, "
-        "counts 1-4. SDPA runs on keys and values gathered beforehand (not timed), with "
-        "log(count) and the causal limit as a float mask. Median ms per call; "
-        f"max abs err: Triton vs SDPA output (limit {p.tolerance:g}); mass err: relative "
-        f"error of the total mass (limit {MASS_TOLERANCE:g}).", "",
-        "| case | requests x rows | slots/request | Triton (ms) | Triton+mass (ms) "
-        "| SDPA (ms) | Triton/SDPA | Triton+mass/SDPA | max abs err | mass err | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    caption = (
+        f"Hq {p.q_heads}, Hkv {p.kv_heads}, D {p.head_dim}, {dtype_name(p)}, block "
+        f"{p.block_size}, scattered blocks, counts 1-4. SDPA runs on keys and values gathered "
+        "beforehand (not timed), with log(count) and the causal limit as a float mask. Median "
+        f"ms per call; max abs err: Triton vs SDPA output (limit {p.tolerance:g}); mass err: "
+        f"relative error of the total mass (limit {MASS_TOLERANCE:g}).")
+    cells = []
     for r in rows:
         t = r["times"]
-        lines.append(
-            f"| {r['case']} | {r['requests']} x {r['rows']} | {r['slots']} "
-            f"| {fmt_ms(t['triton'])} | {fmt_ms(t['triton+mass'])} | {fmt_ms(t['sdpa'])} "
-            f"| {t['triton'] / t['sdpa']:.2f} | {t['triton+mass'] / t['sdpa']:.2f} "
-            f"| {r['max_err']:.2e} | {r['mass_err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
-    return lines
+        cells.append([
+            r["case"], f"{r['requests']} x {r['rows']}", str(r["slots"]),
+            fmt_ms(t["triton"]), fmt_ms(t["triton+mass"]), fmt_ms(t["sdpa"]),
+            f"{t['triton'] / t['sdpa']:.2f}", f"{t['triton+mass'] / t['sdpa']:.2f}",
+            f"{r['max_err']:.2e}", f"{r['mass_err']:.1e}", yes_no(r["ok"])])
+    return section(
+        "Paged attention: Triton (log-count bias) vs PyTorch SDPA", caption,
+        ["case", "requests x rows", "slots/request", "Triton (ms)", "Triton+mass (ms)",
+         "SDPA (ms)", "Triton/SDPA", "Triton+mass/SDPA", "max abs err", "mass err", "ok"],
+        cells)
 
 
 def merge_table(rows: list[dict], p: Profile) -> list[str]:
     """Markdown section of the merge-round rows."""
-    lines = [
-        "## Merge round as the engine runs it: gather, core.merge_rounds, write-back", "",
+    caption = (
         f"One request's slots in L separate paged caches (scattered blocks), Hkv "
-        f"{p.kv_heads}, D {p.head_dim}, {str(p.dtype).removeprefix('torch.')}, sink {SINK}, "
-        f"recent {RECENT}, RoPE-aware (vLLM-layout cos_sin_cache). PyTorch: index_select "
-        "gathers, core.stats.value_spread, core.merge.merge_pairs, core.paged.compact_rows. "
-        "Triton: triton_kernels/round.py (one-launch gather, value spread, pair merge, "
-        "write-back from the gathered copy). Both run the same statistics and the pair "
-        f"selection on the host ({selector_name()}). Median ms per round of "
-        f"{p.merge_repeats} run(s); ok: the caches of both agree (within "
-        f"{10 * p.tolerance:g} on all but {MERGE_MISMATCH_FRACTION:g} of the elements) and "
-        "the round keeps every token. Memory: the most a round held allocated at once "
-        "(CUDA allocator peak, plus the gathered copy) against what the engine reserves for "
-        "a gathered round of these layers (engine.memory.footprint_per_slot); - off CUDA.",
-        "",
-        "| layers | slots | to slots | sub-rounds | PyTorch (ms) | Triton (ms) "
-        "| Triton/PyTorch | of which pair selection (ms) | ok "
-        "| peak MiB PyTorch / Triton | reserved MiB | within |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['layers']} | {r['slots']} | {r['target']} | {r['subrounds']} "
-            f"| {fmt_ms(r['torch_ms'])} | {fmt_ms(r['triton_ms'])} "
-            f"| {r['triton_ms'] / r['torch_ms']:.2f} | {fmt_ms(r['select_ms'])} "
-            f"| {'yes' if r['ok'] else 'NO'} | {fmt_mib(r['torch_bytes'])} / "
-            f"{fmt_mib(r['triton_bytes'])} | {fmt_mib(r['reserved'])} "
-            f"| {'yes' if r['memory_ok'] else 'NO'} |")
-    return lines
+        f"{p.kv_heads}, D {p.head_dim}, {dtype_name(p)}, sink {SINK}, recent {RECENT}, "
+        "RoPE-aware (vLLM-layout cos_sin_cache). PyTorch: index_select gathers, "
+        "core.stats.value_spread, core.merge.merge_pairs, core.paged.compact_rows. Triton: "
+        "triton_kernels/round.py (one-launch gather, value spread, pair merge, write-back "
+        "from the gathered copy). Both run the same statistics and the pair selection on "
+        f"the host ({selector_name()}). Median ms per round of {p.merge_repeats} run(s); "
+        f"ok: the caches of both agree (within {10 * p.tolerance:g} on all but "
+        f"{MERGE_MISMATCH_FRACTION:g} of the elements) and the round keeps every token. "
+        "Memory: the most a round held allocated at once (CUDA allocator peak, plus the "
+        "gathered copy) against what the engine reserves for a gathered round of these "
+        "layers (engine.memory.footprint_per_slot); - off CUDA.")
+    cells = [[
+        str(r["layers"]), str(r["slots"]), str(r["target"]), str(r["subrounds"]),
+        fmt_ms(r["torch_ms"]), fmt_ms(r["triton_ms"]), f"{r['triton_ms'] / r['torch_ms']:.2f}",
+        fmt_ms(r["select_ms"]), yes_no(r["ok"]),
+        f"{fmt_mib(r['torch_bytes'])} / {fmt_mib(r['triton_bytes'])}",
+        fmt_mib(r["reserved"]), yes_no(r["memory_ok"])] for r in rows]
+    return section(
+        "Merge round as the engine runs it: gather, core.merge_rounds, write-back", caption,
+        ["layers", "slots", "to slots", "sub-rounds", "PyTorch (ms)", "Triton (ms)",
+         "Triton/PyTorch", "of which pair selection (ms)", "ok",
+         "peak MiB PyTorch / Triton", "reserved MiB", "within"], cells)
 
 
 def protected_table(rows: list[dict], p: Profile) -> list[str]:
     """Markdown section of SnapMerge's protected rounds."""
-    lines = [
-        "## SnapMerge's gathered round: every layer in lock step vs one after another", "",
-        f"One request's gathered slots (Hkv {p.kv_heads}, D {p.head_dim}, "
-        f"{str(p.dtype).removeprefix('torch.')}), SnapMerge's keep set (pooled mass, pool "
-        "7) protected, sub-rounds of at most 25% of a layer's mergeable slots, each layer "
-        "sized by its own mask; Triton round kernels in both. Lock step: "
-        "kernels.lockstep (one host round trip per sub-round for all layers); one by one: "
-        "core.merge.merge_rounds (a round trip per layer and sub-round). Round trips = "
-        f"pair selections on the host ({selector_name()}), timed on their own; the last "
-        "ratio leaves them out (the same choices, made row by row either way). Median ms "
-        f"of {p.protected_repeats} run(s); ok: both chose the same slots and merged them "
-        "alike.", "",
-        "| method | layers | slots | to slots | round trips lock step / one by one "
-        "| lock step (ms) | one by one (ms) | lock step / one by one "
-        "| of which selection (ms) | without selection: lock step / one by one | ok |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    caption = (
+        f"One request's gathered slots (Hkv {p.kv_heads}, D {p.head_dim}, {dtype_name(p)}), "
+        "SnapMerge's keep set (pooled mass, pool 7) protected, sub-rounds of at most 25% of "
+        "a layer's mergeable slots, each layer sized by its own mask; Triton round kernels "
+        "in both. Lock step: kernels.lockstep (one host round trip per sub-round for all "
+        "layers); one by one: core.merge.merge_rounds (a round trip per layer and "
+        f"sub-round). Round trips = pair selections on the host ({selector_name()}), timed "
+        "on their own; the last ratio leaves them out (the same choices, made row by row "
+        f"either way). Median ms of {p.protected_repeats} run(s); ok: both chose the same "
+        "slots and merged them alike.")
+    cells = []
     for r in rows:
         rest = ((r["lock_ms"] - r["lock_select_ms"])
                 / max(r["serial_ms"] - r["serial_select_ms"], 1e-9))
-        lines.append(
-            f"| snapmerge | {r['layers']} | {r['slots']} | {r['target']} "
-            f"| {r['trips']['lock step']} / {r['trips']['one by one']} "
-            f"| {fmt_ms(r['lock_ms'])} | {fmt_ms(r['serial_ms'])} "
-            f"| {r['lock_ms'] / r['serial_ms']:.2f} "
-            f"| {fmt_ms(r['lock_select_ms'])} / {fmt_ms(r['serial_select_ms'])} "
-            f"| {rest:.2f} | {'yes' if r['ok'] else 'NO'} |")
-    return lines
+        cells.append([
+            "snapmerge", str(r["layers"]), str(r["slots"]), str(r["target"]),
+            f"{r['trips']['lock step']} / {r['trips']['one by one']}",
+            fmt_ms(r["lock_ms"]), fmt_ms(r["serial_ms"]),
+            f"{r['lock_ms'] / r['serial_ms']:.2f}",
+            f"{fmt_ms(r['lock_select_ms'])} / {fmt_ms(r['serial_select_ms'])}",
+            f"{rest:.2f}", yes_no(r["ok"])])
+    return section(
+        "SnapMerge's gathered round: every layer in lock step vs one after another", caption,
+        ["method", "layers", "slots", "to slots", "round trips lock step / one by one",
+         "lock step (ms)", "one by one (ms)", "lock step / one by one",
+         "of which selection (ms)", "without selection: lock step / one by one", "ok"],
+        cells)
 
 
 def evict_table(rows: list[dict], p: Profile) -> list[str]:
     """Markdown section of the eviction rows."""
-    lines = [
-        "## Eviction as CUDA caches run it: in place from a staged copy vs gathered", "",
+    caption = (
         f"One request's slots in L separate paged caches (Hkv {p.kv_heads}, D "
-        f"{p.head_dim}, {str(p.dtype).removeprefix('torch.')}), the lowest pooled mass "
-        "dropped in every layer (core.merge.lowest_mass_slots, pool 7), the survivors' "
-        "rows and state moved down (core.paged.paged_drop). Staged: the Triton "
-        "compact_rows copies the rows that move, then writes them (the engine's path for "
-        "evict, snapkv and streaming on CUDA); gathered: every slot gathered first, the "
-        f"survivors written back from that copy. Median ms of {p.merge_repeats} run(s); "
-        "ok: both leave the same caches and state. Memory: peak allocation (plus the "
-        "gathered copy) against engine.memory's reservation for each path; - off CUDA.", "",
-        "| path | layers | slots | to slots | staged (ms) | gathered (ms) "
-        "| staged / gathered | peak MiB staged / gathered | reserved MiB staged / gathered "
-        "| ok | within |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| eviction | {r['layers']} | {r['slots']} | {r['target']} "
-            f"| {fmt_ms(r['staged_ms'])} | {fmt_ms(r['gathered_ms'])} "
-            f"| {r['staged_ms'] / r['gathered_ms']:.2f} "
-            f"| {fmt_mib(r['bytes']['staged'])} / {fmt_mib(r['bytes']['gathered'])} "
-            f"| {fmt_mib(r['reserved']['staged'])} / {fmt_mib(r['reserved']['gathered'])} "
-            f"| {'yes' if r['ok'] else 'NO'} | {'yes' if r['memory_ok'] else 'NO'} |")
-    return lines
+        f"{p.head_dim}, {dtype_name(p)}), the lowest pooled mass dropped in every layer "
+        "(core.merge.lowest_mass_slots, pool 7), the survivors' rows and state moved down "
+        "(core.paged.paged_drop). Staged: the Triton compact_rows copies the rows that "
+        "move, then writes them (the engine's path for evict, snapkv and streaming on "
+        "CUDA); gathered: every slot gathered first, the survivors written back from that "
+        f"copy. Median ms of {p.merge_repeats} run(s); ok: both leave the same caches and "
+        "state. Memory: peak allocation (plus the gathered copy) against "
+        "engine.memory's reservation for each path; - off CUDA.")
+    cells = [[
+        "eviction", str(r["layers"]), str(r["slots"]), str(r["target"]),
+        fmt_ms(r["staged_ms"]), fmt_ms(r["gathered_ms"]),
+        f"{r['staged_ms'] / r['gathered_ms']:.2f}",
+        f"{fmt_mib(r['bytes']['staged'])} / {fmt_mib(r['bytes']['gathered'])}",
+        f"{fmt_mib(r['reserved']['staged'])} / {fmt_mib(r['reserved']['gathered'])}",
+        yes_no(r["ok"]), yes_no(r["memory_ok"])] for r in rows]
+    return section(
+        "Eviction as CUDA caches run it: in place from a staged copy vs gathered", caption,
+        ["path", "layers", "slots", "to slots", "staged (ms)", "gathered (ms)",
+         "staged / gathered", "peak MiB staged / gathered",
+         "reserved MiB staged / gathered", "ok", "within"], cells)
 
 
 def fmt_mib(nbytes: int | None) -> str:
