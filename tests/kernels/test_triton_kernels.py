@@ -397,6 +397,14 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             for rot, neox in ((dim, True), (dim, False), (dim // 2, True), (0, True)):
                 build(rk._merge_pairs_kernel, ptrs,
                       dict(head, ROT=rot, IS_NEOX=neox, BLOCK_P=16))
+            # Each step's new tokens (every decode step on CUDA), with and without state.
+            tokens = dict(kv_ptr="*" + dt, k_ptr="*" + dt, v_ptr="*" + dt, slots_ptr="*i64",
+                          pos_ptr="*i64", counts_ptr="*fp32", slot_pos_ptr="*i64",
+                          hess_ptr="*fp32", mass_ptr="*fp32")
+            for with_state in (True, False):
+                build(rk._write_tokens_kernel, tokens,
+                      dict(head, H_PAD=max(triton.next_power_of_2(heads), 2), BLOCK_T=16,
+                           WITH_STATE=with_state))
     print("compiled")
 """)
 
