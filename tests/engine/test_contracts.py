@@ -304,6 +304,53 @@ def test_cpu_platform_always_selects_cpu_attn():
     ), "the CPU platform no longer resolves attention through the CPU_ATTN registry entry"
 
 
+def test_cuda_platform_accepts_the_backend_registered_as_custom(monkeypatch):
+    """vllm.platforms.cuda.CudaPlatform.get_attn_backend_cls: on CUDA the worker registers
+    its backend as CUSTOM and the plugin selects CUSTOM; vLLM then checks the class's
+    validate_configuration for the device, dtype, head size, KV cache dtype and block
+    size. Run here on vLLM's own CUDA selection code (its CUDA-only op library stubbed,
+    the device an sm_90 GPU): the 8B-class and SmolLM2 configurations must be accepted,
+    an fp8 KV cache refused (the plugin refuses it first, naming --kv-cache-dtype)."""
+    import sys
+    import types
+
+    import torch
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    from kvslimmer_vllm.engine.worker import ATTENTION_BACKEND
+
+    monkeypatch.setitem(sys.modules, "vllm._C_stable_libtorch",
+                        types.ModuleType("vllm._C_stable_libtorch"))
+    monkeypatch.delitem(sys.modules, "vllm.platforms.cuda", raising=False)
+    try:
+        from vllm.platforms.cuda import CudaPlatform
+
+        monkeypatch.setattr(CudaPlatform, "get_device_capability",
+                            classmethod(lambda cls, device_id=0: DeviceCapability(9, 0)))
+        member = AttentionBackendEnum.CUSTOM
+        before = member.get_path() if member.is_overridden() else None
+        register_backend(member, ATTENTION_BACKEND)
+        try:
+            for head_size in (64, 128):
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    config = AttentionSelectorConfig(head_size=head_size, dtype=dtype,
+                                                     kv_cache_dtype="auto", block_size=16)
+                    assert CudaPlatform.get_attn_backend_cls(member, config) \
+                        == ATTENTION_BACKEND, (head_size, dtype)
+            fp8 = AttentionSelectorConfig(head_size=128, dtype=torch.bfloat16,
+                                          kv_cache_dtype="fp8", block_size=16)
+            with pytest.raises(ValueError, match="kv_cache_dtype not supported"):
+                CudaPlatform.get_attn_backend_cls(member, fp8)
+        finally:
+            member.clear_override()
+            if before is not None:
+                register_backend(member, before)
+    finally:
+        sys.modules.pop("vllm.platforms.cuda", None)
+
+
 #: One vLLM RoPE per class the worker accepts (worker.STATIC_ROTARY_CLASSES), plus
 #: GPT-J style and partial rotary dims.
 ROPES = [
