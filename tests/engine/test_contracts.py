@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import pickle
 
 import pytest
@@ -57,6 +58,46 @@ def test_engine_args_hooks():
                  "num_gpu_blocks_override", "kv_offloading_size"):
         assert name in fields, f"EngineArgs.{name} is gone"
     assert "usage_context" in _params(EngineArgs.create_engine_config)
+
+
+def test_on_cuda_the_engine_args_ask_for_the_v1_runner_eagerly_with_the_custom_backend(
+        monkeypatch):
+    """vllm.config.VllmConfig.use_v2_model_runner: on CUDA vLLM 0.32 picks the V2 model
+    runner by default (the adapter hooks V1's GPUModelRunner) unless VLLM_USE_V2_MODEL_RUNNER
+    says otherwise. The plugin's engine-args step, run here as on a CUDA platform (the
+    platform object stubbed), must set it to 0, turn CUDA graphs off, select the CUSTOM
+    backend the worker registers, name the GPU worker, and refuse another backend."""
+    import vllm.platforms
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from kvslimmer_vllm.engine.plugin import GPU_WORKER_CLS, KVMergeConfigError
+    from kvslimmer_vllm.engine.plugin import _prepare_engine_args
+
+    src = _source(vllm.config.VllmConfig.use_v2_model_runner.fget)
+    assert "envs.VLLM_USE_V2_MODEL_RUNNER" in src, "vLLM no longer reads the env setting"
+
+    class _Cuda:
+        device_name = "cuda"
+
+        def is_cpu(self):
+            return False
+
+        def is_cuda(self):
+            return True
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", _Cuda())
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    args = EngineArgs(model="m")
+    _prepare_engine_args(args)
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert args.enforce_eager is True
+    assert args.attention_backend == AttentionBackendEnum.CUSTOM
+    assert args.worker_cls == GPU_WORKER_CLS
+    assert args.enable_prefix_caching is False and args.async_scheduling is False
+    other = EngineArgs(model="m", attention_backend="FLASH_ATTN")
+    with pytest.raises(KVMergeConfigError, match="--attention-backend"):
+        _prepare_engine_args(other)
 
 
 # ------------------------------------------------------- scheduler (scheduler.py)
